@@ -1,0 +1,43 @@
+"""he2st: predict spatial transcriptomics from H&E histology, and benchmark the methods that do it.
+
+Submodules are imported lazily so that ``import he2st`` and ``he2st --help``
+stay fast (torch, scanpy and friends load only when used)::
+
+    import he2st
+    cohort = he2st.datasets.synthetic()
+    panel = he2st.data.select_genes(cohort[:3], n_top=50)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "analysis",
+    "data",
+    "datasets",
+    "encoders",
+    "evaluate",
+    "image",
+    "io",
+    "methods",
+    "retrieval",
+    "errors",
+)
+
+__all__ = [*_SUBMODULES, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"he2st.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'he2st' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,118 @@
+"""Small helpers shared across he2st: atomic writes, content hashing, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+PathLike = str | os.PathLike
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place only on success.
+
+    Readers of ``path`` never see a half-written file: either the old content or
+    the new one. The temporary file is removed if the block raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp"
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_arrays(*arrays: Any) -> str:
+    """Hex sha256 over the bytes, dtypes and shapes of numpy arrays (or strings)."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, str):
+            h.update(a.encode())
+            continue
+        a = np.ascontiguousarray(a)
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        if a.dtype == object:
+            h.update("\x00".join(map(str, a.ravel())).encode())
+        else:
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def progress(iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
+    """Iterate with a rich progress bar unless quiet mode is on.
+
+    Quiet mode is on when ``HE2ST_QUIET=1`` (set by ``--quiet`` and in CI) or when
+    stderr is not a terminal, so logs stay readable.
+    """
+    if is_quiet():
+        yield from iterable
+        return
+    from rich.progress import track
+
+    yield from track(iterable, description=description or "working", total=total, transient=True)
+
+
+def is_quiet() -> bool:
+    """True when progress bars should be hidden."""
+    import sys
+
+    if os.environ.get("HE2ST_QUIET", "") not in ("", "0"):
+        return True
+    return not sys.stderr.isatty()
+
+
+def default_cache_dir() -> Path:
+    """Root of he2st's on-disk caches: ``$HE2ST_CACHE`` or ``~/.cache/he2st``."""
+    root = os.environ.get("HE2ST_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "he2st"

@@ -1,0 +1,6 @@
+"""Slides, cohorts, gene panels, normalisation and splits."""
+
+from he2st.data.cohort import Cohort
+from he2st.data.slide import SlideMeta, make_slide, meta, require_counts, slide_id, validate_slide
+
+__all__ = ["Cohort", "SlideMeta", "make_slide", "meta", "require_counts", "slide_id", "validate_slide"]

@@ -1,0 +1,37 @@
+"""Exceptions raised by he2st.
+
+Every error that comes from bad user input is a :class:`He2stInputError` (a
+``ValueError``) whose message names the file or slide at fault and says what
+was expected, so that a user can act on it without reading a traceback.
+"""
+
+from __future__ import annotations
+
+
+class He2stError(Exception):
+    """Base class of every he2st error."""
+
+
+class He2stInputError(He2stError, ValueError):
+    """Input data (a file, a slide, a gene panel, a parameter) is not what was expected."""
+
+
+class SlideError(He2stInputError):
+    """A slide is malformed. The message starts with the slide id."""
+
+    def __init__(self, slide: str | None, message: str) -> None:
+        self.slide = slide
+        prefix = f"slide {slide!r}: " if slide else ""
+        super().__init__(prefix + message)
+
+
+class ImageError(He2stInputError):
+    """An image file cannot be opened or is not an RGB histology image."""
+
+
+class GenePanelError(He2stInputError):
+    """A gene panel does not fit the slides it is applied to."""
+
+
+class NotCountsError(He2stInputError):
+    """A count-only operation was asked of a slide whose ``.X`` is not raw counts."""
