@@ -5,7 +5,7 @@ stay fast (torch, scanpy and friends load only when used)::
 
     import he2st
     cohort = he2st.datasets.synthetic()
-    panel = he2st.data.select_genes(cohort[:3], n_top=50)
+    panel = he2st.data.select_genes(cohort[:3], min_spots=10, n_top_hvg=30)
 """
 
 from __future__ import annotations

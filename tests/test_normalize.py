@@ -1,0 +1,114 @@
+"""Target normalisation against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from he2st.data import Normalizer, make_slide, normalize
+from he2st.errors import GenePanelError, He2stInputError, NotCountsError
+
+
+def _slide(sid, X, genes=("G1", "G2", "G3"), counts=True):
+    X = np.asarray(X, dtype=float)
+    n = X.shape[0]
+    xy = np.column_stack([np.arange(n) * 10.0 + 5, np.full(n, 5.0)])
+    return make_slide(X, [f"s{i}" for i in range(n)], list(genes), xy, slide_id=sid, spot_diameter_px=5.0, counts=counts)
+
+
+def test_cpm_log1p_by_hand_uses_all_genes_for_totals():
+    s = _slide("A", [[1, 3, 6], [2, 0, 2]])
+    # Panel G3, G1 only: totals still 10 and 4 (all genes).
+    y = Normalizer("cpm_log1p").transform(s, ["G3", "G1"])
+    expected = np.array([[math.log1p(6e5), math.log1p(1e5)], [math.log1p(5e5), math.log1p(5e5)]])
+    assert y.dtype == np.float32 and y.shape == (2, 2)
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    np.testing.assert_allclose(Normalizer("log1p").transform(s, ["G2"]), [[math.log(4)], [0.0]], rtol=1e-6)
+    np.testing.assert_array_equal(Normalizer("raw").transform(s, ["G2", "G1"]), [[3, 1], [0, 2]])
+
+
+def test_zero_total_spot_gives_zeros_not_nan():
+    s = _slide("Z", [[0, 0, 0], [1, 1, 2]])
+    y = Normalizer().transform(s, ["G1", "G2", "G3"])
+    assert np.isfinite(y).all()
+    np.testing.assert_array_equal(y[0], [0, 0, 0])
+    np.testing.assert_allclose(y[1], np.log1p([2.5e5, 2.5e5, 5e5]), rtol=1e-6)
+
+
+def test_minmax_fitted_on_train_and_inverted_exactly():
+    a = _slide("A", [[1, 3, 6], [2, 0, 2]])
+    b = _slide("B", [[0, 5, 5], [4, 1, 5]])
+    test = _slide("T", [[9, 1, 0], [1, 1, 1]])
+    genes = ["G1", "G2", "G3"]
+    norm = Normalizer("minmax").fit([a, b], genes)
+    base = Normalizer("cpm_log1p")
+    train = np.vstack([base.transform(a, genes), base.transform(b, genes)]).astype(np.float64)
+    lo, hi = train.min(axis=0), train.max(axis=0)
+    np.testing.assert_allclose(norm.min_, lo, rtol=1e-6)
+    np.testing.assert_allclose(norm.max_, hi, rtol=1e-6)
+
+    y = norm.transform(test)  # genes default to the fitted ones
+    np.testing.assert_allclose(y, (base.transform(test, genes) - lo) / (hi - lo), rtol=1e-5, atol=1e-6)
+    assert y[0, 0] > 1.0 and y[0, 2] < 0.0  # test values are not clipped
+    np.testing.assert_allclose(norm.inverse_transform(y), base.transform(test, genes), rtol=1e-6, atol=1e-6)
+    # Training values span exactly [0, 1].
+    ya = np.vstack([norm.transform(a), norm.transform(b)])
+    np.testing.assert_allclose(ya.min(axis=0), 0, atol=1e-6)
+    np.testing.assert_allclose(ya.max(axis=0), 1, atol=1e-6)
+
+    # A reordered subset uses each gene's own min/max.
+    np.testing.assert_allclose(norm.transform(test, ["G3", "G1"]), y[:, [2, 0]], rtol=1e-6)
+    with pytest.raises(GenePanelError, match="not fitted on genes"):
+        norm.transform(_slide("X", [[1, 2]], genes=("G1", "G9")), ["G9"])
+
+    # State survives JSON and gives identical values.
+    back = Normalizer.from_state(json.loads(json.dumps(norm.get_state())))
+    np.testing.assert_array_equal(back.transform(test), y)
+    np.testing.assert_array_equal(back.inverse_transform(y), norm.inverse_transform(y))
+
+
+def test_minmax_constant_gene_is_still_invertible():
+    a = _slide("A", [[0, 3, 6], [0, 1, 2]])  # G1 is zero everywhere: no range
+    norm = Normalizer("minmax").fit([a], ["G1", "G2"])
+    t = _slide("T", [[5, 5, 0]])
+    y = norm.transform(t)
+    assert np.isfinite(y).all()
+    np.testing.assert_allclose(norm.inverse_transform(y), Normalizer().transform(t, ["G1", "G2"]), rtol=1e-6)
+
+
+def test_missing_gene_error_versus_zero_fill():
+    s = _slide("S7", [[1, 3], [2, 2]], genes=("G1", "G2"))
+    with pytest.raises(GenePanelError, match=r"slide 'S7': 1 of 3 panel genes are missing: \['G9'\]"):
+        Normalizer().transform(s, ["G2", "G9", "G1"])
+    y = Normalizer().transform(s, ["G2", "G9", "G1"], fill_missing=True)
+    np.testing.assert_allclose(y, [[math.log1p(7.5e5), 0, math.log1p(2.5e5)], [math.log1p(5e5), 0, math.log1p(5e5)]], rtol=1e-6)
+    with pytest.raises(GenePanelError, match="S7"):
+        Normalizer("minmax").fit([s], ["G1", "G9"])
+
+
+def test_non_count_slides():
+    s = _slide("N", [[0.5, 1.25, 0.0]], counts=False)
+    np.testing.assert_array_equal(Normalizer("raw").transform(s, ["G2", "G1"]), [[1.25, 0.5]])
+    for method in ("cpm_log1p", "log1p", "minmax"):
+        with pytest.raises(NotCountsError, match="slide 'N'"):
+            Normalizer(method).fit([s], ["G1"]).transform(s, ["G1"])
+    with pytest.raises(He2stInputError, match="unknown normalisation"):
+        Normalizer("zscore")
+
+
+def test_normalize_returns_new_anndata_on_the_panel():
+    s = _slide("A", [[1, 3, 6], [2, 0, 2]])
+    s.obs["label"] = ["x", "y"]
+    out = normalize(s, "cpm_log1p", genes=["G3", "G1"])
+    assert list(out.var_names) == ["G3", "G1"] and list(out.obs_names) == ["s0", "s1"]
+    np.testing.assert_allclose(out.X, [[math.log1p(6e5), math.log1p(1e5)], [math.log1p(5e5), math.log1p(5e5)]], rtol=1e-6)
+    assert out.uns["he2st"]["counts"] is False and out.uns["he2st"]["normalization"] == "cpm_log1p"
+    assert s.uns["he2st"]["counts"] is True  # the input is untouched
+    np.testing.assert_array_equal(out.obsm["spatial"], s.obsm["spatial"])
+    assert list(out.obs["label"]) == ["x", "y"]
+    # A fitted normalizer can be passed instead of a name.
+    norm = Normalizer("minmax").fit([s], ["G1", "G2"])
+    np.testing.assert_array_equal(normalize(s, norm).X, norm.transform(s))
