@@ -1,0 +1,178 @@
+"""Leave-one-section-out benchmark on her2st C2-C6 (the five sections with H&E images).
+
+Protocol (he2st.evaluate): for each held-out section, the 785-gene Hist2ST panel
+(``he2st.datasets.her2st_panel``) intersected with the genes of the four training
+sections; targets ``cpm_log1p``; frozen ``efficientnet_lite0`` ImageNet features of
+224 px patches at full resolution (~155 um at 0.69 um/px); every method fitted on the
+training sections only; PCC over the held-out section's spots (ACG: all panel genes,
+HEG/HVG: its 50 most expressed / most variable genes), MSE and MAE.
+
+C2-C6 are five sections of ONE patient (C), so this is leave-one-section-out within a
+patient: an optimistic setting compared with leave-one-patient-out.
+
+Writes the run folder ``benchmarks/results/her2st_loocv/`` (resumable; delete it to
+start over) and ``benchmarks/results/her2st_loocv.json``; prints the table.
+
+Add a method by appending ``(label, method name, params)`` to :data:`METHODS`.
+
+    python benchmarks/her2st_loocv.py [--data PATH] [--out DIR] [--methods mean,ridge] [--quiet]
+
+``--methods`` runs a subset of the labels of :data:`METHODS`; results of methods run
+before stay in the run folder and are reported too (the run folder is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+ENCODER = {"encoder": "efficientnet_lite0", "weights": "imagenet", "patch_px": 224}
+
+#: (label, registered method, parameters). Later issues append their methods here.
+METHODS: list[tuple[str, str, dict]] = [
+    ("mean", "mean", {}),
+    ("ridge", "ridge", dict(ENCODER)),
+    ("knn", "knn", dict(ENCODER)),
+]
+
+# Slide-level methods (issue 7) on a CPU budget: the papers' 112 px patches and module
+# types, narrower/shallower than the papers (which train 1024-d, 8-layer models for
+# 100-350 epochs at lr 1e-5 on a GPU), lr 1e-4. Whole sections (<= 700 spots: no windows).
+# Regclass is not listed: none of C2-C6 has spot labels (her2st labels B1, C1, D1, ...).
+_SLIDE = {"lr": 1e-4, "heads": 8, "depth": 2}
+_H2ST = {**_SLIDE, "channel": 16, "distill_views": 2, "epochs": 30}  # ConvMixer 16 ch -> 512-d spots
+_H2ST_PRE = {**_SLIDE, **ENCODER, "dim": 256, "distill_views": 2, "epochs": 30}  # frozen ImageNet features
+METHODS += [
+    ("histogene", "histogene", {**_SLIDE, "dim": 256, "dim_head": 32, "mlp_dim": 512, "epochs": 50}),
+    ("hist2st", "hist2st", dict(_H2ST)),
+    ("hist2st-effnet", "hist2st", dict(_H2ST_PRE)),
+    ("hist2st-effnet-gat", "hist2st", {**_H2ST_PRE, "gat": True}),
+    ("thitogene", "thitogene", {**_SLIDE, "route_dim": 16, "epochs": 30}),  # 20 capsules x 16 -> 320-d tokens
+]
+
+# Spot-level methods (issue 6), frozen efficientnet_lite0 ImageNet features of 224 px patches
+# (DeepSpaCE's 1.5 x 145 px spot = 218 px rounded to the shared 224 px cache). CPU budget:
+# stnet lr 1e-4 (paper 1e-6) for 20 epochs (paper 50), TTA over the 8 symmetries on (paper);
+# stimage lr 1e-4 (paper 1e-5), no Vahadane (a per-fold stain fit would re-extract every
+# section's features each fold), 5 members, NB moments by the delta method (default) or exact.
+_SPOT_STNET = {**ENCODER, "normalization": "cpm_log1p", "lr": 1e-4, "epochs": 20}
+METHODS += [
+    ("stnet", "stnet", dict(_SPOT_STNET)),
+    ("deepspace", "deepspace", dict(ENCODER)),
+    ("stimage", "stimage", {**ENCODER, "stain": None, "lr": 1e-4}),
+    ("stimage-exact", "stimage", {**ENCODER, "stain": None, "lr": 1e-4, "moments": "exact"}),
+    ("ensemble-stnet", "ensemble", {"method": "stnet", "n_members": 5, "normalization": "cpm_log1p",
+                                    "params": {k: v for k, v in _SPOT_STNET.items() if k != "normalization"}}),
+]
+
+# Contrastive retrieval methods (issue 5), frozen efficientnet_lite0 ImageNet features (CMRCNet: the
+# 7 x 7 cells of its last feature map as tokens, 1280-d). CPU budget: CMRCNet 20 epochs (paper 60);
+# mclSTExp position tables sized 128 (array coordinates < 40 here; paper 65536). "+ref": the bank also
+# holds the 29 count-only her2st sections (expression only, no image; ~12k spots). C1 (patient C) is
+# among them: under this within-patient split that is as legitimate as training on C3-C6.
+_REF = {"reference_slides": {"data": "her2st", "params": {"with_images_only": False}, "images": "without"}}
+_CONTRASTIVE = [
+    ("bleep", "bleep", dict(ENCODER)),
+    ("mclstexp", "mclstexp", {**ENCODER, "max_positions": 128}),
+    ("cmrcnet", "cmrcnet", {**ENCODER, "epochs": 20}),
+]
+METHODS += _CONTRASTIVE + [(f"{label}+ref", name, {**params, **_REF}) for label, name, params in _CONTRASTIVE]
+
+#: Printed and saved columns: (metric, gene set).
+COLUMNS = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("mse", "ACG"), ("mae", "ACG")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from he2st._utils import atomic_write_json
+    from he2st.datasets import her2st, her2st_panel
+    from he2st.evaluate.runner import format_result, run_benchmark
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=None, help="her2st folder (default: he2st.datasets' lookup)")
+    ap.add_argument("--out", default=str(HERE / "results" / "her2st_loocv"))
+    ap.add_argument("--methods", default=None, help="comma-separated labels of METHODS to run (default: all)")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    chosen = METHODS
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = sorted(set(wanted) - {label for label, _, _ in METHODS})
+        if unknown:
+            ap.error(f"unknown method label(s) {unknown}; known: {[label for label, _, _ in METHODS]}")
+        chosen = [m for m in METHODS if m[0] in wanted]
+
+    t0 = time.perf_counter()
+    cohort = her2st(root=args.data, sections=SECTIONS)
+    panel = her2st_panel(args.data)
+    config = {
+        "out": args.out,
+        "name": "her2st C2-C6 leave-one-section-out",
+        "data": "her2st",
+        "data_params": {"sections": SECTIONS},
+        "methods": [{"name": name, "label": label, "params": params} for label, name, params in chosen],
+        "split": "loso",
+        "genes": panel,
+        "seed": 0,
+        "quiet": args.quiet,
+    }
+    result = run_benchmark(config, cohort=cohort)
+    elapsed = time.perf_counter() - t0
+
+    s = result.summary.set_index(["method", "metric", "gene_set"])
+    table = {}
+    present = set(result.metrics["method"])
+    for label, name, params in [m for m in METHODS if m[0] in present]:
+        row = {}
+        for metric, gs in COLUMNS:
+            key = (label, metric, gs)
+            mean = s.loc[key, "mean"] if key in s.index else float("nan")
+            sd = s.loc[key, "sd"] if key in s.index else float("nan")
+            row[f"{metric.upper()}({gs})"] = {"mean": _num(mean), "sd": _num(sd)}
+        per_slide = result.metrics[
+            (result.metrics["method"] == label) & (result.metrics["metric"] == "pcc") & (result.metrics["gene_set"] == "ACG")
+        ]
+        row["PCC(ACG) per slide"] = {r.test_slide: _num(r.value) for r in per_slide.itertuples()}
+        table[label] = {"method": name, "params": params, "metrics": row}
+    panel_sizes = sorted(
+        {len(json.loads(p.read_text())["panel"]["genes"]) for p in (Path(args.out) / "folds").glob("*/*.json")}
+    )
+    alphas = {
+        json.loads(p.read_text())["fold"]["name"]: json.loads(p.read_text())["extra"].get("alpha")
+        for p in sorted((Path(args.out) / "folds" / "ridge").glob("*.json"))
+    }
+    summary = {
+        "benchmark": "her2st_loocv",
+        "sections": SECTIONS,
+        "split": "leave-one-section-out (all from patient C)",
+        "panel": f"Hist2ST her_hvg_cut_1000 ({len(panel)} genes) intersected with training genes: {panel_sizes}",
+        "normalization": "cpm_log1p",
+        "features": ENCODER,
+        "results": table,
+        "ridge_alpha_per_fold": alphas,
+        "wilcoxon": [
+            {k: (_num(v) if isinstance(v, float) else v) for k, v in rec.items()}
+            for rec in result.wilcoxon.to_dict(orient="records")
+        ],
+        "run_folder": str(Path(args.out)),
+        "seconds": round(elapsed, 1),
+        "folds_run": result.folds_run,
+        "folds_resumed": result.folds_skipped,
+    }
+    atomic_write_json(HERE / "results" / "her2st_loocv.json", summary)
+    print(format_result(result))
+    print(f"ridge alpha per fold: {alphas}")
+    print(f"panel sizes: {panel_sizes}; {elapsed:.0f} s; summary: {HERE / 'results' / 'her2st_loocv.json'}")
+    return 0
+
+
+def _num(v: float) -> float | None:
+    return None if v != v else round(float(v), 4)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

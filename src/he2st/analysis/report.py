@@ -1,0 +1,334 @@
+"""A self-contained HTML report of a benchmark run folder.
+
+:func:`write_report` reads the tables a run wrote (``metrics.csv``,
+``per_gene.csv``, ``summary.csv``, ``wilcoxon.csv``, ``predictions/``) and writes
+``report.html``: one file, figures inlined as base64 PNG, no scripts, no
+network. It is made of sections, each a function ``RunData -> str | None``
+(HTML, or None to skip); later features add theirs with
+:func:`register_section`::
+
+    from he2st.analysis.report import register_section
+
+    @register_section("calibration", order=60, title="Calibration")
+    def _calibration(run):
+        if not run.has_uncertainty():
+            return None
+        return "<p>...</p>"
+
+Built-in sections (order): overview (10), summary (20), per-slide bars (30),
+paired Wilcoxon tests (40), top genes (50), spot maps of the best genes (70).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from he2st._utils import atomic_write_text
+from he2st.errors import He2stInputError
+
+SectionFn = Callable[["RunData"], "str | None"]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A report section: ``render(run) -> html or None``; sorted by ``order``."""
+
+    name: str
+    title: str
+    order: int
+    render: SectionFn
+
+
+_SECTIONS: dict[str, Section] = {}
+
+
+def register_section(name: str, order: int = 100, title: str | None = None) -> Callable[[SectionFn], SectionFn]:
+    """Decorator adding a section to every report (replaces a section of the same name)."""
+
+    def deco(fn: SectionFn) -> SectionFn:
+        _SECTIONS[name] = Section(name, title or name.replace("_", " ").capitalize(), order, fn)
+        return fn
+
+    return deco
+
+
+def list_sections() -> list[str]:
+    """Registered section names, in report order."""
+    return [s.name for s in sorted(_SECTIONS.values(), key=lambda s: (s.order, s.name))]
+
+
+@dataclass
+class RunData:
+    """A run folder's tables, loaded once for all sections."""
+
+    out: Path
+    config: dict[str, Any]
+    metrics: pd.DataFrame
+    per_gene: pd.DataFrame
+    summary: pd.DataFrame
+    wilcoxon: pd.DataFrame
+    top_genes: pd.DataFrame
+    folds: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(self.metrics["method"]))
+
+    def fold_results(self) -> list[dict[str, Any]]:
+        """The per-(method, fold) JSON records under ``folds/``."""
+        return self.folds
+
+    def prediction_files(self, method: str) -> dict[tuple[str, str], Path]:
+        """``{(fold, test_slide): path}`` of a method's prediction AnnData files."""
+        out: dict[tuple[str, str], Path] = {}
+        for rec in self.folds:
+            if rec["method"] != method:
+                continue
+            for slide, rel in zip(rec["fold"]["test"], rec.get("predictions", [])):
+                if (self.out / rel).is_file():
+                    out[(rec["fold"]["name"], slide)] = self.out / rel
+        return out
+
+    def has_uncertainty(self) -> bool:
+        """Whether any prediction file holds ``layers["uncertainty"]``."""
+        import anndata as ad
+
+        for m in self.methods:
+            for p in self.prediction_files(m).values():
+                if "uncertainty" in ad.read_h5ad(p, backed="r").layers:
+                    return True
+        return False
+
+
+def load_run(out: str | os.PathLike) -> RunData:
+    """Read what the report needs from a run folder."""
+    out = Path(out)
+    need = ("metrics.csv", "per_gene.csv", "summary.csv")
+    missing = [n for n in need if not (out / n).is_file()]
+    if missing:
+        raise He2stInputError(f"run folder {out} lacks {missing}; run the benchmark first")
+
+    def opt(name: str) -> pd.DataFrame:
+        p = out / name
+        if not p.is_file() or p.stat().st_size == 0:
+            return pd.DataFrame()
+        try:
+            return pd.read_csv(p)
+        except pd.errors.EmptyDataError:
+            return pd.DataFrame()
+
+    config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+    folds = [json.loads(p.read_text()) for p in sorted((out / "folds").glob("*/*.json"))]
+    return RunData(
+        out=out,
+        config=config,
+        metrics=pd.read_csv(out / "metrics.csv"),
+        per_gene=pd.read_csv(out / "per_gene.csv"),
+        summary=pd.read_csv(out / "summary.csv"),
+        wilcoxon=opt("wilcoxon.csv"),
+        top_genes=opt("top_genes.csv"),
+        folds=folds,
+    )
+
+
+def render_report(run: RunData, sections: list[str] | None = None) -> str:
+    """The report HTML of a loaded run (all registered sections, or those named)."""
+    chosen = sorted(_SECTIONS.values(), key=lambda s: (s.order, s.name))
+    if sections is not None:
+        unknown = [s for s in sections if s not in _SECTIONS]
+        if unknown:
+            raise He2stInputError(f"unknown report section(s) {unknown}; available: {list_sections()}")
+        chosen = [s for s in chosen if s.name in sections]
+    body = []
+    for sec in chosen:
+        try:
+            content = sec.render(run)
+        except Exception as exc:  # a broken optional section must not lose the rest of the report
+            content = f'<p class="err">section failed: {html.escape(type(exc).__name__)}: {html.escape(str(exc))}</p>'
+        if content:
+            body.append(f'<section id="{html.escape(sec.name)}"><h2>{html.escape(sec.title)}</h2>\n{content}\n</section>')
+    name = run.config.get("config", {}).get("name") or run.out.name
+    return _PAGE.format(
+        title=html.escape(f"he2st benchmark: {name}"),
+        style=_STYLE,
+        body="\n".join(body),
+        generated=html.escape(time.strftime("%Y-%m-%d %H:%M")),
+    )
+
+
+def write_report(out: str | os.PathLike, sections: list[str] | None = None, path: str | os.PathLike | None = None) -> Path:
+    """Write ``report.html`` (atomically) for a run folder and return its path."""
+    run = load_run(out)
+    target = Path(path) if path is not None else run.out / "report.html"
+    atomic_write_text(target, render_report(run, sections))
+    return target
+
+
+# -- built-in sections -----------------------------------------------------------------------
+
+
+def _p(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+@register_section("overview", order=10, title="Run")
+def _overview(run: RunData) -> str:
+    cfg = run.config.get("config", {})
+    cohort = run.config.get("cohort", {})
+    rows = [
+        ("data", str(cfg.get("data", ""))),
+        ("slides", ", ".join(cohort.get("slides", []))),
+        ("split", f"{cfg.get('split', '')} ({len(run.config.get('folds', []))} folds)"),
+        ("methods", ", ".join(run.methods)),
+        ("gene panel", f"{cfg.get('genes', '')} (chosen on each fold's training slides only)"),
+        ("seed", str(cfg.get("seed", ""))),
+        ("he2st", str(run.config.get("versions", {}).get("he2st", ""))),
+        ("git commit", str(run.config.get("git_commit") or "n/a")),
+    ]
+    panels = {}
+    for rec in run.folds:
+        panels.setdefault(rec["method"], []).append(len(rec["panel"]["genes"]))
+    if panels:
+        sizes = sorted({n for v in panels.values() for n in v})
+        rows.append(("panel size per fold", ", ".join(map(str, sizes))))
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f'<table class="kv">{table}</table>' + _p(
+        "PCC: Pearson r between predicted and observed expression of a gene over the spots of a test slide, "
+        "averaged over all panel genes (ACG), the 50 genes with the highest mean observed expression (HEG) "
+        "or the highest observed variance (HVG) of that slide. Genes constant in the observed or predicted "
+        "values have no PCC; they are excluded and counted (n_nan). Values are mean (sd) over test slides."
+    )
+
+
+@register_section("summary", order=20, title="Summary")
+def _summary(run: RunData) -> str:
+    from he2st.analysis.figures import table_html
+
+    s = run.summary
+    order = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("pcc", "markers"), ("mse", "ACG"), ("mae", "ACG"), ("rmse", "ACG"), ("ari", "ACG"), ("nmi", "ACG")]
+    cols = [(m, g) for m, g in order if ((s["metric"] == m) & (s["gene_set"] == g)).any()]
+    idx = s.set_index(["method", "metric", "gene_set"])
+    rows = []
+    for method in run.methods:
+        row: dict[str, Any] = {"method": method}
+        for m, g in cols:
+            key = (method, m, g)
+            name = m.upper() if m in ("ari", "nmi") else f"{m.upper()}({g})"
+            if key not in idx.index:
+                row[name] = "n/a"
+                continue
+            r = idx.loc[key]
+            cell = "n/a" if pd.isna(r["mean"]) else f"{r['mean']:.3f}" + ("" if pd.isna(r["sd"]) else f" ({r['sd']:.3f})")
+            if m == "pcc" and "n_nan" in r and r["n_nan"] > 0:
+                cell += f" [n_nan={int(r['n_nan'])}]"
+            row[name] = cell
+        rows.append(row)
+    return table_html(pd.DataFrame(rows)) + _p(
+        "[n_nan=k]: genes x slides whose PCC was undefined (constant values) and left out of the mean. "
+        "The mean baseline predicts a constant, so its PCC is undefined everywhere."
+    )
+
+
+@register_section("per_slide", order=30, title="Per test slide")
+def _per_slide(run: RunData) -> str | None:
+    from he2st.analysis.figures import figure_html, per_slide_bars
+
+    parts = []
+    for gs in ("ACG", "HEG"):
+        if ((run.metrics["metric"] == "pcc") & (run.metrics["gene_set"] == gs)).any():
+            parts.append(figure_html(per_slide_bars(run.metrics, "pcc", gs, run.methods), alt=f"PCC({gs}) per slide"))
+    return "\n".join(parts) or None
+
+
+@register_section("wilcoxon", order=40, title="Paired Wilcoxon signed-rank tests (over test slides)")
+def _wilcoxon(run: RunData) -> str | None:
+    from he2st.analysis.figures import table_html
+
+    if run.wilcoxon.empty:
+        return _p("Only one method: nothing to compare.")
+    return table_html(run.wilcoxon) + _p(
+        "Two-sided test of the per-slide difference a - b; median_difference > 0 favours a for PCC, "
+        "< 0 favours a for MSE. "
+        "With 5 or fewer non-zero differences the exact p-value cannot fall below 0.0625."
+    )
+
+
+@register_section("top_genes", order=50, title="Best-predicted genes")
+def _top_genes(run: RunData) -> str | None:
+    from he2st.analysis.figures import table_html
+
+    if run.top_genes.empty:
+        return None
+    t = run.top_genes[run.top_genes["rank"] <= 10]
+    return table_html(t) + _p("Ranked by mean -log10 p of the per-slide Pearson test over test slides.")
+
+
+@register_section("calibration", order=60, title="Calibration of predicted uncertainty")
+def _calibration(run: RunData) -> str | None:
+    from he2st.analysis.calibration import calibration_section
+
+    return calibration_section(run)
+
+
+@register_section("spot_maps", order=70, title="Observed vs predicted: best genes")
+def _spot_maps(run: RunData, n_genes: int = 3) -> str | None:
+    """Best method by mean PCC(ACG); its top genes; for each, the slide with the median PCC of that gene."""
+    import anndata as ad
+
+    from he2st.analysis.figures import figure_html, spot_map_pair
+
+    s = run.summary[(run.summary["metric"] == "pcc") & (run.summary["gene_set"] == "ACG")].dropna(subset=["mean"])
+    if s.empty:
+        return None
+    best = str(s.sort_values("mean", ascending=False, kind="stable").iloc[0]["method"])
+    files = run.prediction_files(best)
+    pg = run.per_gene[(run.per_gene["method"] == best)].dropna(subset=["pcc"])
+    if not files or pg.empty:
+        return None
+    genes = pg.groupby("gene")["pcc"].mean().sort_values(ascending=False, kind="stable").index[:n_genes]
+    parts = [_p(f"Method {best}: the {len(genes)} genes with the highest mean PCC; each shown on the test slide "
+                "where its PCC is the median over slides (not the best one).")]
+    for gene in genes:
+        rows = pg[pg["gene"] == gene].sort_values("pcc", kind="stable")
+        row = rows.iloc[(len(rows) - 1) // 2]
+        key = str(row["test_slide"])
+        path = files.get((str(row["fold"]), key))
+        if path is None:
+            continue
+        a = ad.read_h5ad(path)
+        j = list(a.var_names).index(gene)
+        fig = spot_map_pair(
+            a.obsm["spatial"], a.layers["observed"][:, j], np.asarray(a.X)[:, j],
+            title=f"{gene} on {key} (PCC {row['pcc']:.3f})",
+        )
+        parts.append(figure_html(fig, alt=f"{gene} on {key}"))
+    return "\n".join(parts)
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table.tbl,table.kv{border-collapse:collapse;font-size:.85em;margin:.5em 0}
+table.tbl th,table.tbl td,table.kv th,table.kv td{border:1px solid #ddd;padding:.25em .5em;text-align:right}
+table.kv th{text-align:left;background:#f6f6f6}table.kv td{text-align:left}
+table.tbl th{background:#f6f6f6}p{font-size:.9em;color:#444}.err{color:#a00}
+img{max-width:100%;margin:.3em 0}footer{margin-top:2em;font-size:.8em;color:#888}
+"""
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{style}</style></head>
+<body><h1>{title}</h1>
+{body}
+<footer>Generated by he2st on {generated}. Self-contained: no scripts, no external resources.</footer>
+</body></html>
+"""

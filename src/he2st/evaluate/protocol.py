@@ -1,0 +1,358 @@
+"""The evaluation protocol of one fold: panel, fit, predict, score -- leak-free by construction.
+
+For a fold (training, validation and test slide ids) and a method:
+
+1. the gene panel is chosen from the fold's TRAINING slides only
+   (:func:`choose_panel`: HVG recipe, all shared genes, or a fixed list
+   intersected with the genes of the training slides);
+2. the method is fitted on the training slides (validation slides are passed
+   as ``val_slides``); it fits its target normaliser, stain reference, scalers,
+   PCA and retrieval banks on what it is given, so nothing about a test slide
+   can reach the model;
+3. each test slide is predicted, and its observed values are
+   ``method.targets(test)`` -- the test counts put on the panel with the
+   normaliser fitted on the training slides;
+4. predictions are scored with :func:`he2st.evaluate.metrics.evaluate_slide`
+   (and, when the slide has ``obs["label"]``, ARI/NMI of k-means clusters of
+   the predictions against the labels).
+
+Panel genes missing from a test slide cannot be scored there: they are left
+out of its metrics and reported in ``missing_genes`` (their observed column
+is NaN in the written predictions), never filled with zeros.
+
+With nested folds (``fold.inner``) and a hyper-parameter grid, each candidate
+is scored on the inner folds (mean PCC(ACG) over inner test slides, every
+inner fold choosing its own panel from its own training slides) and the best
+one is refitted on the outer training slides; the outer test slide is never
+consulted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from he2st.data.slide import meta
+from he2st.errors import GenePanelError, He2stInputError
+from he2st.evaluate.metrics import N_TOP, evaluate_slide, metrics_frame, per_gene_frame
+from he2st.evaluate.splits import Fold
+
+#: Default HVG filter: published value for her2st-sized cohorts (about 11k spots).
+PUBLISHED_MIN_SPOTS = 1000
+#: With fewer training spots, ``min_spots`` defaults to this share of them.
+MIN_SPOTS_FRACTION = 0.1
+
+
+# -- gene panel --------------------------------------------------------------------
+
+
+def choose_panel(
+    train_slides: Sequence[Any],
+    genes: Any = "hvg:1000",
+    min_spots: int | None = None,
+    markers: Sequence[str] | None = None,
+) -> Any:
+    """The gene panel of a fold, read from its training slides only.
+
+    Parameters
+    ----------
+    train_slides
+        The fold's training slides (never the test slides).
+    genes
+        ``"hvg:N"`` -- the HisToGene/Hist2ST/mclSTExp recipe with the N most
+        variable genes per slide (:func:`he2st.data.genes.select_genes`);
+        ``"all"`` -- every gene present in all training slides; a list of genes,
+        a :class:`~he2st.data.genes.GenePanel` or a file (``.npy``/``.json``/text)
+        -- that list intersected with the genes present in all training slides.
+    min_spots
+        HVG mode: minimum training spots where a gene is detected. Default:
+        1000 (the published value), capped at 10% of the training spots so small
+        cohorts keep genes.
+    markers
+        Genes kept whenever present in every training slide.
+
+    Returns
+    -------
+    he2st.data.genes.GenePanel
+        ``params["slides"]`` records the slides that were read.
+    """
+    from he2st.data.genes import GenePanel, common_genes, select_genes
+
+    slides = list(train_slides)
+    if isinstance(genes, str) and genes.lower().startswith("hvg"):
+        _, _, n = genes.partition(":")
+        try:
+            n_top = int(n) if n else 1000
+        except ValueError:
+            raise He2stInputError(f"gene spec {genes!r}: expected hvg:N with an integer N") from None
+        if min_spots is None:
+            n_spots = sum(s.n_obs for s in slides)
+            min_spots = int(min(PUBLISHED_MIN_SPOTS, np.floor(MIN_SPOTS_FRACTION * n_spots)))
+        return select_genes(slides, min_spots=min_spots, n_top_hvg=n_top, markers=markers)
+    if isinstance(genes, str) and genes.lower() == "all":
+        common = common_genes(slides)
+        panel = select_genes(slides, gene_list=common, markers=markers)
+        return GenePanel(panel.genes, source="all", params=panel.params)
+    if genes is None:
+        raise He2stInputError("gene spec is None: use 'hvg:N', 'all', a list of genes or a file")
+    return select_genes(slides, gene_list=genes, markers=markers)
+
+
+# -- one fold ------------------------------------------------------------------------
+
+
+@dataclass
+class SlidePrediction:
+    """Predictions of one test slide, on the fold's panel and normalised scale."""
+
+    slide_id: str
+    predicted: np.ndarray
+    observed: np.ndarray  # NaN columns for panel genes missing from the slide
+    uncertainty: np.ndarray | None
+    missing_genes: list[str]
+
+
+@dataclass
+class FoldOutcome:
+    """What :func:`run_fold` returns for one (method, fold)."""
+
+    method: str
+    fold: str
+    panel: Any
+    model: Any
+    predictions: list[SlidePrediction]
+    metrics: pd.DataFrame
+    per_gene: pd.DataFrame
+    params: dict[str, Any]
+    selection: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_slides(cohort: Any, ids: Sequence[str]) -> list[Any]:
+    """Slides of ``cohort`` by id, with an error naming a missing one."""
+    out = []
+    for i in ids:
+        try:
+            out.append(cohort[i])
+        except KeyError:
+            raise He2stInputError(f"slide {i!r} is not in cohort {getattr(cohort, 'name', '')!r}") from None
+    return out
+
+
+def fit_on(
+    method_name: str,
+    params: Mapping[str, Any],
+    train: Sequence[Any],
+    val: Sequence[Any],
+    genes: Any,
+    min_spots: int | None = None,
+    markers: Sequence[str] | None = None,
+) -> tuple[Any, Any]:
+    """Choose the panel on ``train`` and fit a new method instance; returns (panel, model)."""
+    from he2st.methods import create_method
+
+    panel = choose_panel(train, genes, min_spots=min_spots, markers=markers)
+    model = create_method(method_name, **dict(params))
+    model.fit(list(train), panel, val_slides=list(val) or None)
+    return panel, model
+
+
+def predict_slide(model: Any, slide: Any) -> SlidePrediction:
+    """Predict one test slide and put its observed values on the model's panel and scale."""
+    sid = meta(slide).slide_id
+    genes = list(model.genes)
+    present = set(map(str, slide.var_names))
+    missing = [g for g in genes if g not in present]
+    pred = np.asarray(model.predict(slide), dtype=np.float32)
+    if pred.shape != (slide.n_obs, len(genes)):
+        raise He2stInputError(
+            f"method {model.name!r} returned predictions of shape {pred.shape} for slide {sid!r} "
+            f"({slide.n_obs} spots x {len(genes)} genes expected)"
+        )
+    if not np.isfinite(pred).all():
+        raise He2stInputError(f"method {model.name!r} predicted NaN/inf values for slide {sid!r}")
+    if missing:
+        obs = np.asarray(model.normalizer_.transform(slide, genes, fill_missing=True), dtype=np.float32)
+        obs[:, [genes.index(g) for g in missing]] = np.nan
+    else:
+        obs = np.asarray(model.targets(slide), dtype=np.float32)
+    unc = model.predict_uncertainty(slide)
+    if unc is not None:
+        unc = np.asarray(unc, dtype=np.float32)
+        if unc.shape != pred.shape:
+            raise He2stInputError(f"method {model.name!r}: uncertainty shape {unc.shape} != predictions {pred.shape}")
+    return SlidePrediction(sid, pred, obs, unc, missing)
+
+
+def score_prediction(
+    p: SlidePrediction,
+    genes: Sequence[str],
+    markers: Sequence[str] | None = None,
+    n_top: int = N_TOP,
+    labels: Sequence[Any] | None = None,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Metrics (long) and per-gene table of one slide; genes missing from the slide are left out."""
+    keep = [i for i, g in enumerate(genes) if g not in set(p.missing_genes)]
+    if not keep:
+        raise GenePanelError(f"slide {p.slide_id!r} has none of the {len(genes)} panel genes")
+    kept = [genes[i] for i in keep]
+    mk = [m for m in markers if m in set(kept)] if markers else None
+    ev = evaluate_slide(p.observed[:, keep], p.predicted[:, keep], kept, markers=mk or None, n_top=n_top)
+    metrics = ev.metrics
+    if labels is not None:
+        from he2st.analysis.clustering import cluster_agreement
+
+        lab = list(labels)
+        n_classes = len({str(v) for v in lab if v is not None and str(v) not in ("nan", "")})
+        if n_classes >= 2:
+            ca = cluster_agreement(
+                p.observed[:, keep], p.predicted[:, keep], labels=lab, seed=seed, observed_reference=False
+            )
+            extra = pd.DataFrame(
+                [("ari", "ACG", ca["ari"], len(keep), 0), ("nmi", "ACG", ca["nmi"], len(keep), 0)],
+                columns=metrics.columns,
+            )
+            metrics = pd.concat([metrics, extra], ignore_index=True)
+    ev.metrics = metrics
+    return metrics_frame(ev), per_gene_frame(ev)
+
+
+def run_fold(
+    method_name: str,
+    params: Mapping[str, Any],
+    cohort: Any,
+    fold: Fold,
+    genes: Any = "hvg:1000",
+    *,
+    label: str | None = None,
+    min_spots: int | None = None,
+    markers: Sequence[str] | None = None,
+    n_top: int = N_TOP,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    clustering: bool = True,
+) -> FoldOutcome:
+    """Run the protocol for one method on one fold (see the module docstring).
+
+    Parameters
+    ----------
+    method_name, params
+        Registered method and its parameters.
+    cohort
+        The cohort holding every slide the fold names.
+    fold
+        Slide ids; ``fold.inner`` is used for ``grid`` search.
+    genes, min_spots, markers
+        Panel recipe, see :func:`choose_panel`.
+    label
+        Name of this method configuration in the results (default ``method_name``).
+    n_top
+        Size of the HEG/HVG sets.
+    grid
+        Optional ``{param: [values]}`` searched on ``fold.inner``.
+    clustering
+        Add ARI/NMI rows for test slides with ``obs["label"]``.
+    """
+    label = label or method_name
+    t0 = time.perf_counter()
+    params = dict(params)
+    selection: dict[str, Any] = {}
+    if grid:
+        if not fold.inner:
+            raise He2stInputError(
+                f"method {label!r}: a hyper-parameter grid needs nested folds (split 'nested'); "
+                f"fold {fold.name!r} has no inner folds"
+            )
+        best, selection = select_params(
+            method_name, params, grid, cohort, fold.inner, genes, min_spots=min_spots, markers=markers, n_top=n_top
+        )
+        params.update(best)
+    t1 = time.perf_counter()
+    train = resolve_slides(cohort, fold.train)
+    val = resolve_slides(cohort, fold.val)
+    panel, model = fit_on(method_name, params, train, val, genes, min_spots=min_spots, markers=markers)
+    t2 = time.perf_counter()
+    preds, mets, pgs = [], [], []
+    for slide in resolve_slides(cohort, fold.test):
+        p = predict_slide(model, slide)
+        labels = slide.obs["label"].tolist() if clustering and "label" in slide.obs else None
+        m, g = score_prediction(p, model.genes, markers=markers, n_top=n_top, labels=labels, seed=params.get("seed", 0))
+        keys = {"method": label, "fold": fold.name, "test_slide": p.slide_id}
+        for df in (m, g):
+            for i, (k, v) in enumerate(keys.items()):
+                df.insert(i, k, v)
+        preds.append(p)
+        mets.append(m)
+        pgs.append(g)
+    t3 = time.perf_counter()
+    return FoldOutcome(
+        method=label,
+        fold=fold.name,
+        panel=panel,
+        model=model,
+        predictions=preds,
+        metrics=pd.concat(mets, ignore_index=True),
+        per_gene=pd.concat(pgs, ignore_index=True),
+        params=dict(model.params),
+        selection=selection,
+        timings={"select_s": t1 - t0, "fit_s": t2 - t1, "predict_s": t3 - t2},
+    )
+
+
+def select_params(
+    method_name: str,
+    params: Mapping[str, Any],
+    grid: Mapping[str, Sequence[Any]],
+    cohort: Any,
+    inner: Sequence[Fold],
+    genes: Any,
+    *,
+    min_spots: int | None = None,
+    markers: Sequence[str] | None = None,
+    n_top: int = N_TOP,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Grid search on inner folds; returns (best params, record of every candidate's score).
+
+    The score of a candidate is the mean PCC(ACG) over the inner folds' test
+    slides (NaN slides ignored); ties go to the first candidate in grid order.
+    """
+    keys = list(grid)
+    for k in keys:
+        if isinstance(grid[k], (str, bytes)) or not isinstance(grid[k], Sequence) or not grid[k]:
+            raise He2stInputError(f"grid for {method_name!r}: {k!r} must be a non-empty list of values")
+    candidates = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    scores = []
+    for cand in candidates:
+        vals = []
+        for f in inner:
+            _, model = fit_on(
+                method_name,
+                {**params, **cand},
+                resolve_slides(cohort, f.train),
+                resolve_slides(cohort, f.val),
+                genes,
+                min_spots=min_spots,
+                markers=markers,
+            )
+            for slide in resolve_slides(cohort, f.test):
+                p = predict_slide(model, slide)
+                m, _ = score_prediction(p, model.genes, n_top=n_top)
+                v = m[(m["metric"] == "pcc") & (m["gene_set"] == "ACG")]["value"].iloc[0]
+                vals.append(v)
+        arr = np.asarray(vals, dtype=np.float64)
+        scores.append(float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan"))
+    finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
+    best = max(finite, key=lambda i: (scores[i], -i)) if finite else 0
+    record = {
+        "grid": {k: list(v) for k, v in grid.items()},
+        "candidates": [{"params": c, "inner_pcc_acg": s} for c, s in zip(candidates, scores)],
+        "best": candidates[best],
+        "inner_folds": [f.name for f in inner],
+    }
+    return candidates[best], record

@@ -1,0 +1,58 @@
+"""Histology images: lazy whole-slide reads, spot patches, stain normalisation, augmentation.
+
+``image_size`` and ``open_image`` read only what they need (tifffile tile reads
+for TIFF, OpenSlide for vendor formats, Pillow for small JPEG/PNG), so a
+40k x 40k slide never sits in memory. ``extract_patches`` cuts one patch per
+spot, with an on-disk cache. Torch is imported only by :mod:`he2st.image.augment`;
+:mod:`he2st.image.stain` and :mod:`he2st.image.augment` load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from he2st.image._formats import image_size
+from he2st.image._lazy import ImageConversionWarning, LazyImage, clear_image_cache, open_image
+from he2st.image.patches import Patches, PatchCache, extract_patches, image_content_hash
+from he2st.image.tissue import otsu_threshold, saturation, slide_tissue_threshold, tissue_fraction, tissue_mask
+
+__all__ = [
+    "ImageConversionWarning",
+    "LazyImage",
+    "PatchCache",
+    "Patches",
+    "StainNormalizer",
+    "augment",
+    "clear_image_cache",
+    "dihedral",
+    "extract_patches",
+    "image_content_hash",
+    "image_size",
+    "make_augment",
+    "open_image",
+    "otsu_threshold",
+    "saturation",
+    "slide_tissue_threshold",
+    "stain",
+    "tissue_fraction",
+    "tissue_mask",
+]
+
+_LAZY = {
+    "stain": ("he2st.image.stain", None),
+    "augment": ("he2st.image.augment", None),
+    "StainNormalizer": ("he2st.image.stain", "StainNormalizer"),
+    "make_augment": ("he2st.image.augment", "make_augment"),
+    "dihedral": ("he2st.image.augment", "dihedral"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'he2st.image' has no attribute {name!r}")

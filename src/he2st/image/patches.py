@@ -1,0 +1,437 @@
+"""One image patch per spot, with an on-disk cache.
+
+:func:`extract_patches` cuts a square patch centred on every spot of a slide
+(``obsm["spatial"]``), optionally resampled to a target microns-per-pixel,
+measures each patch's tissue fraction and caches the result on disk
+(:class:`PatchCache`), keyed by the image's content hash, the spot
+coordinates and the extraction settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from he2st._utils import atomic_path, atomic_write_json, default_cache_dir, progress, sha256_arrays, sha256_file
+from he2st.errors import ImageError, SlideError
+
+#: Bump when the extraction changes in a way that changes the pixels, so old caches are not reused.
+EXTRACTION_VERSION = 1
+#: Longer side of the thumbnail from which the per-slide tissue threshold is computed.
+THUMBNAIL_SIDE = 1024
+
+
+@dataclass
+class Patches:
+    """Patches of one slide, in the slide's spot order.
+
+    Attributes
+    ----------
+    images
+        ``uint8 (n, size_px, size_px, 3)``, row ``i`` centred on ``obs_names[i]``
+        (a read-only memory map when it comes from the cache).
+    tissue_fraction
+        ``float32 (n,)``: fraction of tissue pixels (HSV saturation above the
+        slide's Otsu threshold).
+    obs_names
+        Spot ids, equal to ``slide.obs_names``.
+    size_px
+        Side of each patch in pixels.
+    mpp
+        Microns per pixel of the patches (``target_mpp`` when resampled, else the
+        slide's ``mpp``, or None when unknown).
+    slide_id
+        The slide.
+    read_px
+        Side of the square read around each spot, in level-0 pixels.
+    tissue_threshold
+        Saturation threshold used for ``tissue_fraction``.
+    tissue_block
+        Pixel cell size over which saturation was averaged for ``tissue_fraction``.
+    from_cache
+        True when the patches were loaded from the on-disk cache.
+    cache_key
+        Key of the cache entry (None when caching was off).
+    """
+
+    images: np.ndarray
+    tissue_fraction: np.ndarray
+    obs_names: pd.Index
+    size_px: int
+    mpp: float | None
+    slide_id: str = ""
+    read_px: int = 0
+    tissue_threshold: float = float("nan")
+    tissue_block: int = 1
+    from_cache: bool = False
+    cache_key: str | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"Patches(slide={self.slide_id!r}, n={len(self)}, size_px={self.size_px}, mpp={self.mpp}, "
+            f"from_cache={self.from_cache})"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Content hashes of image files, memoised by (path, size, mtime)
+# ----------------------------------------------------------------------------
+
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def image_content_hash(path: str | os.PathLike, cache_root: Path | None = None) -> str:
+    """sha256 of an image file's bytes, memoised per (path, size, mtime).
+
+    The memo lives in memory and, when ``cache_root`` is given, as one small file
+    per image under ``cache_root/hashes`` so other processes and later runs skip
+    re-hashing multi-gigabyte slides.
+    """
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _HASH_MEMO:
+        return _HASH_MEMO[key]
+    memo_file = None
+    if cache_root is not None:
+        name = hashlib.sha256("|".join(map(str, key)).encode()).hexdigest()[:40]
+        memo_file = cache_root / "hashes" / f"{name}.txt"
+        if memo_file.is_file():
+            digest = memo_file.read_text().strip()
+            if len(digest) == 64:
+                _HASH_MEMO[key] = digest
+                return digest
+    digest = sha256_file(p)
+    _HASH_MEMO[key] = digest
+    if memo_file is not None:
+        with atomic_path(memo_file) as tmp:
+            tmp.write_text(digest + "\n")
+    return digest
+
+
+# ----------------------------------------------------------------------------
+# The on-disk cache
+# ----------------------------------------------------------------------------
+
+
+class PatchCache:
+    """Patches on disk as ``.npy`` files, shared by runs and processes.
+
+    An entry is three files under ``root/<key[:2]>/``: ``<key>.images.npy``
+    (loaded memory-mapped), ``<key>.tissue.npy`` and ``<key>.json``; the JSON is
+    written last (atomically), so an entry without it is incomplete and ignored.
+
+    Parameters
+    ----------
+    root
+        Folder; defaults to ``he2st._utils.default_cache_dir() / "patches"``.
+
+    Attributes
+    ----------
+    hits, misses
+        Lookups served from disk / not found, counted on this instance.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir() / "patches"
+        self.hits = 0
+        self.misses = 0
+
+    def __repr__(self) -> str:
+        return f"PatchCache({str(self.root)!r}, hits={self.hits}, misses={self.misses})"
+
+    def key(
+        self,
+        slide: Any,
+        size_px: int,
+        target_mpp: float | None,
+        tissue_threshold: float | None = None,
+    ) -> str:
+        """Cache key: image content hash + spot coordinates + obs_names + settings."""
+        from he2st.data.slide import meta
+
+        m = meta(slide)
+        image_hash = image_content_hash(_image_path(slide), self.root)
+        spatial = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+        settings = json.dumps(
+            {
+                "v": EXTRACTION_VERSION,
+                "size_px": int(size_px),
+                "target_mpp": None if target_mpp is None else float(target_mpp),
+                "mpp": m.mpp if target_mpp is not None else None,
+                "tissue_threshold": None if tissue_threshold is None else float(tissue_threshold),
+            },
+            sort_keys=True,
+        )
+        names = np.asarray([str(s) for s in slide.obs_names], dtype=object)
+        return sha256_arrays(image_hash, settings, spatial, names)
+
+    def _paths(self, key: str) -> tuple[Path, Path, Path]:
+        d = self.root / key[:2]
+        return d / f"{key}.images.npy", d / f"{key}.tissue.npy", d / f"{key}.json"
+
+    def __contains__(self, key: str) -> bool:
+        return all(p.is_file() for p in self._paths(key))
+
+    def load(self, key: str) -> Patches | None:
+        """The entry for ``key`` (images memory-mapped), or None; counts a hit or a miss."""
+        img_p, tis_p, meta_p = self._paths(key)
+        if not meta_p.is_file():
+            self.misses += 1
+            return None
+        try:
+            info = json.loads(meta_p.read_text())
+            images = np.load(img_p, mmap_mode="r")
+            tissue = np.load(tis_p)
+            n, s = int(info["n"]), int(info["size_px"])
+            if images.shape != (n, s, s, 3) or images.dtype != np.uint8 or tissue.shape != (n,):
+                raise ValueError(f"entry shapes {images.shape}/{tissue.shape} disagree with its metadata")
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            # A damaged entry is rebuilt, never trusted.
+            self.misses += 1
+            return None
+        self.hits += 1
+        return Patches(
+            images=images,
+            tissue_fraction=tissue.astype(np.float32, copy=False),
+            obs_names=pd.Index(info["obs_names"]),
+            size_px=s,
+            mpp=info["mpp"],
+            slide_id=info["slide_id"],
+            read_px=int(info["read_px"]),
+            tissue_threshold=float(info["tissue_threshold"]),
+            tissue_block=int(info.get("tissue_block", 1)),
+            from_cache=True,
+            cache_key=key,
+        )
+
+    def clear(self) -> int:
+        """Delete every entry; returns the number of files removed."""
+        n = 0
+        if self.root.is_dir():
+            for p in self.root.glob("??/*"):
+                if p.is_file():
+                    p.unlink()
+                    n += 1
+        return n
+
+
+# ----------------------------------------------------------------------------
+# Extraction
+# ----------------------------------------------------------------------------
+
+
+def _image_path(slide: Any) -> Path:
+    from he2st.data.slide import meta
+
+    m = meta(slide)
+    if not m.image_path:
+        raise SlideError(m.slide_id, "has no image (uns['he2st']['image_path'] is None); patches need the H&E image")
+    p = Path(m.image_path)
+    if not p.is_file():
+        raise ImageError(f"slide {m.slide_id!r}: image file {str(p)!r} does not exist")
+    return p
+
+
+def read_size_px(size_px: int, target_mpp: float | None, mpp: float | None, slide_id: str = "") -> int:
+    """Side in level-0 pixels of the square read around each spot.
+
+    ``size_px`` itself without resampling; ``round(size_px * target_mpp / mpp)``
+    with it, so the patch covers ``size_px * target_mpp`` microns.
+    """
+    if target_mpp is None:
+        return int(size_px)
+    if not (isinstance(target_mpp, (int, float)) and math.isfinite(target_mpp) and target_mpp > 0):
+        raise ValueError(f"target_mpp must be a positive number, got {target_mpp!r}")
+    if mpp is None:
+        raise SlideError(
+            slide_id,
+            f"target_mpp={target_mpp} needs the image's microns per pixel, but uns['he2st']['mpp'] is unknown; "
+            "set it (e.g. from the scanner metadata or the spot pitch) or use target_mpp=None",
+        )
+    return max(1, int(round(size_px * target_mpp / mpp)))
+
+
+def tissue_block(width: int, height: int, read_px: int, size_px: int) -> int:
+    """Patch pixels per thumbnail pixel: the block over which tissue is measured.
+
+    The tissue threshold is found on a :data:`THUMBNAIL_SIDE` thumbnail, so
+    patches are averaged to that scale before it is applied (at most a quarter
+    of the patch side, so that small patches keep a few cells).
+    """
+    thumb_px = max(width, height) / THUMBNAIL_SIDE  # level-0 pixels per thumbnail pixel
+    patch_px = read_px / size_px  # level-0 pixels per patch pixel
+    return int(min(max(1, round(thumb_px / patch_px)), max(1, size_px // 4)))
+
+
+def _read_order(tops: np.ndarray, lefts: np.ndarray, tile_h: int) -> np.ndarray:
+    """Spot order for reading: by tile row, then column, so consecutive reads share tiles."""
+    return np.lexsort((lefts, tops // max(1, tile_h)))
+
+
+def extract_patches(
+    slide: Any,
+    size_px: int = 224,
+    target_mpp: float | None = None,
+    cache: bool | PatchCache = True,
+    *,
+    tissue_threshold: float | None = None,
+) -> Patches:
+    """Cut one square patch centred on each spot of a slide.
+
+    Parameters
+    ----------
+    slide
+        A slide AnnData (``obsm["spatial"]`` pixel centres, ``uns["he2st"]["image_path"]``).
+    size_px
+        Side of the returned patches in pixels.
+    target_mpp
+        Resample to this many microns per pixel: read
+        ``round(size_px * target_mpp / mpp)`` level-0 pixels around each spot
+        (from a coarser pyramid level when one is fine enough) and resize to
+        ``size_px`` with an antialiasing (Lanczos) filter. Needs the slide's
+        ``mpp``. None: no resampling.
+    cache
+        True: use the default :class:`PatchCache`; a :class:`PatchCache`: use it;
+        False: always extract, keep in memory.
+    tissue_threshold
+        Saturation threshold for the tissue fraction; None computes it per slide
+        with Otsu on a thumbnail.
+
+    Returns
+    -------
+    Patches
+        Aligned with ``slide.obs_names``. Spots near the image edge are padded
+        with white, never dropped.
+
+    Raises
+    ------
+    SlideError
+        No image, or ``target_mpp`` given but the slide's ``mpp`` is unknown.
+    ImageError
+        The image is missing or unreadable.
+
+    Notes
+    -----
+    The patch of a spot at ``(x, y)`` starts at ``(floor(x) - r // 2, floor(y) - r // 2)``
+    with ``r`` the read size: for ``r = 224`` this is the ``img[y-112:y+112, x-112:x+112]``
+    crop of Hist2ST/HisToGene on integer centres.
+    """
+    from he2st.data.slide import meta
+    from he2st.image._lazy import _resize, open_image
+    from he2st.image.tissue import slide_tissue_threshold, tissue_fraction
+
+    m = meta(slide)
+    size_px = int(size_px)
+    if size_px <= 0:
+        raise ValueError(f"size_px must be positive, got {size_px}")
+    if "spatial" not in slide.obsm:
+        raise SlideError(m.slide_id, "obsm['spatial'] is missing; patches are centred on the spot pixel coordinates")
+    read_px = read_size_px(size_px, target_mpp, m.mpp, m.slide_id)
+    path = _image_path(slide)
+    out_mpp = float(target_mpp) if target_mpp is not None else m.mpp
+
+    store: PatchCache | None = cache if isinstance(cache, PatchCache) else (PatchCache() if cache else None)
+    key = None
+    if store is not None:
+        key = store.key(slide, size_px, target_mpp, tissue_threshold)
+        hit = store.load(key)
+        if hit is not None:
+            return hit
+
+    spatial = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+    n = spatial.shape[0]
+    half = read_px // 2
+    lefts = np.floor(spatial[:, 0]).astype(np.int64) - half
+    tops = np.floor(spatial[:, 1]).astype(np.int64) - half
+
+    with open_image(path) as img:
+        # The coarsest level that still has at least size_px pixels across the read window.
+        ratio = read_px / size_px
+        fine_enough = [i for i, d in enumerate(img.downsamples) if d <= ratio + 1e-9]
+        level = max(fine_enough, key=lambda i: img.downsamples[i], default=0)
+        ds = img.downsamples[level]
+        level_px = max(1, int(round(read_px / ds)))
+        tile_h = (img.tile_size or (256, 256))[1]
+        order = _read_order(tops, lefts, int(tile_h * ds))
+
+        images_tmp = None
+        ctx = None
+        if store is not None:
+            img_p, _, _ = store._paths(key)  # type: ignore[arg-type]
+            ctx = atomic_path(img_p, suffix=".npy")
+            images_tmp = ctx.__enter__()
+            images = np.lib.format.open_memmap(images_tmp, mode="w+", dtype=np.uint8, shape=(n, size_px, size_px, 3))
+        else:
+            images = np.empty((n, size_px, size_px, 3), dtype=np.uint8)
+        try:
+            for i in progress(order, description=f"patches {m.slide_id}", total=n):
+                patch = img.read_region(int(lefts[i]), int(tops[i]), level_px, level_px, level=level)
+                if level_px != size_px:
+                    patch = _resize(patch, size_px, size_px)
+                images[i] = patch
+            if tissue_threshold is None:
+                tissue_threshold = slide_tissue_threshold(img.thumbnail(THUMBNAIL_SIDE))
+            block = tissue_block(img.width, img.height, read_px, size_px)
+            tissue = tissue_fraction(images, threshold=float(tissue_threshold), block=block)
+            if ctx is not None:
+                images.flush()
+                del images
+                ctx.__exit__(None, None, None)
+                ctx = None
+        except BaseException as exc:
+            if ctx is not None:
+                ctx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    obs_names = pd.Index([str(s) for s in slide.obs_names])
+    if store is None:
+        return Patches(
+            images=images,
+            tissue_fraction=tissue,
+            obs_names=obs_names,
+            size_px=size_px,
+            mpp=out_mpp,
+            slide_id=m.slide_id,
+            read_px=read_px,
+            tissue_threshold=float(tissue_threshold),
+            tissue_block=block,
+        )
+    _, tis_p, meta_p = store._paths(key)  # type: ignore[arg-type]
+    with atomic_path(tis_p, suffix=".npy") as tmp:
+        np.save(tmp, tissue)
+    atomic_write_json(
+        meta_p,
+        {
+            "n": n,
+            "size_px": size_px,
+            "read_px": read_px,
+            "level": level,
+            "mpp": out_mpp,
+            "target_mpp": target_mpp,
+            "slide_id": m.slide_id,
+            "image_path": str(path),
+            "image_sha256": image_content_hash(path, store.root),
+            "tissue_threshold": float(tissue_threshold),
+            "tissue_block": block,
+            "obs_names": list(obs_names),
+            "extraction_version": EXTRACTION_VERSION,
+        },
+    )
+    loaded = store.load(key)
+    if loaded is None:  # pragma: no cover - only if the disk vanished under us
+        raise ImageError(f"slide {m.slide_id!r}: patch cache entry {key} could not be read back from {store.root}")
+    store.hits -= 1  # the read-back is part of this miss, not a hit
+    loaded.from_cache = False
+    return loaded

@@ -1,0 +1,82 @@
+"""The HTML report: self-contained, every built-in section, pluggable sections."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from he2st.analysis import report as R
+from he2st.evaluate.runner import run_benchmark
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from he2st.datasets import synthetic
+
+    cohort = synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, seed=0, root=tmp_path_factory.mktemp("syn"))
+    out = tmp_path_factory.mktemp("run")
+    run_benchmark(
+        {
+            "out": str(out),
+            "methods": ["mean", "knn"],
+            "genes": "all",
+            "encoder": "color_stats",
+            "method_params": {"knn": {"patch_px": 32}},
+            "report": False,
+            "quiet": True,
+            "name": "tiny <test> run",
+        },
+        cohort=cohort,
+    )
+    return out
+
+
+def test_report_is_self_contained_with_all_sections(run_dir) -> None:
+    path = R.write_report(run_dir)
+    text = path.read_text()
+    assert path == run_dir / "report.html"
+    for sec in ("overview", "summary", "per_slide", "wilcoxon", "top_genes", "spot_maps"):
+        assert f'<section id="{sec}">' in text
+    assert "<script" not in text and "http://" not in text and "https://" not in text
+    imgs = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', text)
+    assert len(imgs) == 2 + 3  # PCC(ACG)/(HEG) bars + 3 spot maps
+    assert "tiny &lt;test&gt; run" in text  # escaped
+    # the summary table shows knn's mean PCC(ACG) as computed in summary.csv
+    s = pd.read_csv(run_dir / "summary.csv").set_index(["method", "metric", "gene_set"])
+    assert f"{s.loc[('knn', 'pcc', 'ACG'), 'mean']:.3f}" in text
+    assert "[n_nan=60]" in text  # mean baseline: 20 genes x 3 slides undefined
+
+
+def test_sections_are_pluggable(run_dir) -> None:
+    @R.register_section("extra_test", order=55, title="Extra")
+    def _extra(run):
+        return f"<p>methods: {', '.join(run.methods)}</p>"
+
+    @R.register_section("broken_test", order=56)
+    def _broken(run):
+        raise RuntimeError("boom")
+
+    @R.register_section("skipped_test", order=57)
+    def _skipped(run):
+        return None
+
+    try:
+        assert R.list_sections().index("extra_test") == R.list_sections().index("top_genes") + 1
+        text = R.render_report(R.load_run(run_dir))
+        assert "<h2>Extra</h2>" in text and "methods: mean, knn" in text
+        assert "section failed: RuntimeError: boom" in text and '<section id="summary">' in text
+        assert 'id="skipped_test"' not in text
+        only = R.render_report(R.load_run(run_dir), sections=["summary"])
+        assert '<section id="summary">' in only and '<section id="extra_test">' not in only
+        with pytest.raises(Exception, match="unknown report section"):
+            R.render_report(R.load_run(run_dir), sections=["nope"])
+    finally:
+        for name in ("extra_test", "broken_test", "skipped_test"):
+            R._SECTIONS.pop(name, None)
+
+
+def test_missing_run_folder(tmp_path) -> None:
+    with pytest.raises(Exception, match="run the benchmark first"):
+        R.write_report(tmp_path)
