@@ -232,6 +232,16 @@ _BUILTIN: dict[str, str] = {
     "mean": "he2st.methods.baselines:MeanPredictor",
     "ridge": "he2st.methods.baselines:RidgeProbe",
     "knn": "he2st.methods.baselines:KNNRetrieval",
+    "stnet": "he2st.methods.stnet:STNet",
+    "deepspace": "he2st.methods.deepspace:DeepSpaCE",
+    "stimage": "he2st.methods.stimage:STimage",
+    "ensemble": "he2st.methods.ensemble:Ensemble",
+    "histogene": "he2st.methods.histogene:HisToGene",
+    "hist2st": "he2st.methods.hist2st:Hist2ST",
+    "thitogene": "he2st.methods.thitogene:THItoGene",
+    "bleep": "he2st.methods.bleep:BLEEP",
+    "mclstexp": "he2st.methods.mclstexp:MclSTExp",
+    "cmrcnet": "he2st.methods.cmrcnet:CMRCNet",
 }
 _REGISTRY: dict[str, type[Method]] = {}
 

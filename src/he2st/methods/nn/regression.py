@@ -1,0 +1,588 @@
+"""Spot-level regression: each spot is predicted from its own image patch.
+
+The shared machinery of ST-Net, DeepSpaCE and STimage (Jiang et al. 2024,
+Fig. 1a top: image encoder -> prediction head [-> distribution module]).
+A :class:`SpotRegressor` subclass only says what its head, targets, loss and
+output decoding are; data assembly, the inner validation split, training
+(:func:`he2st.methods.nn.train.fit_module`), test-time augmentation, member
+ensembles and persistence live here once.
+
+Two modes
+---------
+``mode="frozen"`` (the CPU default)
+    Features come from the encoder feature cache
+    (:func:`he2st.encoders.get_features` with the method's ``encoder``,
+    ``weights``, ``patch_px``, ``tta`` and fitted stain normaliser); only the
+    head trains. Features are standardised with the mean and standard
+    deviation of the training spots (``standardize=True``), which a frozen
+    trunk followed by BatchNorm-free heads needs for SGD to behave. With
+    ``tta=True`` the cache returns features averaged over the 8 dihedral
+    symmetries; those are used for training and prediction alike. Random
+    image augmentation cannot act on cached features, so ``augment`` is
+    ignored in this mode.
+``mode="finetune"``
+    Backbone (:func:`he2st.encoders.create_encoder`) and head train end to
+    end on the spot patches (:func:`he2st.image.extract_patches`, stain
+    normalised when ``stain`` is set), resized to ``input_px`` (default: the
+    encoder's input size) and augmented by :func:`he2st.image.augment.make_augment`
+    (``augment``). With ``tta=True`` predictions are averaged over the 8
+    dihedral symmetries (:func:`he2st.image.augment.dihedral`).
+
+Validation and members
+----------------------
+When ``fit`` gets no validation slides, an inner split of the training data is
+made (``val_split``): ``"slide"`` holds out ``round(val_fraction * n)`` (at
+least 1) whole training slides, ``"spot"`` a random ``val_fraction`` of the
+training spots, ``"auto"`` is ``"slide"`` with 3 or more training slides and
+``"spot"`` otherwise; ``val_fraction=0`` trains without validation and keeps
+the last epoch. The weights of the epoch with the lowest validation loss are
+kept (early stopping after ``patience`` epochs without improvement when
+``patience`` is set). ``n_models`` independent members (seeds ``seed``,
+``seed + 1``, ...) are trained on the same split; predictions are averaged.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from he2st.data.slide import meta
+from he2st.errors import He2stInputError
+from he2st.methods.base import Capabilities, Method
+from he2st.methods.nn.train import (
+    History,
+    default_device,
+    fit_module,
+    load_module_state,
+    minibatches,
+    module_state,
+    set_seed,
+)
+
+MODES = ("frozen", "finetune")
+VAL_SPLITS = ("auto", "slide", "spot")
+
+#: Keys every :class:`SpotRegressor` understands; subclasses give their paper's values in ``defaults``.
+SPOT_DEFAULTS: dict[str, Any] = {
+    "mode": "frozen",
+    "encoder": "efficientnet_lite0",
+    "weights": "imagenet",
+    "patch_px": 224,
+    "input_px": None,
+    "tta": False,
+    "stain": None,
+    "augment": "none",
+    "epochs": 10,
+    "batch_size": 32,
+    "lr": 1e-4,
+    "optimizer": "adam",
+    "weight_decay": 0.0,
+    "momentum": 0.9,
+    "patience": None,
+    "val_split": "auto",
+    "val_fraction": 0.1,
+    "n_models": 1,
+    "standardize": True,
+    "stain_fit_spots": 64,
+    "device": "auto",
+}
+
+
+# -- models -------------------------------------------------------------------------
+
+
+class FeatureModel(nn.Module):
+    """A head on standardised frozen features: ``head((x - shift) / scale)``."""
+
+    def __init__(self, head: nn.Module, in_dim: int) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("shift", torch.zeros(in_dim))
+        self.register_buffer("scale", torch.ones(in_dim))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.head((x - self.shift) / self.scale)
+
+
+class BackboneModel(nn.Module):
+    """Backbone + head on ``[0, 1]`` RGB batches ``(B, 3, S, S)``; the encoder's normalisation is inside."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.head(self.backbone((x - self.mean) / self.std))
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def inner_split(
+    slide_index: np.ndarray, n_slides: int, how: str, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation row indices of an inner validation split.
+
+    Parameters
+    ----------
+    slide_index
+        Slide number (0..n_slides-1) of each training row.
+    n_slides
+        Number of training slides.
+    how
+        ``"slide"``, ``"spot"`` or ``"auto"`` (slide with >= 3 slides, else spot).
+    fraction
+        Share held out; 0 gives no validation rows.
+    seed
+        Seed of the random choice.
+    """
+    n = len(slide_index)
+    if fraction <= 0:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if how == "auto":
+        how = "slide" if n_slides >= 3 else "spot"
+    val = np.zeros(n, dtype=bool)
+    if how == "slide":
+        if n_slides < 2:
+            raise He2stInputError("val_split='slide' needs at least 2 training slides; use 'spot' or pass val_slides")
+        k = min(n_slides - 1, max(1, int(round(fraction * n_slides))))
+        val = np.isin(slide_index, rng.choice(n_slides, size=k, replace=False))
+    else:
+        k = min(n - 1, max(1, int(round(fraction * n))))
+        val[rng.choice(n, size=k, replace=False)] = True
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def resize_uint8(images: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
+    """Resize uint8 ``(n, h, w, 3)`` patches to ``(n, size, size, 3)`` (bilinear, antialiased)."""
+    from torch.nn import functional as F
+
+    if images.shape[1] == size and images.shape[2] == size:
+        return np.array(images, dtype=np.uint8)  # a writable copy (cached patches are read-only maps)
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i in range(0, len(images), chunk):
+        x = torch.from_numpy(np.array(images[i : i + chunk], dtype=np.uint8)).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i : i + chunk] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(B, S, S, 3)`` -> float ``(B, 3, S, S)`` in ``[0, 1]``."""
+    return x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def jsonable(obj: Any) -> Any:
+    """Arrays and numpy scalars inside dicts/lists turned into JSON types (for ``get_extra``)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# -- the base class -------------------------------------------------------------------------
+
+
+class SpotRegressor(Method):
+    """Base of methods predicting each spot from its own patch; see the module docstring.
+
+    Subclasses implement :meth:`_make_head`, :meth:`_targets`, :meth:`_loss`
+    and :meth:`_decode`, and may override :meth:`_prepare` (fit target
+    transforms on the training slides), :meth:`_init_head`, :meth:`_keep`
+    (spots used for training), :meth:`_patch_px` and the state hooks.
+    """
+
+    capabilities: ClassVar[Capabilities] = Capabilities(frozen_features=True, finetune=True)
+    defaults: ClassVar[dict[str, Any]] = dict(SPOT_DEFAULTS)
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._check_params()
+        self.models_: list[nn.Module] = []
+        self.in_dim_: int | None = None
+        self.stain_: Any = None
+        self.history_: list[dict[str, Any]] = []
+        self._patch_memo: dict[tuple[str, int], Any] = {}
+        self._extra: dict[str, Any] = {}
+        self._loading = False
+
+    # -- hooks --------------------------------------------------------------------
+    @abc.abstractmethod
+    def _make_head(self, in_dim: int) -> nn.Module:
+        """The trainable head on ``in_dim`` features."""
+
+    @abc.abstractmethod
+    def _targets(self, slide: Any) -> tuple[np.ndarray, ...]:
+        """Training targets of a slide, row-aligned with its spots (float32 arrays)."""
+
+    @abc.abstractmethod
+    def _loss(self, out: Any, targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Training loss of a batch."""
+
+    @abc.abstractmethod
+    def _decode(self, out: Any) -> dict[str, np.ndarray]:
+        """Model output -> ``{"mean": (B, n_genes)}`` on the normalised scale (plus extras)."""
+
+    def _val_loss(self, out: Any, targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Validation loss (default: the training loss)."""
+        return self._loss(out, targets)
+
+    def _prepare(self, train_slides: list[Any]) -> None:
+        """Fit target transforms on the training slides (before data assembly)."""
+
+    def _init_head(self, head: nn.Module, targets: tuple[np.ndarray, ...]) -> None:
+        """Initialise the head from the training targets (default: leave as built)."""
+
+    def _keep(self, slide: Any) -> np.ndarray | None:
+        """Boolean mask of spots used for training, or None for all."""
+        return None
+
+    def _patch_px(self, slide: Any) -> int:
+        """Side of the patch cut around each spot, in image pixels."""
+        return int(self.params["patch_px"])
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        """Extra learned arrays of the subclass (scalers, reference sizes)."""
+        return {}
+
+    def _set_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`_state_arrays`."""
+
+    # -- public ------------------------------------------------------------------
+    def flagged_spots(self, slide: Any) -> np.ndarray:
+        """Spots that the training filter would drop (white tiles, low tissue).
+
+        They still get a prediction from :meth:`predict`; the flag says it
+        comes from an image of a kind the model did not learn from.
+        """
+        keep = self._keep(slide)
+        return np.zeros(slide.n_obs, dtype=bool) if keep is None else ~np.asarray(keep, dtype=bool)
+
+    def predict(self, slide: Any) -> np.ndarray:
+        """Predicted expression ``(n_spots, n_genes)`` on the normalised scale (mean of the members)."""
+        outs = self._member_outputs(slide)
+        return np.mean([o["mean"] for o in outs], axis=0).astype(np.float32)
+
+    # -- fitting --------------------------------------------------------------------
+    def _check_params(self) -> None:
+        p = self.params
+        if p["mode"] not in MODES:
+            raise He2stInputError(f"method {self.name!r}: mode must be one of {MODES}, got {p['mode']!r}")
+        if p["val_split"] not in VAL_SPLITS:
+            raise He2stInputError(f"method {self.name!r}: val_split must be one of {VAL_SPLITS}, got {p['val_split']!r}")
+        if not 0 <= float(p["val_fraction"]) < 1:
+            raise He2stInputError(f"method {self.name!r}: val_fraction must be in [0, 1), got {p['val_fraction']!r}")
+        for key in ("n_models", "epochs", "batch_size"):
+            if int(p[key]) < 1:
+                raise He2stInputError(f"method {self.name!r}: {key} must be >= 1, got {p[key]!r}")
+
+    def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
+        p = self.params
+        self._patch_memo = {}
+        self.in_dim_ = None
+        try:
+            self.stain_ = self._fit_stain(train_slides)
+            self._prepare(train_slides)
+            X, T, slide_idx = self._assemble(train_slides)
+            if val_slides:
+                Xv, Tv, _ = self._assemble(val_slides)
+                X = np.concatenate([X, Xv])
+                T = tuple(np.concatenate([a, b]) for a, b in zip(T, Tv))
+                tr = np.arange(len(X) - len(Xv))
+                va = np.arange(len(X) - len(Xv), len(X))
+            else:
+                tr, va = inner_split(slide_idx, len(train_slides), p["val_split"], float(p["val_fraction"]), int(p["seed"]))
+            self._train_members(X, T, tr, va)
+        finally:
+            self._patch_memo = {}
+
+    def _assemble(self, slides: list[Any]) -> tuple[np.ndarray, tuple[np.ndarray, ...], np.ndarray]:
+        """Inputs, targets and slide numbers of the kept spots of ``slides``, stacked."""
+        xs, ts, idx = [], [], []
+        for i, s in enumerate(slides):
+            x = self._inputs(s)
+            t = self._targets(s)
+            keep = self._keep(s)
+            if keep is not None:
+                keep = np.asarray(keep, dtype=bool)
+                x, t = x[keep], tuple(a[keep] for a in t)
+            xs.append(x)
+            ts.append(t)
+            idx.append(np.full(len(x), i, dtype=np.int64))
+        n = sum(len(x) for x in xs)
+        if n < 2:
+            ids = [meta(s).slide_id for s in slides]
+            raise He2stInputError(
+                f"method {self.name!r}: fewer than 2 spots left for training on slides {ids} after the "
+                "tissue/white-tile filter; relax the filter or check the images"
+            )
+        X = np.concatenate(xs)
+        T = tuple(np.concatenate([t[j] for t in ts]).astype(np.float32) for j in range(len(ts[0])))
+        return X, T, np.concatenate(idx)
+
+    def _train_members(self, X: np.ndarray, T: tuple[np.ndarray, ...], tr: np.ndarray, va: np.ndarray) -> None:
+        p = self.params
+        device = default_device(p["device"])
+        frozen = p["mode"] == "frozen"
+        Xt = torch.from_numpy(np.ascontiguousarray(X))
+        Tt = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in T)
+        self.in_dim_ = int(X.shape[1]) if frozen else None
+        self.models_, self.history_ = [], []
+        tr_t = torch.from_numpy(tr)
+        va_t = torch.from_numpy(va)
+        bs = int(p["batch_size"])
+        for m in range(int(p["n_models"])):
+            gen = set_seed(int(p["seed"]) + m)
+            model = self._build_model(seed=int(p["seed"]) + m)
+            augment = None if frozen else self._augmenter(seed=int(p["seed"]) + m)
+            if frozen and p["standardize"]:
+                Xtr = X[tr].astype(np.float64)
+                sd = Xtr.std(axis=0)
+                model.shift.copy_(torch.from_numpy(Xtr.mean(axis=0)).float())
+                model.scale.copy_(torch.from_numpy(np.where(sd > 1e-8, sd, 1.0)).float())
+            self._init_head(model.head, tuple(a[tr] for a in T))
+            model.to(device)
+
+            def batch_out(rows: torch.Tensor, train: bool, model: nn.Module = model, augment: Any = augment) -> Any:
+                x = Xt[rows].to(device)
+                if not frozen:
+                    x = to_unit(x)
+                    if train and augment is not None:
+                        x = augment(x)
+                return model(x)
+
+            def loss_fn(rows: torch.Tensor, batch_out: Any = batch_out) -> torch.Tensor:
+                return self._loss(batch_out(rows, True), tuple(t[rows].to(device) for t in Tt))
+
+            def val_loss_fn(rows: torch.Tensor, batch_out: Any = batch_out) -> torch.Tensor:
+                return self._val_loss(batch_out(rows, False), tuple(t[rows].to(device) for t in Tt))
+
+            def train_batches(epoch: int, gen: torch.Generator = gen) -> Any:
+                for b in minibatches(len(tr_t), bs, gen):
+                    yield tr_t[b]
+
+            def val_batches() -> Any:
+                for b in minibatches(len(va_t), max(bs, 256), shuffle=False):
+                    yield va_t[b]
+
+            history: History = fit_module(
+                model,
+                loss_fn,
+                train_batches,
+                epochs=int(p["epochs"]),
+                lr=float(p["lr"]),
+                optimizer=str(p["optimizer"]),
+                weight_decay=float(p["weight_decay"]),
+                momentum=float(p["momentum"]),
+                val_batches=val_batches if len(va) else None,
+                val_loss_fn=val_loss_fn,
+                patience=None if p["patience"] is None else int(p["patience"]),
+                description=f"{self.name} member {m + 1}/{p['n_models']}",
+            )
+            self.models_.append(model.cpu().eval())
+            self.history_.append(history.as_dict())
+
+    def _build_model(self, seed: int) -> nn.Module:
+        p = self.params
+        if p["mode"] == "frozen":
+            if self.in_dim_ is None:
+                raise He2stInputError(f"method {self.name!r}: feature dimension unknown (not fitted)")
+            return FeatureModel(self._make_head(self.in_dim_), self.in_dim_)
+        from he2st.encoders import create_encoder
+
+        # Every member starts from the pretrained weights; a reloaded model gets its weights from its state.
+        weights = None if self._loading else p["weights"]
+        backbone = create_encoder(p["encoder"], weights=weights, seed=seed)
+        backbone.train()
+        info = backbone.info
+        return BackboneModel(backbone, self._make_head(int(info.dim)), info.mean, info.std)
+
+    def _augmenter(self, seed: int) -> Any:
+        aug = self.params["augment"]
+        if aug is None or aug == "none":
+            return None
+        from he2st.image.augment import make_augment
+
+        return make_augment(aug, seed=seed)
+
+    # -- data ------------------------------------------------------------------------------
+    def _patches(self, slide: Any) -> Any:
+        """Patches of a slide at this method's patch size (memoised during ``fit``)."""
+        from he2st.image import extract_patches
+
+        size = self._patch_px(slide)
+        key = (meta(slide).slide_id, size)
+        if key in self._patch_memo:
+            return self._patch_memo[key]
+        patches = extract_patches(slide, size_px=size)
+        self._patch_memo[key] = patches
+        return patches
+
+    def _input_px(self) -> int:
+        p = self.params
+        if p["input_px"] is not None:
+            return int(p["input_px"])
+        from he2st.encoders import create_encoder
+
+        return int(create_encoder(p["encoder"], device="meta").info.input_size)
+
+    def _inputs(self, slide: Any) -> np.ndarray:
+        """Frozen features ``(n, d)`` float32, or patches ``(n, S, S, 3)`` uint8 in finetune mode."""
+        p = self.params
+        sid = meta(slide).slide_id
+        if p["mode"] == "frozen":
+            from he2st.encoders import get_features
+
+            x = get_features(
+                slide,
+                encoder=p["encoder"],
+                weights=p["weights"],
+                patch_px=self._patch_px(slide),
+                tta=bool(p["tta"]),
+                stain=self.stain_,
+            )
+            x = np.asarray(x, dtype=np.float32)
+            if x.ndim != 2 or x.shape[0] != slide.n_obs:
+                raise He2stInputError(
+                    f"slide {sid!r}: encoder {p['encoder']!r} gave features of shape {x.shape} for {slide.n_obs} spots"
+                )
+            if self.in_dim_ is not None and x.shape[1] != self.in_dim_:
+                raise He2stInputError(
+                    f"slide {sid!r}: features have {x.shape[1]} dimensions, the model was trained on {self.in_dim_}"
+                )
+        else:
+            images = np.asarray(self._patches(slide).images)
+            if self.stain_ is not None:
+                images = self.stain_.transform(images)
+            x = resize_uint8(images, self._input_px())
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise He2stInputError(f"slide {sid!r}: encoder {p['encoder']!r} returned NaN/inf features")
+        return x
+
+    def _fit_stain(self, slides: list[Any]) -> Any:
+        """Stain normaliser fitted on patches of the TRAINING slides only (None when ``stain`` is unset)."""
+        name = self.params["stain"]
+        if not name:
+            return None
+        from he2st.image.stain import StainNormalizer
+
+        rng = np.random.default_rng(int(self.params["seed"]))
+        per_slide = int(self.params["stain_fit_spots"])
+        sample = []
+        for s in slides:
+            patches = self._patches(s)
+            # Prefer tissue-rich patches: glass carries no stain information.
+            order = np.flatnonzero(np.asarray(patches.tissue_fraction) >= 0.5)
+            if len(order) == 0:
+                order = np.arange(len(patches))
+            take = np.sort(rng.choice(order, size=min(len(order), per_slide), replace=False))
+            sample.append(np.asarray(patches.images[take]))
+        return StainNormalizer(name).fit(np.concatenate(sample))
+
+    # -- prediction ---------------------------------------------------------------------------
+    def _check_ready(self) -> None:
+        self._check_fitted()
+        if not self.models_:
+            raise He2stInputError(f"method {self.name!r} is not fitted: call fit() first")
+
+    @torch.no_grad()
+    def _member_outputs(self, slide: Any) -> list[dict[str, np.ndarray]]:
+        """Decoded outputs of every member on every spot of ``slide``."""
+        self._check_ready()
+        p = self.params
+        frozen = p["mode"] == "frozen"
+        device = default_device(p["device"])
+        X = torch.from_numpy(np.ascontiguousarray(self._inputs(slide)))
+        bs = 1024 if frozen else int(p["batch_size"])
+        results = []
+        for model in self.models_:
+            model.to(device).eval()
+            parts: list[dict[str, np.ndarray]] = []
+            for start in range(0, len(X), bs):
+                x = X[start : start + bs].to(device)
+                if frozen:
+                    parts.append(self._decode(model(x)))
+                else:
+                    parts.append(self._decode_images(model, to_unit(x)))
+            model.cpu()
+            results.append({k: np.concatenate([d[k] for d in parts]) for k in parts[0]})
+        return results
+
+    def _decode_images(self, model: nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Decoded outputs on a ``[0, 1]`` image batch, averaged over the 8 dihedral symmetries with ``tta``."""
+        if not self.params["tta"]:
+            return self._decode(model(x))
+        from he2st.image.augment import dihedral
+
+        outs = [self._decode(model(dihedral(x, k))) for k in range(8)]
+        return {key: np.mean([o[key] for o in outs], axis=0) for key in outs[0]}
+
+    # -- persistence -------------------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        self._check_ready()
+        state: dict[str, np.ndarray] = {}
+        for i, model in enumerate(self.models_):
+            state.update(module_state(model, prefix=f"member{i}."))
+        state.update(self._state_arrays())
+        return state
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        self._set_state_arrays(state)
+        n = int(self._extra.get("n_members", self.params["n_models"]))
+        self.models_ = []
+        self._loading = True
+        try:
+            for i in range(n):
+                model = self._build_model(seed=int(self.params["seed"]) + i)
+                load_module_state(model, state, prefix=f"member{i}.")
+                self.models_.append(model.eval())
+        finally:
+            self._loading = False
+
+    def get_extra(self) -> dict[str, Any]:
+        self._check_ready()
+        return jsonable(
+            {
+                "in_dim": self.in_dim_,
+                "n_members": len(self.models_),
+                "history": self.history_,
+                "stain": None if self.stain_ is None else self.stain_.get_state(),
+            }
+        )
+
+    def set_extra(self, extra: dict[str, Any]) -> None:
+        self._extra = dict(extra)
+        self.in_dim_ = extra.get("in_dim")
+        self.history_ = list(extra.get("history", []))
+        self.stain_ = None
+        if extra.get("stain") is not None:
+            from he2st.image.stain import StainNormalizer
+
+            self.stain_ = StainNormalizer.from_state(extra["stain"])
+
+
+__all__ = [
+    "MODES",
+    "SPOT_DEFAULTS",
+    "BackboneModel",
+    "FeatureModel",
+    "SpotRegressor",
+    "inner_split",
+    "jsonable",
+    "resize_uint8",
+    "to_unit",
+]

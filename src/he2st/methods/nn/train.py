@@ -1,0 +1,170 @@
+"""Training utilities shared by every neural method.
+
+One training loop (:func:`fit_module`) with early stopping on a validation
+loss, seeding, mini-batching and (de)serialisation of module weights to the
+plain arrays that :meth:`he2st.methods.Method.get_state` returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from he2st._utils import is_quiet
+
+
+def set_seed(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def default_device(device: str = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True) -> Iterator[torch.Tensor]:
+    """Yield index tensors covering ``range(n)`` in batches (shuffled with ``generator``)."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+@dataclass
+class History:
+    """Losses per epoch and the epoch whose weights were kept."""
+
+    train: list[float] = field(default_factory=list)
+    val: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"train": self.train, "val": self.val, "best_epoch": self.best_epoch}
+
+
+def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """Optimiser by name: ``adamw``, ``adam`` or ``sgd`` (with momentum)."""
+    params = [p for p in params if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use adamw, adam or sgd")
+
+
+def fit_module(
+    model: nn.Module,
+    loss_fn: Callable[[Any], torch.Tensor],
+    train_batches: Callable[[int], Iterable[Any]],
+    *,
+    epochs: int,
+    lr: float,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    val_batches: Callable[[], Iterable[Any]] | None = None,
+    val_loss_fn: Callable[[Any], torch.Tensor] | None = None,
+    patience: int | None = None,
+    grad_clip: float | None = None,
+    description: str = "training",
+) -> History:
+    """Train ``model`` by minimising ``loss_fn`` over ``train_batches(epoch)``.
+
+    With ``val_batches`` the validation loss is computed after each epoch and the
+    weights of the best epoch are restored at the end (early stopping after
+    ``patience`` epochs without improvement, when given). Without validation
+    the final weights are kept.
+    """
+    opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, momentum)
+    history = History()
+    best_state: dict[str, torch.Tensor] | None = None
+    best_val = float("inf")
+    stale = 0
+    val_loss_fn = val_loss_fn or loss_fn
+    for epoch in _epoch_iter(epochs, description):
+        model.train()
+        total, count = 0.0, 0
+        for batch in train_batches(epoch):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{description}: loss became {loss.item()} at epoch {epoch}")
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            opt.step()
+            total += float(loss.detach())
+            count += 1
+        history.train.append(total / max(count, 1))
+        if val_batches is None:
+            history.best_epoch = epoch
+            continue
+        val = evaluate_loss(model, val_loss_fn, val_batches())
+        history.val.append(val)
+        if val < best_val:
+            best_val, stale, history.best_epoch = val, 0, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if patience is not None and stale >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loss_fn: Callable[[Any], torch.Tensor], batches: Iterable[Any]) -> float:
+    """Mean loss over ``batches`` in eval mode."""
+    model.eval()
+    vals = [float(loss_fn(b)) for b in batches]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _epoch_iter(epochs: int, description: str) -> Iterable[int]:
+    if is_quiet():
+        return range(epochs)
+    from he2st._utils import progress
+
+    return progress(range(epochs), description=description, total=epochs)
+
+
+def module_state(module: nn.Module, prefix: str = "model.") -> dict[str, np.ndarray]:
+    """A module's state dict as float32/int numpy arrays with ``prefix`` on every key."""
+    out = {}
+    for k, v in module.state_dict().items():
+        t = v.detach().cpu()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.float()
+        out[prefix + k] = t.numpy().copy()
+    return out
+
+
+def load_module_state(module: nn.Module, state: dict[str, np.ndarray], prefix: str = "model.") -> None:
+    """Load arrays saved by :func:`module_state` (strict: every key must match)."""
+    sub = {k[len(prefix) :]: torch.from_numpy(np.asarray(v)) for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = module.load_state_dict(sub, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"saved state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+@torch.no_grad()
+def predict_batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+    """Apply ``fn`` to ``x`` in batches without gradients; return a float32 array."""
+    outs = [fn(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(outs).numpy().astype(np.float32)

@@ -1,0 +1,602 @@
+"""The machinery shared by the contrastive retrieval methods (BLEEP, mclSTExp, CMRCNet).
+
+All three learn a joint embedding of a spot's image and its expression, then
+predict a test spot from the expression of the reference spots whose
+*expression* embeddings lie nearest its *image* embedding. A subclass of
+:class:`ContrastiveRetrieval` says only how its two encoders and its training
+loss are built (a :class:`RetrievalNet`); data assembly, training
+(:func:`he2st.methods.nn.train.fit_module`), the reference bank, search,
+aggregation, leakage guards and persistence live here once.
+
+Modes
+-----
+``mode="frozen"`` (CPU default)
+    Image features (or tokens, for methods with ``input_kind = "tokens"``)
+    come from the encoder cache (:func:`he2st.encoders.get_features` /
+    :func:`~he2st.encoders.get_tokens`); only the heads train. Features are
+    standardised with the training spots' mean and sd (``standardize``).
+``mode="finetune"``
+    Encoder and heads train end to end on the spot patches, augmented with
+    the method's preset (:func:`he2st.image.augment.make_augment`).
+
+Reference bank
+--------------
+After training, every training spot's expression is embedded with the
+expression encoder; those embeddings and the spots' normalised expression
+form the bank (:class:`he2st.retrieval.ReferenceBank`). Slides that have
+expression but no image can be added with ``reference_slides=`` (the
+expression encoder needs no image): a list of slides, a
+:class:`~he2st.data.Cohort`, or a JSON spec ``{"data": "her2st", "params":
+{...}, "images": "without"}`` loaded with the benchmark runner's cohort
+loader (``images``: ``"any"``, ``"with"`` or ``"without"``; ``"slides"``: an
+optional list of ids). Reference slides are normalised with the normaliser
+fitted on the training slides. After fitting, :meth:`add_reference_slides`
+adds more.
+
+Leakage guards
+--------------
+The bank records the id, patient and origin of every slide it holds.
+:meth:`predict` refuses a slide that is in the bank (``on_bank_overlap="error"``)
+or leaves its rows out (``"exclude"``), and with ``exclude_test_patient``
+(``"auto"``: when no training slide is from the test patient, i.e. a
+patient-level split) excludes every bank slide of the test slide's patient,
+so a reference section of the test patient can never be retrieved.
+
+Search
+------
+``search="exact"`` (chunked torch, or faiss flat with ``search_backend="faiss"``),
+``"ivf"``, ``"hnsw"`` or ``"auto"``; approximate indexes are calibrated on the
+training image embeddings to reach ``target_recall`` at ``top_k``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from he2st.data.slide import meta
+from he2st.errors import He2stInputError
+from he2st.methods.base import Capabilities, Method
+from he2st.methods.nn.train import (
+    History,
+    default_device,
+    fit_module,
+    load_module_state,
+    minibatches,
+    module_state,
+    set_seed,
+)
+from he2st.retrieval.aggregation import AGGREGATIONS
+from he2st.retrieval.bank import BankLeakageError, ReferenceBank
+from he2st.retrieval.search import BACKENDS, KINDS, METRICS, Neighbors
+
+MODES = ("frozen", "finetune")
+OVERLAP = ("error", "exclude")
+POSITION_SOURCES = ("array", "pixel")
+
+#: Keys every contrastive retrieval method understands; subclasses give their paper's values.
+CONTRASTIVE_DEFAULTS: dict[str, Any] = {
+    "mode": "frozen",
+    "encoder": "resnet50",
+    "weights": "imagenet",
+    "patch_px": 224,
+    "input_px": None,
+    "augment": "bleep",
+    "standardize": True,
+    "embed_dim": 256,
+    "dropout": 0.1,
+    "temperature": 1.0,
+    "lam": 0.5,
+    "epochs": 10,
+    "batch_size": 256,
+    "lr": 1e-3,
+    "optimizer": "adamw",
+    "weight_decay": 1e-3,
+    "patience": None,
+    "val_split": "spot",
+    "val_fraction": 0.0,
+    "top_k": 50,
+    "metric": "cosine",
+    "aggregation": "mean",
+    "softmax_temperature": 1.0,
+    "search": "exact",
+    "search_backend": "torch",
+    "target_recall": 0.95,
+    "reference_slides": None,
+    "reference_fill_missing": False,
+    "exclude_test_patient": "auto",
+    "on_bank_overlap": "error",
+    "device": "auto",
+}
+
+
+class RetrievalNet(nn.Module):
+    """Image input stage shared by the retrieval networks; subclasses add the heads.
+
+    ``image_input(x)`` turns a raw batch into encoder output: standardised
+    cached features / tokens in frozen mode, or ``backbone`` output (pooled
+    features, or tokens when ``tokens``) on ``[0, 1]`` RGB patches in
+    finetune mode (the backbone's normalisation is applied here).
+
+    Subclasses implement :meth:`embed_image` (encoder output -> ``(B, D)``),
+    :meth:`embed_expression` (``(B, n_genes)`` expression and ``(B, 2)``
+    positions -> ``(B, D)``; the batch is a "sentence" for mclSTExp) and
+    :meth:`loss`.
+    """
+
+    def __init__(self, feature_dim: int, backbone: nn.Module | None = None, tokens: bool = False,
+                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokens = tokens
+        self.register_buffer("shift", torch.zeros(feature_dim))
+        self.register_buffer("scale", torch.ones(feature_dim))
+        self.register_buffer("pix_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pix_std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def image_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backbone is None:
+            return (x.float() - self.shift) / self.scale
+        x = (x - self.pix_mean) / self.pix_std
+        return self.backbone.forward_tokens(x) if self.tokens else self.backbone(x)
+
+    @abc.abstractmethod
+    def embed_image(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder output -> ``(B, D)`` image embedding."""
+
+    @abc.abstractmethod
+    def embed_expression(self, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Expression ``(B, G)`` (+ positions ``(B, 2)``) -> ``(B, D)`` expression embedding."""
+
+    @abc.abstractmethod
+    def loss(self, feats: torch.Tensor, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch."""
+
+
+class ContrastiveRetrieval(Method):
+    """Base of BLEEP, mclSTExp and CMRCNet; see the module docstring.
+
+    Subclasses set ``input_kind`` (``"features"`` or ``"tokens"``), give their
+    paper's ``defaults`` and implement :meth:`_make_net`.
+    """
+
+    input_kind: ClassVar[str] = "features"
+    capabilities: ClassVar[Capabilities] = Capabilities(frozen_features=True, finetune=True)
+    defaults: ClassVar[dict[str, Any]] = dict(CONTRASTIVE_DEFAULTS)
+
+    def __init__(self, **params: Any) -> None:
+        refs = params.get("reference_slides")
+        self._reference_objs: list[Any] | None = None
+        if refs is not None and not isinstance(refs, (dict, str)) and not _all_str(refs):
+            # Slide objects are kept on the instance; params keep their ids (JSON-safe, saved).
+            self._reference_objs = list(refs)
+            params = {**params, "reference_slides": [meta(s).slide_id for s in self._reference_objs]}
+        super().__init__(**params)
+        self._check_params()
+        self.net_: RetrievalNet | None = None
+        self.bank_: ReferenceBank | None = None
+        self.history_: dict[str, Any] = {}
+        self._net_spec: dict[str, Any] = {}
+        self._train_info: dict[str, Any] = {}
+        self._bank_meta: dict[str, Any] = {}
+        self._loading = False
+
+    # -- hooks ---------------------------------------------------------------
+    @abc.abstractmethod
+    def _make_net(self, feature_dim: int, n_genes: int, n_tokens: int | None, backbone: nn.Module | None,
+                  mean: Sequence[float], std: Sequence[float]) -> RetrievalNet:
+        """The method's network for encoder outputs of width ``feature_dim``."""
+
+    # -- parameters -----------------------------------------------------------
+    def _check_params(self) -> None:
+        p = self.params
+
+        def one_of(key: str, allowed: Sequence[Any]) -> None:
+            if p[key] not in allowed:
+                raise He2stInputError(f"method {self.name!r}: {key} must be one of {tuple(allowed)}, got {p[key]!r}")
+
+        one_of("mode", MODES)
+        one_of("metric", METRICS)
+        one_of("aggregation", AGGREGATIONS)
+        one_of("search", KINDS)
+        one_of("search_backend", BACKENDS)
+        one_of("on_bank_overlap", OVERLAP)
+        one_of("exclude_test_patient", ("auto", True, False))
+        one_of("val_split", ("auto", "slide", "spot"))
+        for key in ("epochs", "batch_size", "top_k", "embed_dim"):
+            if int(p[key]) < 1:
+                raise He2stInputError(f"method {self.name!r}: {key} must be >= 1, got {p[key]!r}")
+        if not 0 <= float(p["val_fraction"]) < 1:
+            raise He2stInputError(f"method {self.name!r}: val_fraction must be in [0, 1), got {p['val_fraction']!r}")
+        if not 0 <= float(p["lam"]) <= 1:
+            raise He2stInputError(f"method {self.name!r}: lam must be in [0, 1], got {p['lam']!r}")
+        if float(p["temperature"]) <= 0:
+            raise He2stInputError(f"method {self.name!r}: temperature must be positive, got {p['temperature']!r}")
+        if "position_source" in p:
+            one_of("position_source", POSITION_SOURCES)
+
+    # -- data -------------------------------------------------------------------
+    def _positions(self, slide: Any) -> np.ndarray:
+        """``(n, 2)`` int64 spot coordinates (x, y): array col/row, or rounded pixels."""
+        if self.params.get("position_source", "array") == "pixel":
+            return np.rint(np.asarray(slide.obsm["spatial"], dtype=np.float64)).astype(np.int64)
+        return np.stack([slide.obs["array_col"].to_numpy(), slide.obs["array_row"].to_numpy()], axis=1).astype(np.int64)
+
+    def _image_inputs(self, slide: Any) -> np.ndarray:
+        """Frozen features ``(n, d)`` / tokens ``(n, T, D)``, or uint8 patches in finetune mode."""
+        p = self.params
+        sid = meta(slide).slide_id
+        if p["mode"] == "frozen":
+            if self.input_kind == "tokens":
+                from he2st.encoders import get_tokens
+
+                x = np.asarray(get_tokens(slide, p["encoder"], weights=p["weights"], patch_px=int(p["patch_px"])))
+                ok_ndim = 3
+            else:
+                from he2st.encoders import get_features
+
+                x = np.asarray(get_features(slide, encoder=p["encoder"], weights=p["weights"],
+                                            patch_px=int(p["patch_px"])), dtype=np.float32)
+                ok_ndim = 2
+            if x.ndim != ok_ndim or x.shape[0] != slide.n_obs:
+                raise He2stInputError(
+                    f"slide {sid!r}: encoder {p['encoder']!r} gave {self.input_kind} of shape {x.shape} "
+                    f"for {slide.n_obs} spots"
+                )
+            if not np.isfinite(x).all():
+                raise He2stInputError(f"slide {sid!r}: encoder {p['encoder']!r} returned NaN/inf {self.input_kind}")
+            want = self._net_spec.get("feature_dim")
+            if want is not None and x.shape[-1] != want:
+                raise He2stInputError(
+                    f"slide {sid!r}: {self.input_kind} have {x.shape[-1]} dimensions, the model was trained on {want}"
+                )
+            return x
+        from he2st.image import extract_patches
+        from he2st.methods.nn.regression import resize_uint8
+
+        images = np.asarray(extract_patches(slide, size_px=int(p["patch_px"])).images)
+        return resize_uint8(images, self._input_px())
+
+    def _input_px(self) -> int:
+        p = self.params
+        if p["input_px"] is not None:
+            return int(p["input_px"])
+        from he2st.encoders import create_encoder
+
+        return int(create_encoder(p["encoder"], device="meta").info.input_size)
+
+    def _augmenter(self) -> Any:
+        aug = self.params["augment"]
+        if self.params["mode"] != "finetune" or aug is None or aug == "none":
+            return None
+        from he2st.image.augment import make_augment
+
+        return make_augment(aug, seed=int(self.params["seed"]))
+
+    def _backbone(self) -> tuple[nn.Module, int, Sequence[float], Sequence[float]]:
+        from he2st.encoders import create_encoder
+
+        p = self.params
+        # A reloaded model gets its encoder weights from its state, not from the pretrained file.
+        weights = None if self._loading else p["weights"]
+        enc = create_encoder(p["encoder"], weights=weights, seed=int(p["seed"]))
+        info = enc.info
+        if self.input_kind == "tokens":
+            if not info.has_tokens:
+                raise He2stInputError(f"method {self.name!r}: encoder {p['encoder']!r} exposes no tokens")
+            dim = int(info.token_dim)
+        else:
+            dim = int(info.dim)
+        return enc.train(), dim, info.mean, info.std
+
+    def _build_net(self) -> RetrievalNet:
+        spec = self._net_spec
+        if self.params["mode"] == "finetune":
+            backbone, dim, mean, std = self._backbone()
+            spec["feature_dim"] = dim
+        else:
+            backbone, mean, std = None, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        net = self._make_net(int(spec["feature_dim"]), int(spec["n_genes"]), spec.get("n_tokens"), backbone, mean, std)
+        if backbone is not None:
+            net.tokens = self.input_kind == "tokens"
+        return net
+
+    def _reference_slides(self, train_ids: set[str]) -> list[Any]:
+        """Expression-only slides to add to the bank (never a training slide)."""
+        spec = self.params["reference_slides"]
+        if spec is None:
+            return []
+        if self._reference_objs is not None:
+            slides = list(self._reference_objs)
+        elif isinstance(spec, dict):
+            slides = _load_reference_spec(spec, self.name)
+        else:
+            raise He2stInputError(
+                f"method {self.name!r}: reference_slides {spec!r} names slides by id only; pass the slides "
+                "themselves or a spec {'data': ..., 'params': ..., 'images': ...}"
+            )
+        dup = sorted(train_ids & {meta(s).slide_id for s in slides})
+        if dup:
+            raise He2stInputError(
+                f"method {self.name!r}: reference slides {dup} are also training slides; "
+                "a slide contributes to the bank once"
+            )
+        return slides
+
+    # -- fitting ---------------------------------------------------------------------
+    def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
+        from he2st.methods.nn.regression import inner_split
+
+        p = self.params
+        gen = set_seed(int(p["seed"]))
+        device = default_device(p["device"])
+        train_ids = [meta(s).slide_id for s in train_slides]
+        refs = self._reference_slides(set(train_ids))  # fail early, before training
+
+        slides = list(train_slides) + list(val_slides or [])
+        X = [self._image_inputs(s) for s in slides]
+        Y = [np.asarray(self.targets(s), dtype=np.float32) for s in slides]
+        P = [self._positions(s) for s in slides]
+        slide_idx = np.concatenate([np.full(len(y), i, dtype=np.int64) for i, y in enumerate(Y)])
+        Xa, Ya, Pa = np.concatenate(X), np.concatenate(Y), np.concatenate(P)
+        n_train_rows = sum(len(y) for y in Y[: len(train_slides)])
+        if val_slides:
+            tr, va = np.arange(n_train_rows), np.arange(n_train_rows, len(Ya))
+        else:
+            tr, va = inner_split(slide_idx, len(train_slides), p["val_split"], float(p["val_fraction"]), int(p["seed"]))
+        if len(tr) < 2:
+            raise He2stInputError(f"method {self.name!r}: fewer than 2 training spots on slides {train_ids}")
+
+        frozen = p["mode"] == "frozen"
+        self._net_spec = {"n_genes": len(self.genes or []), "feature_dim": int(Xa.shape[-1]) if frozen else None,
+                          "n_tokens": int(Xa.shape[1]) if (frozen and Xa.ndim == 3) else None}
+        net = self._build_net()
+        if frozen and p["standardize"]:
+            flat = Xa[tr].reshape(-1, Xa.shape[-1]).astype(np.float64)
+            sd = flat.std(axis=0)
+            net.shift.copy_(torch.from_numpy(flat.mean(axis=0)).float())
+            net.scale.copy_(torch.from_numpy(np.where(sd > 1e-8, sd, 1.0)).float())
+        net.to(device)
+
+        Xt, Yt, Pt = torch.from_numpy(np.ascontiguousarray(Xa)), torch.from_numpy(Ya), torch.from_numpy(Pa)
+        augment = self._augmenter()
+
+        def batch_inputs(rows: torch.Tensor, train: bool) -> torch.Tensor:
+            x = Xt[rows]
+            if not frozen:
+                from he2st.methods.nn.regression import to_unit
+
+                x = to_unit(x)
+                if train and augment is not None:
+                    x = augment(x)
+            return net.image_input(x.to(device))
+
+        def loss_fn(rows: torch.Tensor) -> torch.Tensor:
+            return net.loss(batch_inputs(rows, True), Yt[rows].to(device), Pt[rows].to(device))
+
+        def val_loss_fn(rows: torch.Tensor) -> torch.Tensor:
+            return net.loss(batch_inputs(rows, False), Yt[rows].to(device), Pt[rows].to(device))
+
+        tr_t, va_t, bs = torch.from_numpy(tr), torch.from_numpy(va), int(p["batch_size"])
+
+        def train_batches(epoch: int) -> Any:
+            for b in minibatches(len(tr_t), bs, gen):
+                if len(b) >= 2:  # a contrastive batch needs negatives
+                    yield tr_t[b]
+
+        def val_batches() -> Any:
+            for b in minibatches(len(va_t), bs, shuffle=False):
+                if len(b) >= 2:
+                    yield va_t[b]
+
+        history: History = fit_module(
+            net, loss_fn, train_batches, epochs=int(p["epochs"]), lr=float(p["lr"]), optimizer=str(p["optimizer"]),
+            weight_decay=float(p["weight_decay"]), val_batches=val_batches if len(va) >= 2 else None,
+            val_loss_fn=val_loss_fn, patience=None if p["patience"] is None else int(p["patience"]),
+            description=f"{self.name}",
+        )
+        self.history_ = history.as_dict()
+        self.net_ = net.eval()
+
+        # The bank: every training (and validation) spot, then the expression-only references.
+        blocks = []
+        for s, y, pos in zip(slides, Y, P):
+            m = meta(s)
+            blocks.append((self._embed_expression(y, pos), y, m.slide_id, m.patient, "train"))
+        for s in refs:
+            blocks.append(self._reference_block(s))
+        self.bank_ = ReferenceBank.from_blocks(blocks, metric=p["metric"], genes=self.genes)
+        self._train_info = {"slides": [meta(s).slide_id for s in slides],
+                            "patients": sorted({meta(s).patient for s in slides})}
+        calib = self._embed_images(Xa[np.sort(np.random.default_rng(int(p["seed"])).choice(
+            len(Xa), size=min(len(Xa), 2000), replace=False))]) if p["search"] != "exact" else None
+        self._build_index(calib)
+        self.net_.cpu()
+
+    def _reference_block(self, slide: Any) -> tuple[np.ndarray, np.ndarray, str, str, str]:
+        m = meta(slide)
+        y = np.asarray(self.normalizer_.transform(slide, self.genes, fill_missing=bool(self.params["reference_fill_missing"])),
+                       dtype=np.float32)
+        return self._embed_expression(y, self._positions(slide)), y, m.slide_id, m.patient, "reference"
+
+    def _build_index(self, calibration_queries: np.ndarray | None) -> None:
+        p = self.params
+        assert self.bank_ is not None
+        self.bank_.build_index(p["search"], backend=p["search_backend"], k=int(p["top_k"]),
+                               target_recall=float(p["target_recall"]), calibration_queries=calibration_queries,
+                               seed=int(p["seed"]))
+
+    # -- embeddings ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _embed_expression(self, y: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Expression embeddings of one slide, in its spot order, ``batch_size`` spots at a time."""
+        assert self.net_ is not None
+        net = self.net_.eval()
+        dev = next(net.parameters()).device
+        bs = int(self.params["batch_size"])
+        out = [net.embed_expression(torch.from_numpy(y[i : i + bs]).to(dev), torch.from_numpy(pos[i : i + bs]).to(dev))
+               .float().cpu().numpy() for i in range(0, len(y), bs)]
+        return np.concatenate(out).astype(np.float32)
+
+    @torch.no_grad()
+    def _embed_images(self, x: np.ndarray) -> np.ndarray:
+        assert self.net_ is not None
+        net = self.net_.eval()
+        dev = next(net.parameters()).device
+        frozen = self.params["mode"] == "frozen"
+        bs = 1024 if frozen else int(self.params["batch_size"])
+        out = []
+        for i in range(0, len(x), bs):
+            xb = torch.from_numpy(np.array(x[i : i + bs]))  # a copy: cached tokens are read-only memmaps
+            if not frozen:
+                from he2st.methods.nn.regression import to_unit
+
+                xb = to_unit(xb)
+            out.append(net.embed_image(net.image_input(xb.to(dev))).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def image_embeddings(self, slide: Any) -> np.ndarray:
+        """``(n_spots, embed_dim)`` image embeddings of a slide (the retrieval queries)."""
+        self._check_ready()
+        return self._embed_images(self._image_inputs(slide))
+
+    def expression_embeddings(self, slide: Any) -> np.ndarray:
+        """``(n_spots, embed_dim)`` expression embeddings of a slide (what a bank holds); no image needed."""
+        self._check_ready()
+        y = np.asarray(self.normalizer_.transform(slide, self.genes), dtype=np.float32)
+        return self._embed_expression(y, self._positions(slide))
+
+    # -- prediction -------------------------------------------------------------------
+    def _check_ready(self) -> None:
+        self._check_fitted()
+        if self.net_ is None or self.bank_ is None:
+            raise He2stInputError(f"method {self.name!r} is not fitted: call fit() first")
+
+    def _exclusions(self, slide: Any) -> np.ndarray | None:
+        """Bank rows a query slide may not retrieve (its own rows; its patient's slides)."""
+        assert self.bank_ is not None
+        m = meta(slide)
+        parts = []
+        if self.bank_.contains_slide(m.slide_id):
+            if self.params["on_bank_overlap"] == "error":
+                self.bank_.check_not_in_bank(m.slide_id, f"predicting with method {self.name!r}")
+            parts.append(self.bank_.rows_of(slide_ids=[m.slide_id]))
+        rule = self.params["exclude_test_patient"]
+        trained_on_patient = m.patient in set(self._train_info.get("patients", []))
+        if rule is True or (rule == "auto" and not trained_on_patient):
+            parts.append(self.bank_.rows_of(patients=[m.patient]))
+        rows = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+        return rows if len(rows) else None
+
+    def neighbors(self, slide: Any) -> Neighbors:
+        """The bank rows retrieved for every spot of ``slide`` (see :attr:`bank_` for their provenance)."""
+        self._check_ready()
+        assert self.bank_ is not None
+        q = self.image_embeddings(slide)
+        return self.bank_.search(q, int(self.params["top_k"]), exclude=self._exclusions(slide))
+
+    def predict(self, slide: Any) -> np.ndarray:
+        """Predicted expression ``(n_spots, n_genes)``: aggregated expression of the retrieved bank spots."""
+        self._check_ready()
+        assert self.bank_ is not None
+        p = self.params
+        exclude = self._exclusions(slide)
+        q = self.image_embeddings(slide)
+        pred, _ = self.bank_.predict(q, int(p["top_k"]), p["aggregation"], float(p["softmax_temperature"]), exclude)
+        return pred
+
+    def add_reference_slides(self, slides: Sequence[Any]) -> None:
+        """Add expression-only slides to the fitted bank (their images are not needed)."""
+        self._check_ready()
+        assert self.bank_ is not None
+        blocks = [(np.asarray(self.bank_.embeddings[s.start : s.stop]), np.asarray(self.bank_.values[s.start : s.stop]),
+                   s.slide_id, s.patient, s.origin) for s in self.bank_.slides]
+        for s in slides:
+            if self.bank_.contains_slide(meta(s).slide_id):
+                raise He2stInputError(f"slide {meta(s).slide_id!r} is already in the bank of method {self.name!r}")
+            blocks.append(self._reference_block(s))
+        self.bank_ = ReferenceBank.from_blocks(blocks, metric=self.params["metric"], genes=self.genes)
+        # An approximate index is re-calibrated on held-out bank rows (the training images are not kept).
+        self._build_index(None)
+
+    # -- persistence --------------------------------------------------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        self._check_ready()
+        assert self.net_ is not None and self.bank_ is not None
+        return {**module_state(self.net_, "model."), **self.bank_.state_arrays("bank.")}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        self._loading = True
+        try:
+            net = self._build_net()
+        finally:
+            self._loading = False
+        load_module_state(net, state, "model.")
+        self.net_ = net.eval()
+        self.bank_ = ReferenceBank.from_state(state, self._bank_meta, "bank.")
+
+    def get_extra(self) -> dict[str, Any]:
+        self._check_ready()
+        assert self.bank_ is not None
+        return {"net": self._net_spec, "bank": self.bank_.state_meta(), "train": self._train_info,
+                "history": self.history_}
+
+    def set_extra(self, extra: dict[str, Any]) -> None:
+        self._net_spec = dict(extra.get("net", {}))
+        self._bank_meta = extra.get("bank", {})
+        self._train_info = dict(extra.get("train", {}))
+        self.history_ = dict(extra.get("history", {}))
+
+
+def _all_str(values: Any) -> bool:
+    try:
+        return all(isinstance(v, str) for v in values)
+    except TypeError:
+        return False
+
+
+#: The last cohort loaded for a ``reference_slides`` spec (one entry).
+_SPEC_CACHE: dict[str, Any] = {}
+
+
+def _load_reference_spec(spec: dict[str, Any], method: str) -> list[Any]:
+    """Slides named by a JSON spec ``{"data", "params", "images", "slides"}``."""
+    unknown = set(spec) - {"data", "params", "images", "slides"}
+    if unknown or "data" not in spec:
+        raise He2stInputError(
+            f"method {method!r}: reference_slides spec needs 'data' and accepts 'params', 'images', 'slides'; "
+            f"got keys {sorted(spec)}"
+        )
+    images = spec.get("images", "any")
+    if images not in ("any", "with", "without"):
+        raise He2stInputError(f"method {method!r}: reference_slides 'images' must be any/with/without, got {images!r}")
+    import json
+
+    from he2st.evaluate.runner import load_cohort
+
+    # A benchmark fits one model per fold with the same spec: load the cohort once per process.
+    key = json.dumps({"data": spec["data"], "params": spec.get("params")}, sort_keys=True, default=str)
+    cohort = _SPEC_CACHE.get(key)
+    if cohort is None:
+        cohort = load_cohort(spec["data"], spec.get("params"))
+        _SPEC_CACHE.clear()
+        _SPEC_CACHE[key] = cohort
+    slides = list(cohort)
+    if spec.get("slides") is not None:
+        want = [str(s) for s in spec["slides"]]
+        slides = [cohort[s] for s in want]
+    if images == "with":
+        slides = [s for s in slides if meta(s).image_path]
+    elif images == "without":
+        slides = [s for s in slides if not meta(s).image_path]
+    if not slides:
+        raise He2stInputError(f"method {method!r}: reference_slides spec {spec!r} selects no slide")
+    return slides
+
+
+__all__ = ["CONTRASTIVE_DEFAULTS", "BankLeakageError", "ContrastiveRetrieval", "RetrievalNet"]
