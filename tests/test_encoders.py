@@ -341,6 +341,10 @@ def test_efficientnet_imagenet_weights_classify_a_photograph():
     enc = create_encoder("efficientnet_lite0", weights="imagenet")
     assert enc.info.pretrained and enc.info.weights == "imagenet"
     assert enc.info.weights_sha256.startswith("57934424")  # the file name's hash prefix
+    from he2st.encoders._base import weights_id
+
+    assert weights_id("efficientnet_lite0", "imagenet") == enc.info.weights_sha256  # known without building
+    assert weights_id("resnet18", None, seed=3).startswith("random-seed3-torch")
     assert enc.info.mean == pytest.approx((127 / 255,) * 3) and enc.info.std == pytest.approx((128 / 255,) * 3)
     photo = _natural_image()
     x = preprocess(photo, enc.info)

@@ -101,7 +101,7 @@ def test_features_are_stored_in_obsm_and_cached_on_disk(he_image):
     assert slide.obsm["X_resnet18"] is X or np.array_equal(slide.obsm["X_resnet18"], X)
     rec = slide.uns[UNS_KEY]["X_resnet18"]
     assert rec["encoder"] == "resnet18" and rec["patch_px"] == 32 and rec["tta"] is False and rec["stain"] == "none"
-    assert rec["weights"].startswith("random-seed0")
+    assert rec["weights"].startswith("state-")  # a built encoder is identified by its tensors
 
     # Same settings again: served from obsm, no forward pass.
     assert np.array_equal(get_features(slide, enc, patch_px=32, batch_size=5), X)
@@ -129,12 +129,13 @@ def test_changing_any_setting_recomputes(he_image, tmp_path):
     calls = Counter(base)
     X0 = get_features(slide, base, patch_px=32)
     n0 = calls.n
+    rec0 = slide.uns[UNS_KEY]["X_resnet18"]["weights"]
 
     # Other weights (same architecture): another entry.
     other = create_encoder("resnet18", weights=create_encoder("resnet18", seed=9).save(tmp_path / "w.pth"), input_size=64)
     X1 = get_features(slide, other, patch_px=32)
     assert not np.allclose(X0, X1)
-    assert slide.uns[UNS_KEY]["X_resnet18"]["weights"] == other.info.weights_sha256
+    assert slide.uns[UNS_KEY]["X_resnet18"]["weights"] != rec0
 
     # Patch size, stain normalisation, test-time augmentation: each recomputes with the base encoder.
     patches = np.asarray(__import__("he2st.image", fromlist=["extract_patches"]).extract_patches(slide, 32).images)
@@ -156,11 +157,18 @@ def test_changing_any_setting_recomputes(he_image, tmp_path):
     assert np.array_equal(get_features(slide, base, patch_px=32), X0)
     assert calls.n == before and n0 == 1
 
+    # The same Encoder object after its weights changed in place (fine-tuning): recomputed.
+    with torch.no_grad():
+        base.model.conv1.weight.mul_(-1.0)
+    X2 = get_features(slide, base, patch_px=32)
+    assert calls.n == before + 1 and not np.allclose(X2, X0)
+
 
 def test_named_encoder_path_caches_per_weights_and_patch_size(he_image):
     slide = _slide(he_image)
     a = get_features(slide, "color_stats", patch_px=32)
     assert a.shape == (N_SPOTS, 30)
+    assert slide.uns[UNS_KEY]["X_color_stats"]["weights"] == "no-weights"
     assert len(_cache_files()) == 1
     b = get_features(slide, "color_stats", patch_px=48)
     assert len(_cache_files()) == 2 and not np.allclose(a, b)

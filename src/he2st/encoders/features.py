@@ -97,18 +97,6 @@ def preprocess(images: Any, info: Any, *, device: Any = None) -> Any:
     return x.sub_(mean).div_(std).contiguous()
 
 
-def _dihedral(x: Any, k: int) -> Any:
-    """The k-th of the 8 dihedral symmetries of a square batch (rotation by k%4 quarter turns, then flip if k>=4)."""
-    try:
-        from he2st.image.augment import dihedral
-    except ImportError:  # pragma: no cover - the image module provides it
-        import torch
-
-        y = torch.rot90(x, k % 4, dims=(-2, -1))
-        return torch.flip(y, dims=(-1,)) if k >= 4 else y
-    return dihedral(x, k)
-
-
 # --------------------------------------------------------------------------- precision and device
 
 
@@ -200,6 +188,10 @@ def run_encoder(
 
     n = int(images.shape[0])
     spans = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if stain is not None and hasattr(stain, "with_source"):
+        # One source-stain estimate for the whole slide: per-batch estimates would
+        # give neighbouring batches different colours.
+        stain = stain.with_source(images)
 
     def load(span: tuple[int, int]) -> Any:
         batch = np.array(images[span[0] : span[1]])  # copy out of a read-only memory map
@@ -222,6 +214,8 @@ def _loop(
 
     import torch
 
+    from he2st.image.augment import dihedral
+
     out: np.ndarray | None = None
     wait = fwd = 0.0
     with torch.inference_mode(), _prefetch(load, spans, num_workers) as batches:
@@ -239,7 +233,8 @@ def _loop(
                 if tokens:
                     y = encoder.forward_tokens(x)
                 elif tta:
-                    y = sum(encoder(_dihedral(x, k)).float() for k in range(8)) / 8.0
+                    # ST-Net's test-time augmentation: the 8 symmetries of the square, averaged.
+                    y = sum(encoder(dihedral(x, k)).float() for k in range(8)) / 8.0
                 else:
                     y = encoder(x)
             y = y.float().cpu().numpy()
@@ -325,13 +320,47 @@ def _settings(
     if isinstance(enc, Encoder):
         i = enc.info
         s.update(
-            encoder=i.name, weights=i.weights_id, arch=i.arch, input_size=int(i.input_size),
+            encoder=i.name, weights=state_id(enc), arch=i.arch, input_size=int(i.input_size),
             mean=[float(v) for v in i.mean], std=[float(v) for v in i.std], dim=int(i.dim),
         )
     else:
         spec = get_spec(enc)
         s.update(encoder=spec.name, weights=weights_id(spec.name, weights, seed), dim=int(spec.dim))
     return s
+
+
+_STATE_MEMO: Any = None
+
+
+def state_id(module: Any) -> str:
+    """sha256 of a module's current parameters and buffers, memoised until any of them changes.
+
+    A built encoder may have been fine-tuned or loaded since it was created, so its
+    ``info.weights_id`` cannot identify its features; its actual tensors do. The
+    digest is recomputed only when a tensor's version counter moves (every in-place
+    update, e.g. an optimiser step or ``load_state_dict``, bumps it).
+    """
+    import hashlib
+    import weakref
+
+    import torch
+
+    global _STATE_MEMO
+    if _STATE_MEMO is None:
+        _STATE_MEMO = weakref.WeakKeyDictionary()
+    tensors = list(module.state_dict(keep_vars=True).items())
+    versions = tuple(t._version for _, t in tensors)
+    hit = _STATE_MEMO.get(module)
+    if hit is not None and hit[0] == versions and hit[1] == [k for k, _ in tensors]:
+        return hit[2]
+    h = hashlib.sha256()
+    for k, t in tensors:
+        a = t.detach().to("cpu").contiguous()
+        h.update(f"{k}|{a.dtype}|{tuple(a.shape)}".encode())
+        h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    digest = "state-" + h.hexdigest()
+    _STATE_MEMO[module] = (versions, [k for k, _ in tensors], digest)
+    return digest
 
 
 def _slide_key(slide: Any, patch_px: int, target_mpp: float | None) -> str:
