@@ -43,3 +43,26 @@ def squidpy_root(shared_data: Path) -> Path:
     if not (root / "test_data.h5ad").is_file():
         pytest.skip(f"{root} is absent")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread per test: the CI machine has 2 cores, and intra-op threads
+    measured several times slower than one when other processes share them."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory):
+    """3 synthetic slides x 120 spots x 20 genes, 32 px patches: the method tests' cohort."""
+    from he2st.datasets import synthetic
+
+    return synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, seed=0, root=tmp_path_factory.mktemp("syn"))

@@ -9,17 +9,9 @@ import torch
 from he2st.data.normalize import Normalizer
 from he2st.methods import create_method, load_method
 from he2st.methods.deepspace import MinMaxScaler
+from _helpers import mean_pcc
 
 FAST = dict(encoder="color_stats", weights=None, hidden=256, lr=1e-2, epochs=20, batch_size=32, augment="none")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine is small and shared: one torch thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +21,6 @@ def cohort(tmp_path_factory: pytest.TempPathFactory):
     return synthetic(n_slides=4, n_spots=120, n_genes=20, patch_px=32, root=tmp_path_factory.mktemp("syn"))
 
 
-def _pcc(y: np.ndarray, p: np.ndarray) -> float:
-    from he2st.evaluate.metrics import pearson_per_gene
-
-    return float(np.nanmean(pearson_per_gene(y, p)[0]))
 
 
 def test_defaults_are_the_papers() -> None:
@@ -110,7 +98,7 @@ def test_frozen_learns_and_beats_mean(cohort, tmp_path) -> None:
     pred = m.predict(test)
     y = m.targets(test)
     base = create_method("mean", normalization="log1p").fit(train, genes).predict(test)
-    assert _pcc(y, pred) > 0.3
+    assert mean_pcc(y, pred) > 0.3
     assert np.mean((pred - y) ** 2) < 0.8 * np.mean((base - y) ** 2)
     m2 = load_method(m.save(tmp_path / "ds"))
     np.testing.assert_array_equal(m2.predict(test), pred)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from he2st.errors import He2stInputError
 from he2st.methods import create_method, list_methods, load_method
@@ -12,20 +11,9 @@ from he2st.methods import create_method, list_methods, load_method
 STNET = dict(encoder="color_stats", weights=None, patch_px=32, tta=False, lr=1e-2, epochs=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine is small and shared: one torch thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory):
-    from he2st.datasets import synthetic
-
-    return synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, root=tmp_path_factory.mktemp("syn"))
+def cohort(tiny_cohort):
+    return tiny_cohort
 
 
 def test_registered_and_validated() -> None:

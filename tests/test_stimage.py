@@ -12,30 +12,16 @@ from he2st.data.normalize import Normalizer
 from he2st.errors import NotCountsError
 from he2st.methods import create_method, load_method
 from he2st.methods.stimage import library_sizes
+from _helpers import mean_pcc
 
 FAST = dict(encoder="color_stats", weights=None, patch_px=32, lr=3e-2, epochs=40, batch_size=32, n_models=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine is small and shared: one torch thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory):
-    from he2st.datasets import synthetic
-
-    return synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, root=tmp_path_factory.mktemp("syn"))
+def cohort(tiny_cohort):
+    return tiny_cohort
 
 
-def _pcc(y: np.ndarray, p: np.ndarray) -> float:
-    from he2st.evaluate.metrics import pearson_per_gene
-
-    return float(np.nanmean(pearson_per_gene(y, p)[0]))
 
 
 def test_defaults_are_the_papers() -> None:
@@ -120,7 +106,7 @@ def test_learns_with_uncertainty_and_roundtrip(cohort, tmp_path) -> None:
     pred, sd = m.predict(test), m.predict_uncertainty(test)
     y = m.targets(test)
     base = create_method("mean", normalization="log1p").fit(train, genes).predict(test)
-    assert _pcc(y, pred) > 0.3
+    assert mean_pcc(y, pred) > 0.3
     assert np.mean((pred - y) ** 2) < 0.9 * np.mean((base - y) ** 2)
     assert sd.shape == pred.shape and sd.dtype == np.float32
     assert np.isfinite(sd).all() and (sd > 0).all()

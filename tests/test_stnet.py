@@ -9,30 +9,16 @@ import torch
 from he2st.errors import He2stInputError
 from he2st.methods import create_method, load_method
 from he2st.methods.nn.regression import inner_split, to_unit
+from _helpers import mean_pcc
 
 FAST = dict(encoder="color_stats", weights=None, patch_px=32, tta=False, lr=1e-3, epochs=12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine is small and shared: one torch thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory):
-    from he2st.datasets import synthetic
-
-    return synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, root=tmp_path_factory.mktemp("syn"))
+def cohort(tiny_cohort):
+    return tiny_cohort
 
 
-def _pcc(y: np.ndarray, p: np.ndarray) -> float:
-    from he2st.evaluate.metrics import pearson_per_gene
-
-    return float(np.nanmean(pearson_per_gene(y, p)[0]))
 
 
 def test_defaults_are_the_papers() -> None:
@@ -93,7 +79,7 @@ def test_frozen_learns_and_beats_mean(cohort, tmp_path) -> None:
     y = m.targets(test)
     assert pred.shape == (test.n_obs, len(genes)) and pred.dtype == np.float32
     base = create_method("mean", normalization="log1p").fit(train, genes).predict(test)
-    assert _pcc(y, pred) > 0.3
+    assert mean_pcc(y, pred) > 0.3
     assert np.mean((pred - y) ** 2) < 0.8 * np.mean((base - y) ** 2)
     assert 0 <= m.history_[0]["best_epoch"] < FAST["epochs"]
     # Save / load gives identical predictions.
