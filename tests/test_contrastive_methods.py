@@ -195,7 +195,7 @@ def test_reference_slides_by_id_only_cannot_be_refitted(cohort, genes, fitted, t
         again.fit(cohort[:2], genes)
 
 
-@pytest.mark.parametrize("search", ["ivf", "hnsw"])
+@pytest.mark.parametrize("search", ["ivf", "hnsw", "guided"])
 def test_approximate_search_inside_a_method(cohort, genes, fitted, search) -> None:
     exact = fitted["bleep"]
     approx = create_method("bleep", **{**FAST["bleep"], "search": search, "target_recall": 0.99}).fit(cohort[:2], genes)

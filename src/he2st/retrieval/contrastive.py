@@ -45,8 +45,11 @@ so a reference section of the test patient can never be retrieved.
 Search
 ------
 ``search="exact"`` (chunked torch, or faiss flat with ``search_backend="faiss"``),
-``"ivf"``, ``"hnsw"`` or ``"auto"``; approximate indexes are calibrated on the
-training image embeddings to reach ``target_recall`` at ``top_k``.
+``"guided"`` (query-guided candidates, :class:`he2st.retrieval.QueryGuidedIndex`:
+the training image embeddings guide the search; the fast choice for these
+cross-modal queries), ``"ivf"``, ``"hnsw"`` or ``"auto"``; approximate indexes are
+calibrated on the training image embeddings (guided: on held-out training
+slides) to reach ``target_recall`` at ``top_k``.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ from he2st.methods.nn.train import (
 )
 from he2st.retrieval.aggregation import AGGREGATIONS
 from he2st.retrieval.bank import BankLeakageError, ReferenceBank
-from he2st.retrieval.search import BACKENDS, KINDS, METRICS, Neighbors
+from he2st.retrieval.search import BACKENDS, KINDS, METRICS, Neighbors, QueryGuidedIndex
 
 MODES = ("frozen", "finetune")
 OVERLAP = ("error", "exclude")
@@ -309,7 +312,7 @@ class ContrastiveRetrieval(Method):
     def _reference_slides(self, train_ids: set[str]) -> list[Any]:
         """Expression-only slides to add to the bank (never a training slide)."""
         spec = self.params["reference_slides"]
-        if spec is None:
+        if spec is None or (isinstance(spec, (list, tuple)) and not spec and self._reference_objs is None):
             return []
         if self._reference_objs is not None:
             slides = list(self._reference_objs)
@@ -357,9 +360,8 @@ class ContrastiveRetrieval(Method):
                           "n_tokens": int(Xa.shape[1]) if (frozen and Xa.ndim == 3) else None}
         net = self._build_net()
         if frozen and p["standardize"]:
-            flat = Xa[tr].reshape(-1, Xa.shape[-1]).astype(np.float64)
-            sd = flat.std(axis=0)
-            net.shift.copy_(torch.from_numpy(flat.mean(axis=0)).float())
+            mean, sd = _column_moments(Xa, tr)
+            net.shift.copy_(torch.from_numpy(mean).float())
             net.scale.copy_(torch.from_numpy(np.where(sd > 1e-8, sd, 1.0)).float())
         net.to(device)
 
@@ -413,9 +415,12 @@ class ContrastiveRetrieval(Method):
         self.bank_ = ReferenceBank.from_blocks(blocks, metric=p["metric"], genes=self.genes)
         self._train_info = {"slides": [meta(s).slide_id for s in slides],
                             "patients": sorted({meta(s).patient for s in slides})}
-        calib = self._embed_images(Xa[np.sort(np.random.default_rng(int(p["seed"])).choice(
-            len(Xa), size=min(len(Xa), 2000), replace=False))]) if p["search"] != "exact" else None
-        self._build_index(calib)
+        if p["search"] == "exact":
+            self._build_index(None)
+        else:
+            # The training image embeddings are the queries an approximate index is calibrated on
+            # (and, for "guided", the guides; held-out calibration by whole slides).
+            self._build_index(self._embed_images(Xa), slide_idx)
         self.net_.cpu()
 
     def _reference_block(self, slide: Any) -> tuple[np.ndarray, np.ndarray, str, str, str]:
@@ -424,12 +429,17 @@ class ContrastiveRetrieval(Method):
                        dtype=np.float32)
         return self._embed_expression(y, self._positions(slide)), y, m.slide_id, m.patient, "reference"
 
-    def _build_index(self, calibration_queries: np.ndarray | None) -> None:
+    def _build_index(self, queries: np.ndarray | None, groups: np.ndarray | None = None) -> None:
+        """Search index of the bank; approximate kinds are calibrated on ``queries`` (training images)."""
         p = self.params
         assert self.bank_ is not None
+        calib = None
+        if queries is not None and p["search"] in ("ivf", "hnsw", "auto"):
+            rng = np.random.default_rng(int(p["seed"]))
+            calib = queries[np.sort(rng.choice(len(queries), size=min(len(queries), 2000), replace=False))]
         self.bank_.build_index(p["search"], backend=p["search_backend"], k=int(p["top_k"]),
-                               target_recall=float(p["target_recall"]), calibration_queries=calibration_queries,
-                               seed=int(p["seed"]))
+                               target_recall=float(p["target_recall"]), calibration_queries=calib,
+                               training_queries=queries, query_groups=groups, seed=int(p["seed"]))
 
     # -- embeddings ---------------------------------------------------------------------
     @torch.no_grad()
@@ -520,9 +530,11 @@ class ContrastiveRetrieval(Method):
             if self.bank_.contains_slide(meta(s).slide_id):
                 raise He2stInputError(f"slide {meta(s).slide_id!r} is already in the bank of method {self.name!r}")
             blocks.append(self._reference_block(s))
+        old = self.bank_.index
         self.bank_ = ReferenceBank.from_blocks(blocks, metric=self.params["metric"], genes=self.genes)
-        # An approximate index is re-calibrated on held-out bank rows (the training images are not kept).
-        self._build_index(None)
+        # The training images are not kept: a guided index re-uses its guides (exact lists over the
+        # new bank); IVF / HNSW are re-calibrated on held-out bank rows.
+        self._build_index(old.guides if isinstance(old, QueryGuidedIndex) else None)
 
     # -- persistence --------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
@@ -551,6 +563,20 @@ class ContrastiveRetrieval(Method):
         self._bank_meta = extra.get("bank", {})
         self._train_info = dict(extra.get("train", {}))
         self.history_ = dict(extra.get("history", {}))
+
+
+def _column_moments(x: np.ndarray, rows: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd of the last axis over ``x[rows]`` (features, or every token), in float64 chunks."""
+    total = np.zeros(x.shape[-1])
+    sq = np.zeros(x.shape[-1])
+    count = 0
+    for s in range(0, len(rows), chunk):
+        block = x[rows[s : s + chunk]].reshape(-1, x.shape[-1]).astype(np.float64)
+        total += block.sum(axis=0)
+        sq += (block * block).sum(axis=0)
+        count += len(block)
+    mean = total / count
+    return mean, np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
 
 
 def _all_str(values: Any) -> bool:

@@ -28,6 +28,15 @@ Scaling to Visium-size slides
     spots) or ``"radius"`` (to the spots within ``attention_radius`` pixels);
     see :mod:`he2st.methods.nn.transformer`.
 
+What each option buys (``benchmarks/bench_slide_memory.py``: HisToGene at
+paper size, 5,000 spots, one training epoch on this 2-core CPU): global
+attention materialising the ``n x n`` matrix, as the published code does,
+passes 8 GB within 30 s; ``"full"`` attention without that matrix peaks at
+~4.4 GB (memory is then dominated by per-layer activations and the optimiser
+state, not by attention); windows cut the peak to ~2.3 GB; local attention
+keeps ~4.8 GB at this size but makes attention ``O(n k)`` instead of ``O(n^2)``
+in time, which matters for larger slides and sub-spot prediction.
+
 Spot graph and positions
 ------------------------
 The graph is the 4-nearest-neighbour graph on the integer array coordinates
@@ -78,7 +87,11 @@ from he2st.methods.nn.train import (
     module_state,
     set_seed,
 )
-from he2st.methods.nn.transformer import ATTENTION_MODES, attention_neighbors
+from he2st.methods.nn.transformer import (
+    ATTENTION_MODES,
+    LocalNeighbors,
+    attention_neighbors,
+)
 from he2st.methods.nn.windows import (
     blend,
     prediction_windows,
@@ -141,7 +154,7 @@ class SlideBatch:
     inputs: torch.Tensor
     positions: torch.Tensor
     edge_index: torch.Tensor
-    neighbors: torch.Tensor | None
+    neighbors: LocalNeighbors | None
     targets: torch.Tensor | None
     extras: dict[str, torch.Tensor]
 
@@ -171,7 +184,7 @@ class SlideRegressor(Method):
         self.dims_: dict[str, Any] = {}
         self.history_: dict[str, Any] = {}
         self.augmenter: Any = None  # set by fit from ``augment``
-        self._structure_cache: dict[tuple[str, bytes], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._structure_cache: dict[tuple[str, bytes], tuple[torch.Tensor, torch.Tensor, LocalNeighbors | None]] = {}
 
     # -- hooks ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -246,7 +259,7 @@ class SlideRegressor(Method):
             extras=self._slide_extras(slide, train) if train else {},
         )
 
-    def _structure(self, data: SlideData, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _structure(self, data: SlideData, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, LocalNeighbors | None]:
         """Positions, spot graph and attention neighbours of a subset of a slide (cached: windows repeat every epoch)."""
         key = (data.slide_id, np.ascontiguousarray(idx).tobytes())
         hit = self._structure_cache.get(key)
