@@ -154,6 +154,21 @@ def median_nn_distance(x: np.ndarray, sample: int = 2000, seed: int = 0) -> floa
     return float(np.median(np.sqrt(np.maximum(d2.min(axis=1), 0.0))))
 
 
+def geometry(bank: np.ndarray, queries: np.ndarray, sample: int = 1000, seed: int = 0) -> dict:
+    """Cosine structure of the real embeddings: why cross-modal queries are hard for ANN indexes."""
+    rng = np.random.default_rng(seed)
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    qb = np.sort(q[rng.choice(len(q), min(sample, len(q)), replace=False)] @ b.T, axis=1)[:, ::-1]
+    bb = np.sort(b[rng.choice(len(b), min(sample, len(b)), replace=False)] @ b.T, axis=1)[:, ::-1]
+    return {
+        "query_to_bank_cosine_median": {"top1": float(np.median(qb[:, 0])), "top50": float(np.median(qb[:, 49])),
+                                        "median_row": float(np.median(qb[:, qb.shape[1] // 2]))},
+        "bank_to_bank_cosine_median": {"top1_other": float(np.median(bb[:, 1])), "top50": float(np.median(bb[:, 50])),
+                                       "median_row": float(np.median(bb[:, bb.shape[1] // 2]))},
+    }
+
+
 def jittered(real: np.ndarray, n: int, scale: float, seed: int, keep_real: bool = True,
              with_source: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """``n`` rows: the real ones first (if ``keep_real``), then noisy copies of random real rows."""
@@ -248,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"queries = image embeddings of C2 ({int(is_test.sum())} real rows; indexes learn from "
                        f"C3-C6, {int((~is_test).sum())} real rows); jittered copies "
                        f"(noise norm ~0.5 x median NN distance: bank {mnn_bank:.3f}, queries {mnn_q:.3f})"),
+        "geometry": geometry(real["bank"], real["queries"]),
         "target_recall": TARGET_RECALL,
         "goal_10x_at_recall_0.95_largest_bank": goal,
         "results": rows,
