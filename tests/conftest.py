@@ -45,10 +45,11 @@ def squidpy_root(shared_data: Path) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
-    """One torch thread per test: the CI machine has 2 cores, and intra-op threads
-    measured several times slower than one when other processes share them."""
+    """One torch thread per test module (module scope, so module-scoped fitted models are
+    covered too): the CI machine has 2 cores, and intra-op threads measured several
+    times slower than one when other processes share them."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency

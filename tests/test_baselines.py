@@ -14,10 +14,8 @@ FEAT = {"encoder": "color_stats", "weights": None, "patch_px": 32}
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from he2st.datasets import synthetic
-
-    return synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, seed=0, root=tmp_path_factory.mktemp("syn"))
+def cohort(tiny_cohort):
+    return tiny_cohort
 
 
 @pytest.fixture(scope="module")

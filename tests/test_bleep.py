@@ -12,15 +12,6 @@ from he2st.methods.bleep import BleepNet
 from he2st.methods.nn.losses import contrastive_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_defaults_are_the_papers() -> None:
     d = get_method_class("bleep").defaults
     assert (d["encoder"], d["weights"], d["patch_px"], d["augment"]) == ("resnet50", "imagenet", 224, "bleep")

@@ -13,15 +13,6 @@ from he2st.methods.cmrcnet import CMRCNetNet, ResidualCrossAttention, mask_featu
 from he2st.methods.nn.losses import contrastive_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _net(**kw) -> CMRCNetNet:
     torch.manual_seed(0)
     args = dict(embed_dim=16, dropout=0.1, temperature=1.0, lam=0.5, reconstruction=True, mask_rate=0.5,

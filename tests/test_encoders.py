@@ -28,14 +28,6 @@ HUGE = {"uni2_h", "virchow2", "h_optimus_0"}
 SMALL = {"convmixer": 112, "phikon": 32, "uni": 32, "vit_b16": 32, "vit_b32": 64, "conch": 32, "ctranspath": 64}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _natural_image() -> np.ndarray:
     """A real photograph (matplotlib's sample Grace Hopper portrait), centre-cropped square."""
     import matplotlib

@@ -18,14 +18,6 @@ from he2st.errors import He2stInputError, SlideError
 N_SPOTS = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _he_array(h: int, w: int, n_nuclei: int, radius: tuple[float, float], seed: int = 0) -> np.ndarray:
     """An H&E-like RGB image (Beer-Lambert: haematoxylin nuclei over an eosin background)."""
     rng = np.random.default_rng(seed)

@@ -20,21 +20,9 @@ FAST = {
     "gnn_depth": 2, "distill_views": 2, "lr": 3e-3, "epochs": 30, "dropout": 0.1,
 }
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread than on two contended ones (shared 2-core CI)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    from he2st.datasets import synthetic
-
-    return synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, seed=0, root=tmp_path_factory.mktemp("syn"))
+def cohort(tiny_cohort):
+    return tiny_cohort
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,6 @@ from he2st.methods import create_method, get_method_class
 from he2st.methods.mclstexp import MclSTExpNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _net(position: str = "learnable") -> MclSTExpNet:
     torch.manual_seed(0)
     return MclSTExpNet(6, 20, embed_dim=8, dropout=0.0, temperature=1.0, lam=0.5, targets="hard",

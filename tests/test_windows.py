@@ -15,16 +15,6 @@ from he2st.methods.nn.windows import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run faster on one thread than on two contended ones (shared 2-core CI)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.fixture()
 def coords() -> np.ndarray:
     return np.random.default_rng(0).uniform(0, 1000, size=(500, 2))
