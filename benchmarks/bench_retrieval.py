@@ -8,8 +8,12 @@ This script measures what :mod:`he2st.retrieval` does about it, in one run:
 - ``exact-torch-mmap``: the same search streaming a memory-mapped bank from disk;
 - ``exact-torch-bf16``: bfloat16 scores pick 200 candidates, float32 distances rank them;
 - ``exact-faiss``: faiss flat index;
-- ``ivf``: faiss IVF-Flat, ``nprobe`` calibrated to recall@50 >= 0.95 on 500
-  calibration queries (drawn from training sections, not the evaluation section);
+- ``ivf``: :class:`he2st.retrieval.TorchIVFIndex` -- k-means cells like faiss IVF-Flat, but
+  the whole query batch is scored cell by cell with matrix products (two passes: an exact
+  top-k over each query's 8 nearest cells bounds what the other probed cells must beat);
+  ``nprobe`` calibrated to recall@50 >= 0.95 on 500 calibration queries (drawn from
+  training sections, not the evaluation section);
+- ``ivf-faiss``: faiss IVF-Flat (query by query), ``nprobe`` calibrated the same way;
 - ``hnsw``: faiss HNSW (M=32, efConstruction=64), ``efSearch`` calibrated the same
   way (only up to ``--hnsw-max`` rows, default 100k: on these cross-modal queries it needs
   ``efSearch`` in the thousands, see the results);
@@ -53,7 +57,7 @@ K = 50
 N_QUERIES = 5000
 N_CALIBRATION = 500
 TARGET_RECALL = 0.95
-METHODS = ("exact-torch", "exact-torch-mmap", "exact-torch-bf16", "exact-faiss", "ivf", "hnsw", "guided")
+METHODS = ("exact-torch", "exact-torch-mmap", "exact-torch-bf16", "exact-faiss", "ivf", "ivf-faiss", "hnsw", "guided")
 N_TRAINING = 5000
 
 
@@ -94,7 +98,9 @@ def child(work: Path, n: int, method: str, threads: int) -> dict:
         index = build_index(bank, "cosine", "guided", k=K, target_recall=TARGET_RECALL, training_queries=train_q,
                             query_groups=train_groups, seed=0)
     else:
-        index = build_index(bank, "cosine", method, k=K, target_recall=TARGET_RECALL, calibration_queries=calib, seed=0)
+        kind, backend = {"ivf": ("ivf", "torch"), "ivf-faiss": ("ivf", "faiss"), "hnsw": ("hnsw", "faiss")}[method]
+        index = build_index(bank, "cosine", kind, backend=backend, k=K, target_recall=TARGET_RECALL,
+                            calibration_queries=calib, seed=0)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
     nb = index.search(queries, K)

@@ -112,11 +112,12 @@ def test_exclusion_and_padding(data, backend) -> None:
         small.search(q[:1], 1, exclude=np.ones(5, dtype=bool))
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize(("kind", "backend"), [("ivf", "torch"), ("ivf", "faiss"), ("hnsw", "faiss")])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_approximate_meets_requested_recall(clustered, kind, metric) -> None:
+def test_approximate_meets_requested_recall(clustered, kind, backend, metric) -> None:
     bank, q = clustered
-    index = build_index(bank, metric, kind, k=20, target_recall=0.9, seed=0)
+    index = build_index(bank, metric, kind, backend=backend, k=20, target_recall=0.9, seed=0)
+    assert index.backend == backend
     cal = index.calibration
     assert cal.recall >= 0.9 and cal.k == 20 and cal.n_queries > 0
     # Held-out calibration predicts the recall on new queries from the same distribution.
@@ -222,21 +223,23 @@ def test_bank_provenance_and_leakage_guard() -> None:
         ReferenceBank.from_blocks([(np.ones((2, 2)), np.ones((2, 1)), "X", "P", "test")])
 
 
-@pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])
-def test_bank_save_load_mmap(tmp_path, kind) -> None:
+@pytest.mark.parametrize(("kind", "backend"), [("exact", "torch"), ("ivf", "torch"), ("ivf", "faiss"), ("hnsw", "faiss")])
+def test_bank_save_load_mmap(tmp_path, kind, backend) -> None:
     bank = _bank("l2")
     if kind != "exact":
-        bank.build_index(kind, k=5, target_recall=0.9, seed=1)
+        bank.build_index(kind, backend=backend, k=5, target_recall=0.9, seed=1)
     q = np.random.default_rng(5).normal(size=(7, 8)).astype(np.float32)
     pred, nb = bank.predict(q, 5, "inverse_square")
     bank.save(tmp_path / "bank")
+    files = {"exact": [], "faiss": ["index.faiss", "index_ids.npy"], "torch": ["centroids.npy", "cell_order.npy",
+                                                                               "cell_offsets.npy"]}
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == sorted(
-        ["bank.json", "embeddings.npy", "values.npy"] + (["index.faiss", "index_ids.npy"] if kind != "exact" else [])
+        ["bank.json", "embeddings.npy", "values.npy"] + files["exact" if kind == "exact" else backend]
     )
     loaded = ReferenceBank.load(tmp_path / "bank", mmap=True)
     assert isinstance(loaded.embeddings, np.memmap) and isinstance(loaded.values, np.memmap)
     assert loaded.slide_ids == bank.slide_ids and loaded.genes == ["g1", "g2", "g3"]
-    assert loaded.index is not None and loaded.index.kind == kind
+    assert loaded.index is not None and loaded.index.kind == kind and loaded.index.backend == backend
     pred2, nb2 = loaded.predict(q, 5, "inverse_square")
     np.testing.assert_array_equal(nb2.indices, nb.indices)
     np.testing.assert_allclose(pred2, pred, rtol=1e-6)
@@ -301,3 +304,48 @@ def test_query_guided_index(cross_modal, tmp_path) -> None:
     np.testing.assert_array_equal(again.search(test_q, 20).indices, rb.search(test_q, 20).indices)
     state = ReferenceBank.from_state(rb.state_arrays(), rb.state_meta())
     np.testing.assert_array_equal(state.search(test_q, 20).indices, rb.search(test_q, 20).indices)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "l1"])
+def test_torch_ivf_scans_probed_cells_exactly(data, metric) -> None:
+    """Batched cell-by-cell scan: with every cell probed it is exact search; with fewer, it is
+    exactly the top-k over the probed cells (the two-pass bound never drops a row it should keep)."""
+    from he2st.retrieval import TorchIVFIndex, build_torch_ivf_index
+
+    bank, q = data
+    index = build_torch_ivf_index(bank, metric, nlist=30, seed=0)
+    assert isinstance(index, TorchIVFIndex) and index.nlist == 30
+    assert sorted(index.cell_order.tolist()) == list(range(len(bank)))
+    excluded = np.arange(0, len(bank), 3)
+    ref, _ = brute_force(bank, q, 15, metric)
+    index.nprobe = 30
+    np.testing.assert_array_equal(index.search(q, 15).indices, ref)
+    # with 5 probes: brute force restricted to each query's 5 probed cells (and not excluded)
+    index.nprobe = 5
+    import torch
+
+    qt = torch.from_numpy(q)
+    if metric == "cosine":
+        qt = qt / qt.norm(dim=1, keepdim=True)
+    probes = index._probes(qt, 5).numpy()
+    cell_of = np.empty(len(bank), dtype=np.int64)
+    cell_of[index.cell_order] = np.repeat(np.arange(30), np.diff(index.cell_offsets))
+    nb = index.search(q, 15, exclude=excluded)
+    _, d_all = brute_force(bank, q, len(bank), metric)
+    order_all, _ = brute_force(bank, q, len(bank), metric)
+    for i in range(len(q)):
+        allowed = np.isin(cell_of[order_all[i]], probes[i]) & ~np.isin(order_all[i], excluded)
+        want = order_all[i][allowed][:15]
+        np.testing.assert_allclose(np.sort(nb.distances[i]), np.sort(d_all[i][allowed][:15]), rtol=1e-5, atol=1e-5)
+        assert len(np.intersect1d(nb.indices[i], want)) >= 14  # ties at float32 precision aside
+    assert not np.isin(nb.indices, excluded).any()
+
+
+def test_torch_ivf_cross_modal_calibration(cross_modal) -> None:
+    """Calibrated on queries of the other modality, the IVF meets the target on new ones of it."""
+    bank, train_q, _, test_q = cross_modal
+    index = build_index(bank, "cosine", "ivf", k=20, target_recall=0.95, calibration_queries=train_q, seed=0)
+    assert index.calibration.recall >= 0.95 and index.calibration.n_queries == 500  # n_calibration sampled
+    exact = build_index(bank, "cosine", "exact")
+    assert recall_at_k(index.search(test_q, 20).indices, exact.search(test_q, 20).indices) >= 0.93
+    assert index.nprobe < index.nlist  # it did prune

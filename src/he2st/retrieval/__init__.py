@@ -26,6 +26,8 @@ _EXPORTS = {
     "build_index": "search",
     "build_guided_index": "search",
     "QueryGuidedIndex": "search",
+    "TorchIVFIndex": "search",
+    "build_torch_ivf_index": "search",
     "recall_at_k": "search",
     "exact_distances": "search",
     "AGGREGATIONS": "aggregation",

@@ -26,7 +26,15 @@ import numpy as np
 
 from he2st.errors import He2stInputError
 from he2st.retrieval.aggregation import aggregate
-from he2st.retrieval.search import FaissIndex, Index, Neighbors, QueryGuidedIndex, build_index, check_metric
+from he2st.retrieval.search import (
+    FaissIndex,
+    Index,
+    Neighbors,
+    QueryGuidedIndex,
+    TorchIVFIndex,
+    build_index,
+    check_metric,
+)
 
 BANK_FORMAT = "he2st.ReferenceBank"
 ORIGINS = ("train", "reference")
@@ -211,9 +219,8 @@ class ReferenceBank:
                 faiss.write_index(self.index.index, str(tmp / "index.faiss"))
                 if self.index.id_map is not None:
                     np.save(tmp / "index_ids.npy", self.index.id_map)
-            if isinstance(self.index, QueryGuidedIndex):
-                for name, arr in _guided_arrays(self.index).items():
-                    np.save(tmp / f"{name}.npy", arr)
+            for name, arr in _cell_arrays(self.index).items():
+                np.save(tmp / f"{name}.npy", arr)
             (tmp / "bank.json").write_text(json.dumps(meta, indent=2))
             if path.exists():
                 shutil.rmtree(path)
@@ -254,9 +261,10 @@ class ReferenceBank:
             idx.ef_search = setting if info["kind"] == "hnsw" else None
             _restore_calibration(idx, info)
             bank.index = idx
-        elif info and info["kind"] == "guided" and (path / "guide_cells.npy").is_file():
-            arrays = {name: np.load(path / f"{name}.npy", allow_pickle=False) for name in _GUIDED}
-            bank.index = _guided_from(emb, bank.metric, arrays, info)
+        elif info and _CELL_ARRAYS.get((info["kind"], info["backend"])) and (path / "cell_order.npy").is_file():
+            names = _CELL_ARRAYS[(info["kind"], info["backend"])]
+            arrays = {name: np.load(path / f"{name}.npy", allow_pickle=False) for name in names}
+            bank.index = _cells_from(emb, bank.metric, arrays, info)
         elif info and info["kind"] == "exact":
             bank.build_index("exact", backend=info.get("backend", "torch"))
         return bank
@@ -270,8 +278,8 @@ class ReferenceBank:
             out[prefix + "faiss"] = self.index.to_bytes()
             if self.index.id_map is not None:
                 out[prefix + "faiss_ids"] = self.index.id_map
-        elif isinstance(self.index, QueryGuidedIndex):
-            out.update({prefix + name: arr for name, arr in _guided_arrays(self.index).items()})
+        else:
+            out.update({prefix + name: arr for name, arr in _cell_arrays(self.index).items()})
         return out
 
     def state_meta(self) -> dict[str, Any]:
@@ -289,9 +297,10 @@ class ReferenceBank:
             bank.index = FaissIndex.from_bytes(arrays[prefix + "faiss"], bank.embeddings, bank.metric, info["kind"],
                                                setting, arrays.get(prefix + "faiss_ids"))
             _restore_calibration(bank.index, info)
-        elif info and info["kind"] == "guided" and prefix + "guide_cells" in arrays:
-            bank.index = _guided_from(bank.embeddings, bank.metric,
-                                      {name: np.asarray(arrays[prefix + name]) for name in _GUIDED}, info)
+        elif info and _CELL_ARRAYS.get((info["kind"], info["backend"])) and prefix + "cell_order" in arrays:
+            names = _CELL_ARRAYS[(info["kind"], info["backend"])]
+            bank.index = _cells_from(bank.embeddings, bank.metric, {name: np.asarray(arrays[prefix + name]) for name in names},
+                                     info)
         elif info:
             bank.build_index("exact", backend=info.get("backend", "torch"))
         return bank
@@ -315,18 +324,32 @@ def _restore_calibration(index: Index, info: dict[str, Any]) -> None:
     index.calibration.tried = {int(a): b for a, b in (cal.get("tried") or {}).items()}
 
 
-_GUIDED = ("guide_queries", "guide_cells", "cell_order", "cell_offsets")
+#: Arrays that persist the cell-based torch indexes, by (kind, backend).
+_CELL_ARRAYS = {
+    ("guided", "torch"): ("guide_queries", "guide_cells", "cell_order", "cell_offsets"),
+    ("ivf", "torch"): ("centroids", "cell_order", "cell_offsets"),
+}
 
 
-def _guided_arrays(index: QueryGuidedIndex) -> dict[str, np.ndarray]:
-    return {"guide_queries": index.guides, "guide_cells": index.guide_cells, "cell_order": index.cell_order,
-            "cell_offsets": index.cell_offsets}
+def _cell_arrays(index: Index | None) -> dict[str, np.ndarray]:
+    """The arrays of a cell-based torch index (empty for other indexes)."""
+    if isinstance(index, QueryGuidedIndex):
+        return {"guide_queries": index.guides, "guide_cells": index.guide_cells, "cell_order": index.cell_order,
+                "cell_offsets": index.cell_offsets}
+    if isinstance(index, TorchIVFIndex):
+        return {"centroids": index.centroids, "cell_order": index.cell_order, "cell_offsets": index.cell_offsets}
+    return {}
 
 
-def _guided_from(emb: Any, metric: str, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> QueryGuidedIndex:
+def _cells_from(emb: Any, metric: str, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> Index:
     params = info["params"]
-    index = QueryGuidedIndex(emb, metric, arrays["guide_queries"], arrays["guide_cells"], arrays["cell_order"],
-                             arrays["cell_offsets"], m=params["m"], rerank=params["rerank"])
-    index.width = int(params.get("width", 0))
+    index: Index
+    if info["kind"] == "ivf":
+        index = TorchIVFIndex(emb, metric, arrays["centroids"], arrays["cell_order"], arrays["cell_offsets"],
+                              nprobe=params["nprobe"], n_seed=params.get("n_seed", 8))
+    else:
+        index = QueryGuidedIndex(emb, metric, arrays["guide_queries"], arrays["guide_cells"], arrays["cell_order"],
+                                 arrays["cell_offsets"], m=params["m"], rerank=params["rerank"])
+        index.width = int(params.get("width", 0))
     _restore_calibration(index, info)
     return index

@@ -183,6 +183,7 @@ class ContrastiveRetrieval(Method):
         self._check_params()
         self.net_: RetrievalNet | None = None
         self.bank_: ReferenceBank | None = None
+        self.calibration_queries_: np.ndarray | None = None
         self.history_: dict[str, Any] = {}
         self._net_spec: dict[str, Any] = {}
         self._train_info: dict[str, Any] = {}
@@ -437,6 +438,9 @@ class ContrastiveRetrieval(Method):
         if queries is not None and p["search"] in ("ivf", "hnsw", "auto"):
             rng = np.random.default_rng(int(p["seed"]))
             calib = queries[np.sort(rng.choice(len(queries), size=min(len(queries), 2000), replace=False))]
+        # Kept (and saved) so that adding reference slides later re-calibrates on image queries, not
+        # on bank rows: cross-modal queries need far more probes than in-modality ones.
+        self.calibration_queries_ = calib
         self.bank_.build_index(p["search"], backend=p["search_backend"], k=int(p["top_k"]),
                                target_recall=float(p["target_recall"]), calibration_queries=calib,
                                training_queries=queries, query_groups=groups, seed=int(p["seed"]))
@@ -533,14 +537,17 @@ class ContrastiveRetrieval(Method):
         old = self.bank_.index
         self.bank_ = ReferenceBank.from_blocks(blocks, metric=self.params["metric"], genes=self.genes)
         # The training images are not kept: a guided index re-uses its guides (exact lists over the
-        # new bank); IVF / HNSW are re-calibrated on held-out bank rows.
-        self._build_index(old.guides if isinstance(old, QueryGuidedIndex) else None)
+        # new bank); IVF / HNSW are re-calibrated on the kept sample of training image embeddings.
+        self._build_index(old.guides if isinstance(old, QueryGuidedIndex) else self.calibration_queries_)
 
     # -- persistence --------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
         self._check_ready()
         assert self.net_ is not None and self.bank_ is not None
-        return {**module_state(self.net_, "model."), **self.bank_.state_arrays("bank.")}
+        out = {**module_state(self.net_, "model."), **self.bank_.state_arrays("bank.")}
+        if self.calibration_queries_ is not None:
+            out["calibration_queries"] = np.ascontiguousarray(self.calibration_queries_, dtype=np.float32)
+        return out
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         self._loading = True
@@ -551,6 +558,7 @@ class ContrastiveRetrieval(Method):
         load_module_state(net, state, "model.")
         self.net_ = net.eval()
         self.bank_ = ReferenceBank.from_state(state, self._bank_meta, "bank.")
+        self.calibration_queries_ = np.asarray(state["calibration_queries"]) if "calibration_queries" in state else None
 
     def get_extra(self) -> dict[str, Any]:
         self._check_ready()

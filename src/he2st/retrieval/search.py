@@ -511,15 +511,15 @@ def _calibration_set(
     return q, truth
 
 
-def _calibrate(index: FaissIndex, q: np.ndarray, truth: np.ndarray,
-               target: float, candidates: list[int]) -> tuple[int, float, dict[int, float]]:
+def _calibrate(index: Any, q: np.ndarray, truth: np.ndarray, target: float, candidates: list[int],
+               exclude: np.ndarray | None = None) -> tuple[int, float, dict[int, float]]:
     """Smallest setting among ``candidates`` (then refined by bisection) reaching ``target`` recall."""
     tried: dict[int, float] = {}
     k = truth.shape[1]
 
     def recall_of(setting: int) -> float:
         if setting not in tried:
-            tried[setting] = recall_at_k(index._search_ids(q, k, None, setting), truth)
+            tried[setting] = recall_at_k(index._search_ids(q, k, exclude, setting), truth)
         return tried[setting]
 
     chosen, prev = candidates[-1], None
@@ -539,6 +539,167 @@ def _calibrate(index: FaissIndex, q: np.ndarray, truth: np.ndarray,
                 lo = mid
         chosen = hi
     return chosen, recall_of(chosen), tried
+
+
+# -- inverted file, scanned cell by cell ----------------------------------------
+
+
+class TorchIVFIndex(Index):
+    """Inverted-file search that scores a whole batch of queries cell by cell.
+
+    The bank is partitioned into ``nlist`` k-means cells and stored in cell
+    order. A query probes its ``nprobe`` nearest cells (by centroid), as in
+    faiss IVF-Flat; what differs is the loop order. faiss walks query by
+    query and scores each probed list row by row. Here the loop runs over
+    *cells*: every query that probes a cell is scored against it in one
+    matrix product, so a test slide's thousands of spots share each read of
+    a cell and the arithmetic runs at matrix-product speed.
+
+    Two passes keep the merge cheap. Pass 1 scans each query's ``n_seed``
+    nearest cells exactly (a running top-k), giving its k-th best score so
+    far -- a lower bound of its final k-th score. Pass 2 scans the other
+    probed cells and keeps only scores at or above that bound (typically a
+    few dozen per query instead of ``k`` per probed cell); one sort per
+    query merges them. The result is exactly the top-k of the probed cells.
+
+    Cross-modal queries (image embeddings against a bank of expression
+    embeddings) sit outside the bank's cone and need a large ``nprobe``;
+    the batched scan is what makes that affordable (see
+    ``benchmarks/bench_retrieval.py``).
+    """
+
+    kind = "ivf"
+    backend = "torch"
+
+    def __init__(self, embeddings: Any, metric: str, centroids: np.ndarray, cell_order: np.ndarray,
+                 cell_offsets: np.ndarray, nprobe: int = 1, n_seed: int = 8) -> None:
+        super().__init__(embeddings, metric)
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.cell_order = np.ascontiguousarray(cell_order, dtype=np.int64)
+        self.cell_offsets = np.ascontiguousarray(cell_offsets, dtype=np.int64)
+        if len(self.cell_offsets) != len(self.centroids) + 1 or self.cell_offsets[-1] != self.ntotal:
+            raise He2stInputError(
+                f"IVF cells do not match the bank: {len(self.centroids)} centroids, offsets ending at "
+                f"{self.cell_offsets[-1] if len(self.cell_offsets) else None} for {self.ntotal} rows")
+        self.nprobe, self.n_seed = int(nprobe), int(n_seed)
+        self._packed: Any = None
+
+    @property
+    def nlist(self) -> int:
+        return len(self.centroids)
+
+    def search_params(self) -> dict[str, Any]:
+        return {"nlist": self.nlist, "nprobe": self.nprobe, "n_seed": self.n_seed}
+
+    def _pack(self) -> tuple[Any, Any]:
+        """Bank rows in cell order (float32, unit rows for cosine) and their squared norms."""
+        import torch
+
+        if self._packed is None:
+            x = np.empty((self.ntotal, self.dim), dtype=np.float32)
+            for s in range(0, self.ntotal, 65536):
+                x[s : s + 65536] = _prepare_for_faiss(self.embeddings[self.cell_order[s : s + 65536]], self.metric)
+            self._packed = (torch.from_numpy(x), torch.from_numpy(np.einsum("ij,ij->i", x, x)))
+        return self._packed
+
+    def _scores(self, q: Any, rows: Any, sq: Any) -> Any:
+        """Higher is nearer (the ranking of :class:`TorchExactIndex`)."""
+        import torch
+
+        if self.metric == "cosine":
+            return q @ rows.T
+        if self.metric == "l2":
+            return 2.0 * (q @ rows.T) - sq[None, :]
+        return -torch.cdist(q, rows, p=1.0)
+
+    def _probes(self, q: Any, nprobe: int) -> Any:
+        import torch
+
+        cent = torch.from_numpy(self.centroids)
+        return torch.topk(self._scores(q, cent, (cent * cent).sum(1)), nprobe, dim=1).indices
+
+    def _by_cell(self, probes: Any) -> tuple[Any, list[int]]:
+        """(query ids sorted by probed cell, number of queries per cell)."""
+        import torch
+
+        flat = probes.reshape(-1)
+        qid = torch.arange(probes.shape[0]).repeat_interleave(probes.shape[1])
+        return qid[torch.argsort(flat, stable=True)], torch.bincount(flat, minlength=self.nlist).tolist()
+
+    def _search_ids(self, queries: np.ndarray, k: int, exclude: np.ndarray | None, setting: int | None = None) -> np.ndarray:
+        import torch
+
+        packed, sq = self._pack()
+        nprobe = max(1, min(int(setting if setting is not None else self.nprobe), self.nlist))
+        n_seed = min(self.n_seed, nprobe)
+        excl = None if exclude is None else torch.from_numpy(exclude[self.cell_order])
+        off = self.cell_offsets
+        order_t = torch.from_numpy(self.cell_order)
+        with torch.no_grad():
+            q = torch.from_numpy(queries)
+            if self.metric == "cosine":
+                q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            probes = self._probes(q, nprobe)
+            nq = len(q)
+
+            def cells(pr: Any):  # yields (cell, its queries, scores)
+                qid, counts = self._by_cell(pr)
+                pos = 0
+                for c, cnt in enumerate(counts):
+                    qs, pos = qid[pos : pos + cnt], pos + cnt
+                    lo, hi = int(off[c]), int(off[c + 1])
+                    if cnt == 0 or hi == lo:
+                        continue
+                    score = self._scores(q[qs], packed[lo:hi], sq[lo:hi])
+                    if excl is not None:
+                        score.masked_fill_(excl[lo:hi][None, :], -math.inf)
+                    yield lo, qs, score
+
+            # Pass 1: exact running top-k over each query's nearest n_seed cells.
+            best_s = torch.full((nq, k), -math.inf)
+            best_i = torch.full((nq, k), -1, dtype=torch.int64)
+            for lo, qs, score in cells(probes[:, :n_seed]):
+                v, i = torch.topk(score, min(k, score.shape[1]), dim=1)
+                cat_s, cat_i = torch.cat([best_s[qs], v], 1), torch.cat([best_i[qs], order_t[lo + i]], 1)
+                v2, p2 = torch.topk(cat_s, k, dim=1)
+                best_s[qs], best_i[qs] = v2, torch.gather(cat_i, 1, p2)
+            # Pass 2: the other probed cells keep only rows beating the bound found so far.
+            tau = best_s[:, -1]
+            kept_q, kept_i, kept_s = [best_i.new_empty(0)], [best_i.new_empty(0)], [best_s.new_empty(0)]
+            for lo, qs, score in cells(probes[:, n_seed:]):
+                qi, ri = torch.nonzero(score >= tau[qs][:, None], as_tuple=True)
+                kept_q.append(qs[qi])
+                kept_i.append(order_t[lo + ri])
+                kept_s.append(score[qi, ri])
+            # Merge: pass-1 lists plus pass-2 survivors, best k per query.
+            all_q = torch.cat([torch.arange(nq).repeat_interleave(k)] + kept_q).numpy()
+            all_i = torch.cat([best_i.reshape(-1)] + kept_i).numpy()
+            all_s = torch.cat([best_s.reshape(-1)] + kept_s).numpy()
+        o = np.lexsort((-all_s, all_q))
+        all_q, all_i, all_s = all_q[o], all_i[o], all_s[o]
+        starts = np.searchsorted(all_q, np.arange(nq))
+        rank = np.arange(len(all_q)) - starts[all_q]
+        keep = (rank < k) & np.isfinite(all_s)
+        out = np.full((nq, k), -1, dtype=np.int64)
+        out[all_q[keep], rank[keep]] = all_i[keep]
+        return out
+
+
+def build_torch_ivf_index(embeddings: Any, metric: str = "cosine", *, nlist: int | None = None,
+                          kmeans_iters: int = 10, train_per_list: int = 40, n_seed: int = 8,
+                          train_rows: np.ndarray | None = None, seed: int = 0) -> TorchIVFIndex:
+    """k-means cells of the bank for a :class:`TorchIVFIndex` (``nprobe`` left at 1: calibrate it).
+
+    ``train_rows`` limits the k-means sample to those rows (calibration rows stay out of it).
+    """
+    n = int(embeddings.shape[0])
+    n_fit = n if train_rows is None else len(train_rows)
+    if nlist is None:
+        nlist = int(round(4 * math.sqrt(n)))
+    nlist = int(max(1, min(nlist, n_fit // 39 if n_fit >= 39 else 1)))
+    centroids, order, offsets = _kmeans_cells(embeddings, metric, nlist, seed, iters=kmeans_iters,
+                                              train_per_cell=train_per_list, train_rows=train_rows)
+    return TorchIVFIndex(embeddings, metric, centroids, order, offsets, n_seed=n_seed)
 
 
 # -- query-guided candidates ------------------------------------------------------
@@ -651,14 +812,17 @@ class QueryGuidedIndex(Index):
         return _rerank(self.embeddings, queries, out, k, self.metric)
 
 
-def _kmeans_cells(embeddings: Any, metric: str, n_cells: int, seed: int, iters: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the bank grouped by nearest k-means centroid: ``(cell_order, cell_offsets)``."""
+def _kmeans_cells(embeddings: Any, metric: str, n_cells: int, seed: int, iters: int = 10,
+                  train_per_cell: int = 40, train_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-means of the bank: ``(centroids, cell_order, cell_offsets)`` (rows grouped by nearest centroid)."""
     import torch
 
     faiss = _faiss()
     n, d = int(embeddings.shape[0]), int(embeddings.shape[1])
     rng = np.random.default_rng(seed)
-    sample = _prepare_for_faiss(np.asarray(embeddings[np.sort(rng.choice(n, size=min(n, max(40 * n_cells, 10_000)), replace=False))]), metric)
+    pool = np.arange(n) if train_rows is None else np.asarray(train_rows, dtype=np.int64)
+    rows = np.sort(rng.choice(pool, size=min(len(pool), max(train_per_cell * n_cells, 10_000)), replace=False))
+    sample = _prepare_for_faiss(np.asarray(embeddings[rows]), metric)
     km = faiss.Kmeans(d, n_cells, niter=iters, seed=int(seed), spherical=metric == "cosine", verbose=False)
     km.train(sample)
     cent = torch.from_numpy(np.ascontiguousarray(km.centroids, dtype=np.float32))
@@ -670,7 +834,7 @@ def _kmeans_cells(embeddings: Any, metric: str, n_cells: int, seed: int, iters: 
     order = np.argsort(assign, kind="stable")
     offsets = np.zeros(n_cells + 1, dtype=np.int64)
     np.cumsum(np.bincount(assign, minlength=n_cells), out=offsets[1:])
-    return order, offsets
+    return cent.numpy(), order, offsets
 
 
 def build_guided_index(
@@ -736,7 +900,7 @@ def build_guided_index(
     if n_cells is None:
         n_cells = int(round(2 * math.sqrt(n)))
     n_cells = int(max(1, min(n_cells, n // 39 if n >= 39 else 1)))
-    order, offsets = _kmeans_cells(embeddings, metric, n_cells, seed)
+    _, order, offsets = _kmeans_cells(embeddings, metric, n_cells, seed)
     cell_of = np.empty(n, dtype=np.int64)
     cell_of[order] = np.repeat(np.arange(n_cells), np.diff(offsets))
     exact = TorchExactIndex(embeddings, metric)
@@ -879,6 +1043,11 @@ def build_index(
         x = _prepare_for_faiss(embeddings, metric)
         return FaissIndex(embeddings, metric, _faiss_flat(x, metric), "exact")
 
+    if kind == "ivf" and backend == "torch":
+        return _calibrated_torch_ivf(embeddings, metric, k=k, target_recall=target_recall,
+                                     calibration_queries=calibration_queries, n_calibration=n_calibration,
+                                     nlist=nlist, kmeans_iters=kmeans_iters, train_per_list=train_per_list,
+                                     seed=seed)
     faiss = _faiss()
     fm = _faiss_metric(faiss, metric)
     rng = np.random.default_rng(seed)
@@ -935,3 +1104,35 @@ def build_index(
             stacklevel=2,
         )
     return out
+
+
+def _calibrated_torch_ivf(embeddings: Any, metric: str, *, k: int, target_recall: float, calibration_queries: Any,
+                          n_calibration: int, nlist: int | None, kmeans_iters: int, train_per_list: int,
+                          seed: int) -> TorchIVFIndex:
+    """A :class:`TorchIVFIndex` with ``nprobe`` calibrated to reach ``target_recall`` (see :func:`build_index`)."""
+    n = int(embeddings.shape[0])
+    held, train_rows = None, None
+    if calibration_queries is None:
+        # Held-out bank rows act as new spots: out of the k-means sample, excluded from their own results.
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(n).astype(np.int64)
+        m = min(int(n_calibration), max(n // 10, 1))
+        train_rows, held = np.sort(perm[: n - m]), np.sort(perm[n - m :])
+    index = build_torch_ivf_index(embeddings, metric, nlist=nlist, kmeans_iters=kmeans_iters,
+                                  train_per_list=train_per_list, train_rows=train_rows, seed=seed)
+    q, truth = _calibration_set(embeddings, metric, k, calibration_queries, held, n_calibration, seed)
+    mask = None
+    if held is not None:
+        mask = np.zeros(n, dtype=bool)
+        mask[held] = True
+    candidates = [1]
+    while candidates[-1] < index.nlist:
+        candidates.append(min(candidates[-1] * 2, index.nlist))
+    index.nprobe, recall, tried = _calibrate(index, q, truth, target_recall, candidates, exclude=mask)
+    index.calibration = _Calibration(target_recall, k, recall, len(q), tried)
+    if recall < target_recall:
+        import warnings
+
+        warnings.warn(f"ivf index over {n} rows reaches recall@{k} = {recall:.3f} at nprobe = nlist, below the "
+                      f"requested {target_recall}", stacklevel=3)
+    return index
