@@ -45,11 +45,13 @@ so a reference section of the test patient can never be retrieved.
 Search
 ------
 ``search="exact"`` (chunked torch, or faiss flat with ``search_backend="faiss"``),
-``"guided"`` (query-guided candidates, :class:`he2st.retrieval.QueryGuidedIndex`:
-the training image embeddings guide the search; the fast choice for these
-cross-modal queries), ``"ivf"``, ``"hnsw"`` or ``"auto"``; approximate indexes are
-calibrated on the training image embeddings (guided: on held-out training
-slides) to reach ``target_recall`` at ``top_k``.
+``"ivf"`` (:class:`he2st.retrieval.TorchIVFIndex`: fine k-means cells scanned cell by
+cell for the whole test slide at once; the fast choice for large banks, or faiss
+IVF-Flat with ``search_backend="faiss"``), ``"guided"`` (query-guided candidates,
+:class:`he2st.retrieval.QueryGuidedIndex`), ``"hnsw"`` or ``"auto"`` (exact up to
+200k reference spots, IVF above); approximate indexes are calibrated on the
+training image embeddings (guided: on held-out training slides) to reach
+``target_recall`` at ``top_k``.
 """
 
 from __future__ import annotations
