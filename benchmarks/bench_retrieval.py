@@ -37,7 +37,7 @@ Each (size, method) runs in its own process: time = wall clock of building the i
 minus its RSS with the bank loaded (what the search itself needs); recall@50 against
 ``exact-torch``. Writes ``benchmarks/results/bench_retrieval.json``.
 
-    python benchmarks/bench_retrieval.py [--sizes 10000,100000,1000000] [--threads 2]
+    python benchmarks/bench_retrieval.py [--sizes 10000,100000,1000000] [--threads 2] [--resume]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=100, help="BLEEP epochs for the real embeddings")
     ap.add_argument("--hnsw-max", type=int, default=100_000, help="largest bank indexed with HNSW")
     ap.add_argument("--work", default=None, help="scratch folder for banks (default: he2st cache)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows an interrupted run measured (same --work, threads and embeddings)")
     ap.add_argument("--child", nargs=2, metavar=("N", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(work, int(args.child[0]), args.child[1], args.threads)))
         return 0
 
+    if not args.resume and (work / "rows").is_dir():
+        shutil.rmtree(work / "rows")
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     t_all = time.perf_counter()
@@ -235,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         for m in todo:
             if m == "hnsw" and n > args.hnsw_max:
                 continue
+            done = work / "rows" / f"{n}_{m}_t{args.threads}.json"
+            if args.resume and done.is_file():
+                rows.append(json.loads(done.read_text()))
+                print(f"n={n:>8} {m:<17} (kept from the interrupted run)", flush=True)
+                continue
             cmd = [sys.executable, __file__, "--child", str(n), m, "--threads", str(args.threads), "--work", str(work)]
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
@@ -242,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"child {n} {m} failed")
             row = json.loads(res.stdout.strip().splitlines()[-1])
             rows.append(row)
+            atomic_write_json(done, row)
             print(f"n={n:>8} {m:<17} build {row['build_s']:8.2f}s  query {row['query_s']:8.2f}s  "
                   f"recall@50 {row['recall_at_50']:.4f}  +{row['extra_peak_mb']:7.1f} MB  {row['index']['params']}",
                   flush=True)

@@ -349,3 +349,23 @@ def test_torch_ivf_cross_modal_calibration(cross_modal) -> None:
     exact = build_index(bank, "cosine", "exact")
     assert recall_at_k(index.search(test_q, 20).indices, exact.search(test_q, 20).indices) >= 0.93
     assert index.nprobe < index.nlist  # it did prune
+
+
+def test_two_level_kmeans_cells_partition_the_bank(data, monkeypatch) -> None:
+    """Large cell counts use two-level k-means; the cells still partition the bank and every
+    row sits in the nearest cell among its nearest groups' cells (exact search at nprobe = nlist)."""
+    from he2st.retrieval import search
+
+    monkeypatch.setattr(search, "TWO_LEVEL_MIN_CELLS", 10)
+    bank, q = data
+    cent, order, offsets = search._kmeans_cells(bank, "l2", 60, seed=0)
+    assert len(cent) == len(offsets) - 1 and abs(len(cent) - 60) <= 8
+    assert offsets[-1] == len(bank) and sorted(order.tolist()) == list(range(len(bank)))
+    # most rows are in their globally nearest cell (the two-level assignment looks at 4 groups)
+    cell_of = np.empty(len(bank), dtype=np.int64)
+    cell_of[order] = np.repeat(np.arange(len(cent)), np.diff(offsets))
+    nearest = ((bank[:, None, :] - cent[None]) ** 2).sum(-1).argmin(1)
+    assert (cell_of == nearest).mean() > 0.95
+    index = search.build_torch_ivf_index(bank, "l2", nlist=60, seed=0)
+    index.nprobe = index.nlist
+    np.testing.assert_array_equal(index.search(q, 10).indices, brute_force(bank, q, 10, "l2")[0])

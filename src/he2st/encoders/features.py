@@ -511,15 +511,13 @@ def _features(
     from he2st.data.slide import meta
 
     m = meta(slide)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, lazy.spec, dev)
-    settings = _settings(lazy.ref, weights, patch_px, target_mpp, tta, stain, prec, seed)
+    dev, prec, settings, path = _resolve(slide, lazy, weights, patch_px, target_mpp, tta, stain, precision, device,
+                                         seed, cache, tokens=False)
     key = feature_key(lazy.name)
     recorded = slide.uns.get(UNS_KEY, {}).get(key)
     if key in slide.obsm and recorded is not None and _same(recorded, settings):
         return np.asarray(slide.obsm[key], dtype=np.float32)
 
-    path = _cache_path(settings, _slide_key(slide, patch_px, target_mpp), tokens=False) if cache else None
     feats = _read_cache(path, slide.n_obs) if path is not None else None
     if feats is None:
         feats = _extract(slide, lazy.get(), patch_px, target_mpp, tta, stain, batch_size, prec, num_workers, dev, False)
@@ -533,6 +531,17 @@ def _features(
     uns[key] = settings
     slide.uns[UNS_KEY] = uns
     return feats
+
+
+def _resolve(slide: Any, lazy: _LazyEncoder, weights: Any, patch_px: int, target_mpp: float | None, tta: bool,
+             stain: Any, precision: str, device: Any, seed: int, cache: bool,
+             tokens: bool) -> tuple[Any, str, dict[str, Any], Path | None]:
+    """Device, precision, the settings that key the cache, and the cache file (None without cache)."""
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, lazy.spec, dev)
+    settings = _settings(lazy.ref, weights, patch_px, target_mpp, tta, stain, prec, seed)
+    path = _cache_path(settings, _slide_key(slide, patch_px, target_mpp), tokens=tokens) if cache else None
+    return dev, prec, settings, path
 
 
 def _same(recorded: Any, settings: dict[str, Any]) -> bool:
@@ -587,10 +596,8 @@ def get_tokens(
     hit returns a read-only memory map. Parameters as :func:`get_features`.
     """
     lazy = _LazyEncoder(encoder, weights, seed)
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, lazy.spec, dev)
-    settings = _settings(lazy.ref, weights, patch_px, target_mpp, False, stain, prec, seed)
-    path = _cache_path(settings, _slide_key(slide, patch_px, target_mpp), tokens=True) if cache else None
+    dev, prec, settings, path = _resolve(slide, lazy, weights, patch_px, target_mpp, False, stain, precision, device,
+                                         seed, cache, tokens=True)
     if path is not None:
         hit = _read_cache(path, slide.n_obs, mmap=True)
         if hit is not None:

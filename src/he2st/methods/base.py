@@ -140,16 +140,13 @@ class Method(abc.ABC):
         Written to a temporary directory and renamed, so an interrupted save
         never leaves a half-written model.
         """
-        import shutil
-        import tempfile
-
         from safetensors.numpy import save_file
+
+        from he2st._utils import atomic_dir
 
         self._check_fitted()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        with atomic_dir(path) as tmp:
             config = {
                 "method": self.name,
                 "params": self.params,
@@ -161,12 +158,6 @@ class Method(abc.ABC):
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_json_safe))
             state = {k: np.ascontiguousarray(v) for k, v in self.get_state().items()}
             save_file(state, str(tmp / STATE_FILE))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return path
 
     @classmethod

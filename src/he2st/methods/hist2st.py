@@ -414,17 +414,9 @@ class Hist2ST(SlideRegressor):
             feature_dim = None
         self.dims_["dim"] = dim
         return Hist2STNet(
-            n_genes=int(self.dims_["n_genes"]),
             dim=dim,
             encoder=encoder,
             feature_dim=feature_dim,
-            n_pos=int(p["n_pos"]),
-            depth=int(p["depth"]),
-            heads=int(p["heads"]),
-            dim_head=int(p["dim_head"]),
-            mlp_dim=None if p["mlp_dim"] is None else int(p["mlp_dim"]),
-            dropout=float(p["dropout"]),
-            attention=str(p["attention"]),
             gnn_depth=int(p["gnn_depth"]),
             gat_layers=int(p["gat_layers"]) if p["gat"] else 0,
             gat_heads=int(p["gat_heads"]),
@@ -432,7 +424,7 @@ class Hist2ST(SlideRegressor):
             distill=self._distill_on,
             cls_hidden=tuple(int(w) for w in p["cls_hidden"]),
             n_classes=len(self.dims_.get("classes", [])) if p["regclass"] else 0,
-            pos_init_std=float(p["pos_init_std"]),
+            **self._transformer_kwargs(),
         )
 
     def _init_model(self, model: nn.Module, train: list[Any]) -> None:

@@ -147,19 +147,7 @@ class HisToGene(SlideRegressor):
 
     def _build_model(self) -> nn.Module:
         p = self.params
-        return HisToGeneNet(
-            patch_px=int(p["patch_px"]),
-            n_genes=int(self.dims_["n_genes"]),
-            dim=int(p["dim"]),
-            depth=int(p["depth"]),
-            heads=int(p["heads"]),
-            dim_head=int(p["dim_head"]),
-            mlp_dim=None if p["mlp_dim"] is None else int(p["mlp_dim"]),
-            dropout=float(p["dropout"]),
-            n_pos=int(p["n_pos"]),
-            attention=str(p["attention"]),
-            pos_init_std=float(p["pos_init_std"]),
-        )
+        return HisToGeneNet(patch_px=int(p["patch_px"]), dim=int(p["dim"]), **self._transformer_kwargs())
 
     def _loss(self, model: nn.Module, batch: SlideBatch) -> torch.Tensor:
         x = to_unit(batch.inputs)

@@ -173,19 +173,11 @@ class THItoGene(SlideRegressor):
         p = self.params
         return THItoGeneNet(
             patch_px=int(p["patch_px"]),
-            n_genes=int(self.dims_["n_genes"]),
             caps=int(p["caps"]),
             route_dim=int(p["route_dim"]),
-            n_pos=int(p["n_pos"]),
-            depth=int(p["depth"]),
-            heads=int(p["heads"]),
-            dim_head=int(p["dim_head"]),
-            mlp_dim=None if p["mlp_dim"] is None else int(p["mlp_dim"]),
-            dropout=float(p["dropout"]),
             gat_heads=int(p["gat_heads"]),
-            attention=str(p["attention"]),
             stride=None if p["stem_stride"] is None else int(p["stem_stride"]),
-            pos_init_std=float(p["pos_init_std"]),
+            **self._transformer_kwargs(),
         )
 
     def _loss(self, model: nn.Module, batch: SlideBatch) -> torch.Tensor:

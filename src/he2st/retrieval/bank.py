@@ -15,8 +15,6 @@ loaded memory-mapped, so a bank larger than RAM is searched chunk by chunk.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from he2st._utils import atomic_dir
 from he2st.errors import He2stInputError
 from he2st.retrieval.aggregation import aggregate
 from he2st.retrieval.search import (
@@ -207,9 +206,7 @@ class ReferenceBank:
     def save(self, path: str | Path) -> Path:
         """Write the bank to a directory, atomically (a temporary directory renamed into place)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        with atomic_dir(path) as tmp:
             _save_npy_chunked(tmp / "embeddings.npy", self.embeddings)
             _save_npy_chunked(tmp / "values.npy", self.values)
             meta = self.describe()
@@ -222,12 +219,6 @@ class ReferenceBank:
             for name, arr in _cell_arrays(self.index).items():
                 np.save(tmp / f"{name}.npy", arr)
             (tmp / "bank.json").write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
         return path
 
     @classmethod

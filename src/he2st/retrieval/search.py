@@ -988,6 +988,7 @@ def build_guided_index(
         n_cells = int(round(2 * math.sqrt(n)))
     n_cells = int(max(1, min(n_cells, n // 39 if n >= 39 else 1)))
     _, order, offsets = _kmeans_cells(embeddings, metric, n_cells, seed)
+    n_cells = len(offsets) - 1  # two-level k-means may give a few cells more or fewer
     cell_of = np.empty(n, dtype=np.int64)
     cell_of[order] = np.repeat(np.arange(n_cells), np.diff(offsets))
     exact = TorchExactIndex(embeddings, metric)

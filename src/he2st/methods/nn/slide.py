@@ -199,6 +199,21 @@ class SlideRegressor(Method):
     def _forward(self, model: nn.Module, batch: SlideBatch) -> torch.Tensor:
         """Predicted expression ``(n, n_genes)`` on the normalised scale (eval mode)."""
 
+    def _transformer_kwargs(self) -> dict[str, Any]:
+        """The spot-Transformer settings every slide-level network takes, from ``self.params``."""
+        p = self.params
+        return {
+            "n_genes": int(self.dims_["n_genes"]),
+            "n_pos": int(p["n_pos"]),
+            "depth": int(p["depth"]),
+            "heads": int(p["heads"]),
+            "dim_head": int(p["dim_head"]),
+            "mlp_dim": None if p["mlp_dim"] is None else int(p["mlp_dim"]),
+            "dropout": float(p["dropout"]),
+            "attention": str(p["attention"]),
+            "pos_init_std": float(p["pos_init_std"]),
+        }
+
     def _val_loss(self, model: nn.Module, batch: SlideBatch) -> torch.Tensor:
         """Validation loss: MSE of the prediction."""
         return torch.mean((self._forward(model, batch) - batch.targets) ** 2)
