@@ -17,9 +17,6 @@ This script measures what :mod:`he2st.retrieval` does about it, in one run:
 - ``hnsw``: faiss HNSW (M=32, efConstruction=64), ``efSearch`` calibrated the same
   way (only up to ``--hnsw-max`` rows, default 100k: on these cross-modal queries it needs
   ``efSearch`` in the thousands, see the results);
-- ``guided``: :class:`he2st.retrieval.QueryGuidedIndex`, guided by 5,000 training queries
-  (as a method uses its training image embeddings), ``m`` calibrated on a held-out
-  training section.
 
 Embeddings are real: a BLEEP model (frozen ``efficientnet_lite0`` ImageNet features,
 ``--epochs`` epochs, other settings the paper's) trained on her2st C2-C6; the bank is
@@ -29,7 +26,7 @@ sections enter through ``reference_slides``), the queries the image embeddings o
 norm is on average half the median nearest-neighbour distance of the real rows), so
 the neighbour structure stays that of the trained space. The 5,000 evaluation queries
 come from section C2 only (its 187 real image embeddings + jittered copies); every
-query an index may learn from (IVF/HNSW calibration, guides) comes from C3-C6, as a
+query an index may learn from (IVF/HNSW calibration) comes from C3-C6, as a
 test slide is unseen by a fitted method. Cosine similarity (BLEEP's metric), k = 50.
 
 Each (size, method) runs in its own process: time = wall clock of building the index
@@ -58,8 +55,7 @@ K = 50
 N_QUERIES = 5000
 N_CALIBRATION = 500
 TARGET_RECALL = 0.95
-METHODS = ("exact-torch", "exact-torch-mmap", "exact-torch-bf16", "exact-faiss", "ivf", "ivf-faiss", "hnsw", "guided")
-N_TRAINING = 5000
+METHODS = ("exact-torch", "exact-torch-mmap", "exact-torch-bf16", "exact-faiss", "ivf", "ivf-faiss", "hnsw")
 
 
 def _status_kb(field: str) -> int:
@@ -84,8 +80,6 @@ def child(work: Path, n: int, method: str, threads: int) -> dict:
 
     queries = np.load(work / "queries.npy")
     calib = np.load(work / "calibration.npy")
-    train_q = np.load(work / "training_queries.npy")
-    train_groups = np.load(work / "training_groups.npy")
     if method == "exact-torch-mmap":
         bank = np.load(work / f"bank_{n}.npy", mmap_mode="r")
     else:
@@ -95,9 +89,6 @@ def child(work: Path, n: int, method: str, threads: int) -> dict:
     if method.startswith("exact"):
         index = build_index(bank, "cosine", "exact", backend="faiss" if method == "exact-faiss" else "torch",
                             precision="bf16" if method == "exact-torch-bf16" else "fp32")
-    elif method == "guided":
-        index = build_index(bank, "cosine", "guided", k=K, target_recall=TARGET_RECALL, training_queries=train_q,
-                            query_groups=train_groups, seed=0)
     else:
         kind, backend = {"ivf": ("ivf", "torch"), "ivf-faiss": ("ivf", "faiss"), "hnsw": ("hnsw", "faiss")}[method]
         index = build_index(bank, "cosine", kind, backend=backend, k=K, target_recall=TARGET_RECALL,
@@ -227,9 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     is_test = real["section"] == "C2"
     test_real, train_real = real["queries"][is_test], real["queries"][~is_test]
     np.save(work / "queries.npy", jittered(test_real, N_QUERIES, 0.5 * mnn_q, seed=1))
-    train_q, src = jittered(train_real, N_TRAINING, 0.5 * mnn_q, seed=2, with_source=True)
-    np.save(work / "training_queries.npy", train_q)
-    np.save(work / "training_groups.npy", real["section"][~is_test][src])
     np.save(work / "calibration.npy", jittered(train_real, N_CALIBRATION, 0.5 * mnn_q, seed=4, keep_real=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "HE2ST_QUIET": "1"}
 

@@ -265,42 +265,6 @@ def cross_modal() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return draw(20000, shift_b), draw(1500, shift_q), groups, draw(300, shift_q)
 
 
-def test_query_guided_index(cross_modal, tmp_path) -> None:
-    from he2st.retrieval import QueryGuidedIndex
-
-    bank, train_q, groups, test_q = cross_modal
-    index = build_index(bank, "cosine", "guided", k=20, target_recall=0.95, training_queries=train_q,
-                        query_groups=groups, seed=0)
-    assert isinstance(index, QueryGuidedIndex)
-    params = index.describe()["params"]
-    # calibration held out whole groups (1 of 6 groups of 250 queries): 1250 guides
-    assert params["guides"] == 1250 and index.calibration.n_queries == 250
-    assert params["cells"] == round(2 * np.sqrt(len(bank)))
-    assert index.calibration.recall >= 0.95
-    # a query scores the cells of its m guides: a small share of the 20,000-row bank
-    assert params["m"] * params["cells_per_guide"] < 0.25 * params["cells"]
-    sizes = np.diff(index.cell_offsets)
-    assert sizes.sum() == len(bank) and sorted(index.cell_order.tolist()) == list(range(len(bank)))
-    exact = build_index(bank, "cosine", "exact")
-    assert recall_at_k(index.search(test_q, 20).indices, exact.search(test_q, 20).indices) >= 0.9
-    # results are exact distances of real, distinct, non-excluded rows
-    excluded = np.arange(0, len(bank), 2)
-    nb = index.search(test_q, 20, exclude=excluded)
-    assert not np.isin(nb.indices, excluded).any()
-    assert all(len(set(r[r >= 0])) == (r >= 0).sum() for r in nb.indices)
-    _, d = brute_force(bank, test_q, 20, "cosine")
-    assert (nb.distances >= d - 1e-5).all()
-    with pytest.raises(He2stInputError, match="training_queries"):
-        build_index(bank, "cosine", "guided")
-    # persisted with the bank
-    rb = ReferenceBank.from_blocks([(bank, np.zeros((len(bank), 1)), "S", "P", "train")], metric="cosine")
-    rb.index = index
-    rb.save(tmp_path / "b")
-    again = ReferenceBank.load(tmp_path / "b")
-    assert isinstance(again.index, QueryGuidedIndex) and again.index.m == index.m
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(
-        ["bank.json", "embeddings.npy", "values.npy", "guide_queries.npy", "guide_cells.npy", "cell_order.npy",
-         "cell_offsets.npy"])
     np.testing.assert_array_equal(again.search(test_q, 20).indices, rb.search(test_q, 20).indices)
     state = ReferenceBank.from_state(rb.state_arrays(), rb.state_meta())
     np.testing.assert_array_equal(state.search(test_q, 20).indices, rb.search(test_q, 20).indices)

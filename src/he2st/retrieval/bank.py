@@ -29,7 +29,6 @@ from he2st.retrieval.search import (
     FaissIndex,
     Index,
     Neighbors,
-    QueryGuidedIndex,
     TorchIVFIndex,
     build_index,
     check_metric,
@@ -316,17 +315,11 @@ def _restore_calibration(index: Index, info: dict[str, Any]) -> None:
 
 
 #: Arrays that persist the cell-based torch indexes, by (kind, backend).
-_CELL_ARRAYS = {
-    ("guided", "torch"): ("guide_queries", "guide_cells", "cell_order", "cell_offsets"),
-    ("ivf", "torch"): ("centroids", "cell_order", "cell_offsets"),
-}
+_CELL_ARRAYS = {("ivf", "torch"): ("centroids", "cell_order", "cell_offsets")}
 
 
 def _cell_arrays(index: Index | None) -> dict[str, np.ndarray]:
-    """The arrays of a cell-based torch index (empty for other indexes)."""
-    if isinstance(index, QueryGuidedIndex):
-        return {"guide_queries": index.guides, "guide_cells": index.guide_cells, "cell_order": index.cell_order,
-                "cell_offsets": index.cell_offsets}
+    """The arrays of a :class:`TorchIVFIndex` (empty for other indexes)."""
     if isinstance(index, TorchIVFIndex):
         return {"centroids": index.centroids, "cell_order": index.cell_order, "cell_offsets": index.cell_offsets}
     return {}
@@ -334,13 +327,7 @@ def _cell_arrays(index: Index | None) -> dict[str, np.ndarray]:
 
 def _cells_from(emb: Any, metric: str, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> Index:
     params = info["params"]
-    index: Index
-    if info["kind"] == "ivf":
-        index = TorchIVFIndex(emb, metric, arrays["centroids"], arrays["cell_order"], arrays["cell_offsets"],
-                              nprobe=params["nprobe"], n_seed=params.get("n_seed", 8))
-    else:
-        index = QueryGuidedIndex(emb, metric, arrays["guide_queries"], arrays["guide_cells"], arrays["cell_order"],
-                                 arrays["cell_offsets"], m=params["m"], rerank=params["rerank"])
-        index.width = int(params.get("width", 0))
+    index = TorchIVFIndex(emb, metric, arrays["centroids"], arrays["cell_order"], arrays["cell_offsets"],
+                          nprobe=params["nprobe"], n_seed=params.get("n_seed", 8))
     _restore_calibration(index, info)
     return index

@@ -47,11 +47,9 @@ Search
 ``search="exact"`` (chunked torch, or faiss flat with ``search_backend="faiss"``),
 ``"ivf"`` (:class:`he2st.retrieval.TorchIVFIndex`: fine k-means cells scanned cell by
 cell for the whole test slide at once; the fast choice for large banks, or faiss
-IVF-Flat with ``search_backend="faiss"``), ``"guided"`` (query-guided candidates,
-:class:`he2st.retrieval.QueryGuidedIndex`), ``"hnsw"`` or ``"auto"`` (exact up to
+IVF-Flat with ``search_backend="faiss"``), ``"hnsw"`` or ``"auto"`` (exact up to
 200k reference spots, IVF above); approximate indexes are calibrated on the
-training image embeddings (guided: on held-out training slides) to reach
-``target_recall`` at ``top_k``.
+training image embeddings to reach ``target_recall`` at ``top_k``.
 """
 
 from __future__ import annotations
@@ -78,7 +76,7 @@ from he2st.methods.nn.train import (
 )
 from he2st.retrieval.aggregation import AGGREGATIONS
 from he2st.retrieval.bank import BankLeakageError, ReferenceBank
-from he2st.retrieval.search import BACKENDS, KINDS, METRICS, Neighbors, QueryGuidedIndex
+from he2st.retrieval.search import BACKENDS, KINDS, METRICS, Neighbors
 
 MODES = ("frozen", "finetune")
 OVERLAP = ("error", "exclude")
@@ -421,9 +419,8 @@ class ContrastiveRetrieval(Method):
         if p["search"] == "exact":
             self._build_index(None)
         else:
-            # The training image embeddings are the queries an approximate index is calibrated on
-            # (and, for "guided", the guides; held-out calibration by whole slides).
-            self._build_index(self._embed_images(Xa), slide_idx)
+            # The training image embeddings are the queries an approximate index is calibrated on.
+            self._build_index(self._embed_images(Xa))
         self.net_.cpu()
 
     def _reference_block(self, slide: Any) -> tuple[np.ndarray, np.ndarray, str, str, str]:
@@ -432,7 +429,7 @@ class ContrastiveRetrieval(Method):
                        dtype=np.float32)
         return self._embed_expression(y, self._positions(slide)), y, m.slide_id, m.patient, "reference"
 
-    def _build_index(self, queries: np.ndarray | None, groups: np.ndarray | None = None) -> None:
+    def _build_index(self, queries: np.ndarray | None) -> None:
         """Search index of the bank; approximate kinds are calibrated on ``queries`` (training images)."""
         p = self.params
         assert self.bank_ is not None
@@ -444,8 +441,7 @@ class ContrastiveRetrieval(Method):
         # on bank rows: cross-modal queries need far more probes than in-modality ones.
         self.calibration_queries_ = calib
         self.bank_.build_index(p["search"], backend=p["search_backend"], k=int(p["top_k"]),
-                               target_recall=float(p["target_recall"]), calibration_queries=calib,
-                               training_queries=queries, query_groups=groups, seed=int(p["seed"]))
+                               target_recall=float(p["target_recall"]), calibration_queries=calib, seed=int(p["seed"]))
 
     # -- embeddings ---------------------------------------------------------------------
     @torch.no_grad()
@@ -536,11 +532,9 @@ class ContrastiveRetrieval(Method):
             if self.bank_.contains_slide(meta(s).slide_id):
                 raise He2stInputError(f"slide {meta(s).slide_id!r} is already in the bank of method {self.name!r}")
             blocks.append(self._reference_block(s))
-        old = self.bank_.index
         self.bank_ = ReferenceBank.from_blocks(blocks, metric=self.params["metric"], genes=self.genes)
-        # The training images are not kept: a guided index re-uses its guides (exact lists over the
-        # new bank); IVF / HNSW are re-calibrated on the kept sample of training image embeddings.
-        self._build_index(old.guides if isinstance(old, QueryGuidedIndex) else self.calibration_queries_)
+        # IVF / HNSW are re-calibrated on the kept sample of training image embeddings.
+        self._build_index(self.calibration_queries_)
 
     # -- persistence --------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:

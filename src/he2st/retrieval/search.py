@@ -36,7 +36,7 @@ import numpy as np
 from he2st.errors import He2stInputError
 
 METRICS = ("cosine", "l2", "l1")
-KINDS = ("exact", "ivf", "hnsw", "guided", "auto")
+KINDS = ("exact", "ivf", "hnsw", "auto")
 BACKENDS = ("torch", "faiss")
 
 #: Largest HNSW ``efSearch`` tried by calibration (beyond it, exact search is cheaper).
@@ -717,8 +717,8 @@ def build_torch_ivf_index(embeddings: Any, metric: str = "cosine", *, nlist: int
     ``nlist`` defaults to ``n / 64`` (cells of ~64 rows), far finer than faiss' ``4 sqrt(n)``
     rule: for queries from the other modality a cell is ranked by its centroid, and only a
     centroid close to each of its rows ranks the cell holding a query's best rows near the
-    top (on the 1M-row benchmark bank, 15,625 cells reach recall@50 0.95 scanning ~2 % of
-    the bank; 4,000 cells need ~10 %). ``train_rows`` limits the k-means sample to those rows
+    top (on the 1M-row benchmark bank, 15,625 cells reach recall@50 0.95 probing 1.8 % of
+    them; 4,000 cells need 11 %). ``train_rows`` limits the k-means sample to those rows
     (calibration rows stay out of it).
     """
     n = int(embeddings.shape[0])
@@ -729,116 +729,6 @@ def build_torch_ivf_index(embeddings: Any, metric: str = "cosine", *, nlist: int
     centroids, order, offsets = _kmeans_cells(embeddings, metric, nlist, seed, iters=kmeans_iters,
                                               train_per_cell=train_per_list, train_rows=train_rows)
     return TorchIVFIndex(embeddings, metric, centroids, order, offsets, n_seed=n_seed)
-
-
-# -- query-guided candidates ------------------------------------------------------
-
-
-class QueryGuidedIndex(Index):
-    """Cross-modal search through the neighbour lists of known queries ("two hops").
-
-    Retrieval methods query a bank of *expression* embeddings with *image*
-    embeddings. In a contrastive joint space the two modalities occupy
-    separate narrow cones (the "modality gap" of CLIP-like models): every bank
-    row is about equally far from a query, the true top-k lie spread over the
-    bank's hull, and partition or graph indexes built from the bank alone
-    (IVF, HNSW) must visit most of it to find them. The queries, however, are
-    in-distribution among each other, and nearby queries share most of their
-    neighbours (hub rows).
-
-    Build: the bank is partitioned into ``n_cells`` k-means cells and stored
-    cell by cell (a bfloat16 copy, normalised for cosine). ``guides`` --
-    training queries (for a method: its training image embeddings) -- keep
-    the cells holding their exact top-``list_k`` rows.
-
-    Search: a query finds its ``m`` nearest guides (exact, over the small
-    guide set); the union of their cells is scored with one bfloat16 matrix
-    product per group of queries sharing a nearest guide; the best
-    ``rerank`` candidates are re-scored exactly in float32. ``m`` is
-    calibrated like ``nprobe``: the smallest value reaching the requested
-    recall on held-out queries. Related to query-aware indexes for
-    out-of-distribution ANN search (RoarGraph, Chen et al., VLDB 2024).
-    """
-
-    kind = "guided"
-    backend = "torch"
-
-    def __init__(self, embeddings: Any, metric: str, guides: np.ndarray, guide_cells: np.ndarray,
-                 cell_order: np.ndarray, cell_offsets: np.ndarray, m: int = 8, rerank: int = 200,
-                 chunk: int = 32) -> None:
-        super().__init__(embeddings, metric)
-        self.guides = np.ascontiguousarray(guides, dtype=np.float32)
-        self.guide_cells = np.ascontiguousarray(guide_cells, dtype=np.int32)  # (n_guides, c), -1 padded
-        self.cell_order = np.ascontiguousarray(cell_order, dtype=np.int64)  # bank rows, cell by cell
-        self.cell_offsets = np.ascontiguousarray(cell_offsets, dtype=np.int64)  # (n_cells + 1,)
-        self.m, self.rerank, self.chunk = int(m), int(rerank), int(chunk)
-        self.width = 0  # cells kept per guide (0: all); calibrated with m
-        self._guide_index = TorchExactIndex(self.guides, metric)
-        self._packed: Any = None
-
-    @property
-    def n_cells(self) -> int:
-        return len(self.cell_offsets) - 1
-
-    def search_params(self) -> dict[str, Any]:
-        gc = self.guide_cells[:, : self.width] if self.width else self.guide_cells
-        return {"guides": int(len(self.guides)), "cells": self.n_cells, "m": self.m, "rerank": self.rerank,
-                "width": self.width, "cells_per_guide": round(float((gc >= 0).sum(1).mean()), 1)}
-
-    def _pack(self) -> Any:
-        """Bank rows in cell order as bfloat16 (unit rows for cosine) + float32 squared norms."""
-        import torch
-
-        if self._packed is None:
-            parts, norms = [], []
-            for s in range(0, self.ntotal, 65536):
-                x = np.asarray(self.embeddings[self.cell_order[s : s + 65536]], dtype=np.float32)
-                if self.metric == "cosine":
-                    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-                norms.append(np.einsum("ij,ij->i", x, x))
-                parts.append(torch.from_numpy(x).to(torch.bfloat16))
-            self._packed = (torch.cat(parts), torch.from_numpy(np.concatenate(norms)))
-        return self._packed
-
-    def _search_ids(self, queries: np.ndarray, k: int, exclude: np.ndarray | None, setting: int | None = None) -> np.ndarray:
-        import torch
-
-        packed, sq = self._pack()
-        m = min(int(setting if setting is not None else self.m), len(self.guides))
-        near = self._guide_index._search_ids(queries, m, None)
-        n_keep = max(k, min(self.rerank, self.ntotal))
-        out = np.full((len(queries), n_keep), -1, dtype=np.int64)
-        excl_sorted = None if exclude is None else torch.from_numpy(exclude[self.cell_order])
-        # Queries whose nearest guides start from the same cell share most cells: score them together.
-        gc = self.guide_cells[:, : self.width] if self.width else self.guide_cells
-        order = np.lexsort((near[:, 0], gc[near[:, 0], 0]))
-        for s in range(0, len(queries), self.chunk):
-            rows_q = order[s : s + self.chunk]
-            cells = np.unique(gc[near[rows_q]])
-            cells = cells[cells >= 0]
-            spans = [np.arange(self.cell_offsets[c], self.cell_offsets[c + 1]) for c in cells]
-            pos = torch.from_numpy(np.concatenate(spans)) if spans else torch.zeros(0, dtype=torch.int64)
-            if len(pos) == 0:
-                continue
-            q = torch.from_numpy(np.ascontiguousarray(queries[rows_q]))
-            if self.metric == "cosine":
-                q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            block = packed[pos]
-            if self.metric == "l1":
-                score = -torch.cdist(q, block.float(), p=1.0)
-            else:
-                score = (q.to(torch.bfloat16) @ block.T).float()
-                if self.metric == "l2":
-                    score = 2.0 * score - sq[pos][None, :]
-            if excl_sorted is not None:
-                score.masked_fill_(excl_sorted[pos][None, :], -math.inf)
-            kk = min(n_keep, score.shape[1])
-            val, idx = torch.topk(score, kk, dim=1)
-            ids = self.cell_order[pos.numpy()[idx.numpy()]]
-            ids[~np.isfinite(val.numpy())] = -1
-            out[rows_q, :kk] = ids
-        # bfloat16 picked the candidates; float32 distances decide the final top k.
-        return _rerank(self.embeddings, queries, out, k, self.metric)
 
 
 #: Above this many cells, k-means runs in two levels (sqrt(n_cells) groups, then cells within each).
@@ -924,115 +814,6 @@ def _kmeans_cells(embeddings: Any, metric: str, n_cells: int, seed: int, iters: 
     return cent.numpy(), order, offsets
 
 
-def build_guided_index(
-    embeddings: Any,
-    training_queries: Any,
-    metric: str = "cosine",
-    *,
-    k: int = 50,
-    target_recall: float = 0.95,
-    calibration_queries: Any = None,
-    query_groups: Any = None,
-    list_k: int | None = None,
-    n_cells: int | None = None,
-    rerank: int | None = None,
-    calibration_fraction: float = 0.2,
-    max_guides: int = 20000,
-    seed: int = 0,
-) -> QueryGuidedIndex:
-    """Build a :class:`QueryGuidedIndex` from training queries.
-
-    Parameters
-    ----------
-    embeddings
-        ``(n, dim)`` bank.
-    training_queries
-        ``(q, dim)`` queries typical of later use (at most ``max_guides`` are kept).
-    metric, k, target_recall
-        As :func:`build_index`; ``m`` is calibrated to reach recall@k >= target.
-    calibration_queries
-        Held-out queries for the calibration. When None, a ``calibration_fraction``
-        of the training queries is held out of the guides -- whole groups when
-        ``query_groups`` (e.g. the slide of each training spot) is given, so that
-        calibration sees queries from unseen slides, as a test slide will be.
-    list_k
-        Exact neighbours whose cells each guide keeps (default ``max(4 k, 200, n / 200)``).
-    n_cells
-        k-means cells of the bank (default ``2 sqrt(n)``, at most ``n / 39``).
-    rerank
-        Candidates re-scored in float32 per query (default ``max(4 k, 100)``).
-    """
-    n = int(embeddings.shape[0])
-    q = _as_queries(training_queries, int(embeddings.shape[1]))
-    if len(q) < 2:
-        raise He2stInputError("a query-guided index needs at least 2 training queries")
-    rng = np.random.default_rng(seed)
-    if calibration_queries is None:
-        held = np.zeros(len(q), dtype=bool)
-        groups = None if query_groups is None else np.asarray(query_groups)
-        if groups is not None and len(groups) != len(q):
-            raise He2stInputError(f"{len(groups)} query groups for {len(q)} training queries")
-        if groups is not None and len(np.unique(groups)) >= 2:
-            uniq = np.unique(groups)
-            n_hold = max(1, int(round(calibration_fraction * len(uniq))))
-            held = np.isin(groups, rng.choice(uniq, size=n_hold, replace=False))
-        else:
-            held[rng.choice(len(q), size=max(1, int(calibration_fraction * len(q))), replace=False)] = True
-        cal, guides = q[held], q[~held]
-    else:
-        cal, guides = _as_queries(calibration_queries, q.shape[1]), q
-    if len(guides) > max_guides:
-        guides = guides[np.sort(rng.choice(len(guides), size=max_guides, replace=False))]
-    list_k = min(n, int(list_k) if list_k is not None else max(4 * k, 200, n // 200))
-    if n_cells is None:
-        n_cells = int(round(2 * math.sqrt(n)))
-    n_cells = int(max(1, min(n_cells, n // 39 if n >= 39 else 1)))
-    _, order, offsets = _kmeans_cells(embeddings, metric, n_cells, seed)
-    n_cells = len(offsets) - 1  # two-level k-means may give a few cells more or fewer
-    cell_of = np.empty(n, dtype=np.int64)
-    cell_of[order] = np.repeat(np.arange(n_cells), np.diff(offsets))
-    exact = TorchExactIndex(embeddings, metric)
-    lists = exact._search_ids(guides, list_k, None)
-    # Cells in the order of each guide's exact ranking (first: the cell of its nearest row).
-    per_guide = []
-    for r in lists:
-        c = cell_of[r[r >= 0]]
-        _, first = np.unique(c, return_index=True)
-        per_guide.append(c[np.sort(first)])
-    width = max(len(c) for c in per_guide)
-    guide_cells = np.full((len(guides), width), -1, dtype=np.int32)
-    for i, c in enumerate(per_guide):
-        guide_cells[i, : len(c)] = c
-    index = QueryGuidedIndex(embeddings, metric, guides, guide_cells, order, offsets,
-                             rerank=int(rerank) if rerank is not None else max(4 * k, 100))
-    truth = exact._search_ids(cal, min(k, n), None)
-    candidates = [1]
-    while candidates[-1] < len(guides):
-        candidates.append(min(candidates[-1] * 2, len(guides)))
-    # Two knobs: cells kept per guide (width) and guides per query (m). For each width, the
-    # smallest m reaching the target; keep the pair that scores the fewest cells per query.
-    best = None
-    widths = sorted({w for w in (width // 8, width // 4, width // 2, width) if w >= 1})
-    tried_all: dict[int, float] = {}
-    for w in widths:
-        index.width = w
-        m_w, rec_w, tried = _calibrate(index, cal, truth, target_recall, candidates)
-        tried_all.update({w * 100000 + mm: r for mm, r in tried.items()})
-        cost = m_w * float((guide_cells[:, :w] >= 0).sum(1).mean())
-        if rec_w >= target_recall and (best is None or cost < best[0]):
-            best = (cost, w, m_w, rec_w)
-        elif best is None and w == widths[-1]:
-            best = (cost, w, m_w, rec_w)
-    _, index.width, index.m, recall = best
-    index.calibration = _Calibration(target_recall, k, recall, len(cal), tried_all)
-    if recall < target_recall:
-        import warnings
-
-        warnings.warn(f"guided index reaches recall@{k} = {recall:.3f} < {target_recall} with all "
-                      f"{len(guides)} guides; raise list_k or use exact search", stacklevel=2)
-    return index
-
-
 # -- public builder ---------------------------------------------------------
 
 
@@ -1046,9 +827,6 @@ def build_index(
     target_recall: float = 0.95,
     calibration_queries: Any = None,
     n_calibration: int = 500,
-    training_queries: Any = None,
-    query_groups: Any = None,
-    list_k: int | None = None,
     nlist: int | None = None,
     kmeans_iters: int = 10,
     train_per_list: int = 40,
@@ -1069,9 +847,7 @@ def build_index(
         ``"cosine"``, ``"l2"`` or ``"l1"``.
     kind
         ``"exact"``, ``"ivf"`` (:class:`TorchIVFIndex`, or faiss IVF-Flat with
-        ``backend="faiss"``), ``"hnsw"`` (faiss HNSW-Flat),
-        ``"guided"`` (:class:`QueryGuidedIndex`, needs ``training_queries``; the
-        alternative for cross-modal queries) or ``"auto"`` (exact below
+        ``backend="faiss"``), ``"hnsw"`` (faiss HNSW-Flat) or ``"auto"`` (exact up to
         :data:`AUTO_EXACT_MAX` rows, IVF above).
     backend
         For ``kind="exact"``: ``"torch"`` (chunked, memory-bounded, CUDA if
@@ -1086,8 +862,6 @@ def build_index(
         its own results.
     n_calibration
         Number of calibration queries.
-    training_queries, query_groups, list_k
-        For ``kind="guided"``, see :func:`build_guided_index`.
     nlist
         IVF cells; default ``n / 64`` for the torch backend (see
         :func:`build_torch_ivf_index`), ``4 * sqrt(n)`` for faiss (at most
@@ -1121,12 +895,6 @@ def build_index(
     n, d = int(embeddings.shape[0]), int(embeddings.shape[1])
     if kind == "auto":
         kind = "exact" if n <= AUTO_EXACT_MAX else "ivf"
-    if kind == "guided":
-        if training_queries is None:
-            raise He2stInputError("kind='guided' needs training_queries (e.g. the training image embeddings)")
-        return build_guided_index(embeddings, training_queries, metric, k=k, target_recall=target_recall,
-                                  calibration_queries=calibration_queries, query_groups=query_groups,
-                                  list_k=list_k, seed=seed)
     if kind == "exact":
         if backend == "torch":
             return TorchExactIndex(embeddings, metric, device=device, precision=precision)
