@@ -67,3 +67,15 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory):
     from he2st.datasets import synthetic
 
     return synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, seed=0, root=tmp_path_factory.mktemp("syn"))
+
+
+@pytest.fixture(scope="module")
+def cohort(tiny_cohort):
+    """The cohort a method test trains on (a test module may override it with its own)."""
+    return tiny_cohort
+
+
+@pytest.fixture(scope="module")
+def genes(cohort):
+    """All genes of the (possibly overridden) ``cohort``."""
+    return list(map(str, cohort[0].var_names))

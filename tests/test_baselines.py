@@ -13,16 +13,6 @@ from he2st.methods import create_method, load_method
 FEAT = {"encoder": "color_stats", "weights": None, "patch_px": 32}
 
 
-@pytest.fixture(scope="module")
-def cohort(tiny_cohort):
-    return tiny_cohort
-
-
-@pytest.fixture(scope="module")
-def genes(cohort):
-    return list(map(str, cohort[0].var_names))
-
-
 def _score(model, slide):
     return evaluate_slide(model.targets(slide), model.predict(slide), model.genes).as_dict()
 

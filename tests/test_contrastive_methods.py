@@ -33,11 +33,6 @@ def cohort(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def genes(cohort):
-    return list(map(str, cohort[0].var_names))
-
-
-@pytest.fixture(scope="module")
 def token_cache(cohort):
     """ConvMixer tokens of the imaged slides, computed once (each test gets a fresh on-disk cache)."""
     from he2st.encoders import get_tokens

@@ -11,11 +11,6 @@ from he2st.methods import create_method, list_methods, load_method
 STNET = dict(encoder="color_stats", weights=None, patch_px=32, tta=False, lr=1e-2, epochs=4)
 
 
-@pytest.fixture(scope="module")
-def cohort(tiny_cohort):
-    return tiny_cohort
-
-
 def test_registered_and_validated() -> None:
     assert {"ensemble", "stnet", "deepspace", "stimage"} <= set(list_methods())
     with pytest.raises(He2stInputError, match="name the method"):

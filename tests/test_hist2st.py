@@ -20,15 +20,6 @@ FAST = {
     "gnn_depth": 2, "distill_views": 2, "lr": 3e-3, "epochs": 30, "dropout": 0.1,
 }
 
-@pytest.fixture(scope="module")
-def cohort(tiny_cohort):
-    return tiny_cohort
-
-
-@pytest.fixture(scope="module")
-def genes(cohort):
-    return list(map(str, cohort[0].var_names))
-
 
 @pytest.fixture(scope="module")
 def fitted(cohort, genes):

@@ -17,16 +17,6 @@ FAST = {"patch_px": 32, "dim": 64, "depth": 1, "heads": 4, "dim_head": 16, "mlp_
 
 
 @pytest.fixture(scope="module")
-def cohort(tiny_cohort):
-    return tiny_cohort
-
-
-@pytest.fixture(scope="module")
-def genes(cohort):
-    return list(map(str, cohort[0].var_names))
-
-
-@pytest.fixture(scope="module")
 def fitted(cohort, genes):
     return create_method("histogene", **FAST).fit(cohort[:2], genes)
 

@@ -265,11 +265,6 @@ def cross_modal() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return draw(20000, shift_b), draw(1500, shift_q), groups, draw(300, shift_q)
 
 
-    np.testing.assert_array_equal(again.search(test_q, 20).indices, rb.search(test_q, 20).indices)
-    state = ReferenceBank.from_state(rb.state_arrays(), rb.state_meta())
-    np.testing.assert_array_equal(state.search(test_q, 20).indices, rb.search(test_q, 20).indices)
-
-
 @pytest.mark.parametrize("metric", ["cosine", "l2", "l1"])
 def test_torch_ivf_scans_probed_cells_exactly(data, metric) -> None:
     """Batched cell-by-cell scan: with every cell probed it is exact search; with fewer, it is

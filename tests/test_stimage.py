@@ -17,13 +17,6 @@ from _helpers import mean_pcc
 FAST = dict(encoder="color_stats", weights=None, patch_px=32, lr=3e-2, epochs=40, batch_size=32, n_models=3)
 
 
-@pytest.fixture(scope="module")
-def cohort(tiny_cohort):
-    return tiny_cohort
-
-
-
-
 def test_defaults_are_the_papers() -> None:
     m = create_method("stimage")
     p = m.params

@@ -14,13 +14,6 @@ from _helpers import mean_pcc
 FAST = dict(encoder="color_stats", weights=None, patch_px=32, tta=False, lr=1e-3, epochs=12)
 
 
-@pytest.fixture(scope="module")
-def cohort(tiny_cohort):
-    return tiny_cohort
-
-
-
-
 def test_defaults_are_the_papers() -> None:
     m = create_method("stnet")
     p = m.params

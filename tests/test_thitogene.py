@@ -25,15 +25,6 @@ FAST = {
     "lr": 1e-3, "epochs": 40, "augment": "hist2st", "pos_init_std": 0.02,
 }
 
-@pytest.fixture(scope="module")
-def cohort(tiny_cohort):
-    return tiny_cohort
-
-
-@pytest.fixture(scope="module")
-def genes(cohort):
-    return list(map(str, cohort[0].var_names))
-
 
 @pytest.fixture(scope="module")
 def fitted(cohort, genes):
