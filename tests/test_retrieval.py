@@ -298,6 +298,12 @@ def test_torch_ivf_scans_probed_cells_exactly(data, metric) -> None:
         np.testing.assert_allclose(np.sort(nb.distances[i]), np.sort(d_all[i][allowed][:15]), rtol=1e-5, atol=1e-5)
         assert len(np.intersect1d(nb.indices[i], want)) >= 14  # ties at float32 precision aside
     assert not np.isin(nb.indices, excluded).any()
+    # never fewer than k results while the bank has k eligible rows: a query whose probed
+    # cells are all excluded (or too small) widens its probes
+    index.nprobe = 1
+    own = np.isin(cell_of, probes[:, 0])
+    nb = index.search(q, 15, exclude=own)
+    assert (nb.indices >= 0).all() and not own[nb.indices].any()
 
 
 def test_torch_ivf_cross_modal_calibration(cross_modal) -> None:

@@ -683,7 +683,13 @@ class TorchIVFIndex(Index):
                     kept, n_kept = [], 0
             best_s, best_i = _merge_topk(best_s, best_i, kept)
         best_i[~torch.isfinite(best_s)] = -1
-        return best_i.numpy()
+        out = best_i.numpy()
+        # A query whose probed cells hold fewer than k eligible rows (small cells, or rows
+        # excluded for the test patient) probes twice as many, until it has k or saw every cell.
+        short = np.flatnonzero(out[:, -1] < 0)
+        if len(short) and nprobe < self.nlist:
+            out[short] = self._search_ids(queries[short], k, exclude, min(2 * nprobe, self.nlist))
+        return out
 
 
 def _merge_topk(best_s: Any, best_i: Any, kept: list[tuple[Any, Any, Any]]) -> tuple[Any, Any]:
