@@ -647,7 +647,7 @@ class TorchIVFIndex(Index):
             probes = self._probes(q, nprobe)
             nq = len(q)
 
-            def cells(pr: Any):  # yields (cell, its queries, scores)
+            def cells(pr: Any):  # yields (first packed row of a cell, the queries probing it, their scores)
                 qid, counts = self._by_cell(pr)
                 pos = 0
                 for c, cnt in enumerate(counts):
@@ -674,7 +674,10 @@ class TorchIVFIndex(Index):
             kept: list[tuple[Any, Any, Any]] = []
             n_kept = 0
             for lo, qs, score in cells(probes[:, n_seed:]):
-                qi, ri = torch.nonzero(score >= best_s[qs, -1][:, None], as_tuple=True)
+                keep = score >= best_s[qs, -1][:, None]
+                if excl is not None:  # while a list is short its bound is -inf: never keep excluded rows
+                    keep &= score > -math.inf
+                qi, ri = torch.nonzero(keep, as_tuple=True)
                 if len(qi):
                     kept.append((qs[qi], order_t[lo + ri], score[qi, ri]))
                     n_kept += len(qi)
