@@ -320,31 +320,42 @@ class TorchExactIndex(Index):
                 best_i = torch.full((len(q), k), -1, dtype=torch.int64, device=dev)
                 for bs in range(0, self.ntotal, self.bank_chunk):
                     block = self._block(bs, dev)
-                    score = self._scores(q, block, norms[bs : bs + len(block)])
+                    score = _rank_scores(q, block, norms[bs : bs + len(block)], self.metric)
                     if excl is not None:
                         score.masked_fill_(excl[bs : bs + len(block)][None, :], -math.inf)
                     kk = min(k, score.shape[1])
                     s_top, i_top = torch.topk(score, kk, dim=1)
-                    cat_s = torch.cat([best_s, s_top], dim=1)
-                    cat_i = torch.cat([best_i, i_top + bs], dim=1)
-                    best_s, pos = torch.topk(cat_s, k, dim=1)
-                    best_i = torch.gather(cat_i, 1, pos)
+                    best_s, best_i = _running_topk(best_s, best_i, s_top, i_top + bs)
                 best_i[~torch.isfinite(best_s)] = -1
                 out[qs : qs + len(q)] = best_i.cpu().numpy()
         return out
 
-    def _scores(self, q: Any, block: Any, block_sq_norms: Any) -> Any:
-        """Higher is nearer; monotone in the metric's distance for a fixed query."""
-        import torch
 
-        if block.dtype == torch.bfloat16:
-            q = q.to(torch.bfloat16)
-        if self.metric == "cosine":
-            return (q @ block.T).float() / block_sq_norms.sqrt().clamp_min(1e-12)[None, :]
-        if self.metric == "l2":
-            # -(|b|^2 - 2 q.b): |q|^2 is constant per query and drops out of the ranking.
-            return 2.0 * (q @ block.T).float() - block_sq_norms[None, :]
-        return -torch.cdist(q, block, p=1.0)
+def _running_topk(best_s: Any, best_i: Any, new_s: Any, new_i: Any) -> tuple[Any, Any]:
+    """Merge a block's candidates ``(n, m)`` into running top-k lists ``(n, k)`` (scores descending)."""
+    import torch
+
+    cat_s, cat_i = torch.cat([best_s, new_s], dim=1), torch.cat([best_i, new_i], dim=1)
+    top_s, pos = torch.topk(cat_s, best_s.shape[1], dim=1)
+    return top_s, torch.gather(cat_i, 1, pos)
+
+
+def _rank_scores(q: Any, rows: Any, sq_norms: Any, metric: str, unit_rows: bool = False) -> Any:
+    """``(n_q, n_rows)`` scores, higher is nearer; monotone in the metric's distance for a fixed query.
+
+    ``q`` is unit-norm for cosine; ``unit_rows`` says the rows are too (no division needed).
+    """
+    import torch
+
+    if rows.dtype == torch.bfloat16:
+        q = q.to(torch.bfloat16)
+    if metric == "cosine":
+        dots = (q @ rows.T).float()
+        return dots if unit_rows else dots / sq_norms.sqrt().clamp_min(1e-12)[None, :]
+    if metric == "l2":
+        # -(|b|^2 - 2 q.b): |q|^2 is constant per query and drops out of the ranking.
+        return 2.0 * (q @ rows.T).float() - sq_norms[None, :]
+    return -torch.cdist(q, rows, p=1.0)
 
 
 # -- faiss ------------------------------------------------------------------
@@ -516,6 +527,30 @@ def _calibration_set(
     return q, truth
 
 
+def _held_out(rng: np.random.Generator, n: int, n_calibration: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random order of the bank rows, split into ``(order, rows indexed first, held-out rows)``.
+
+    The held-out rows (``min(n_calibration, n / 10)``, at least 1) serve as calibration
+    queries that the index was not built from.
+    """
+    m = min(int(n_calibration), max(n // 10, 1))
+    perm = rng.permutation(n).astype(np.int64)
+    return perm, perm[: n - m], perm[n - m :]
+
+
+def _bounded_nlist(nlist: int, n_fit: int) -> int:
+    """``nlist`` capped at ``n_fit / 39`` so that every cell gets enough k-means training points."""
+    return int(max(1, min(nlist, n_fit // 39 if n_fit >= 39 else 1)))
+
+
+def _doubling(start: int, stop: int, cap: int) -> list[int]:
+    """Calibration ladder ``start, 2 start, 4 start, ...`` (each at most ``cap``) until one reaches ``stop``."""
+    out = [start]
+    while out[-1] < stop:
+        out.append(min(out[-1] * 2, cap))
+    return out
+
+
 def _calibrate(index: Any, q: np.ndarray, truth: np.ndarray, target: float, candidates: list[int],
                exclude: np.ndarray | None = None) -> tuple[int, float, dict[int, float]]:
     """Smallest setting among ``candidates`` (then refined by bisection) reaching ``target`` recall."""
@@ -607,21 +642,13 @@ class TorchIVFIndex(Index):
             self._packed = (torch.from_numpy(x), torch.from_numpy(np.einsum("ij,ij->i", x, x)))
         return self._packed
 
-    def _scores(self, q: Any, rows: Any, sq: Any) -> Any:
-        """Higher is nearer (the ranking of :class:`TorchExactIndex`)."""
-        import torch
-
-        if self.metric == "cosine":
-            return q @ rows.T
-        if self.metric == "l2":
-            return 2.0 * (q @ rows.T) - sq[None, :]
-        return -torch.cdist(q, rows, p=1.0)
-
     def _probes(self, q: Any, nprobe: int) -> Any:
         import torch
 
+        # for cosine the (spherical k-means) centroids are unit rows, like the packed bank
         cent = torch.from_numpy(self.centroids)
-        return torch.topk(self._scores(q, cent, (cent * cent).sum(1)), nprobe, dim=1).indices
+        return torch.topk(_rank_scores(q, cent, (cent * cent).sum(1), self.metric, unit_rows=True), nprobe,
+                          dim=1).indices
 
     def _by_cell(self, probes: Any) -> tuple[Any, list[int]]:
         """(query ids sorted by probed cell, number of queries per cell)."""
@@ -655,7 +682,7 @@ class TorchIVFIndex(Index):
                     lo, hi = int(off[c]), int(off[c + 1])
                     if cnt == 0 or hi == lo:
                         continue
-                    score = self._scores(q[qs], packed[lo:hi], sq[lo:hi])
+                    score = _rank_scores(q[qs], packed[lo:hi], sq[lo:hi], self.metric, unit_rows=True)
                     if excl is not None:
                         score.masked_fill_(excl[lo:hi][None, :], -math.inf)
                     yield lo, qs, score
@@ -665,9 +692,7 @@ class TorchIVFIndex(Index):
             best_i = torch.full((nq, k), -1, dtype=torch.int64)
             for lo, qs, score in cells(probes[:, :n_seed]):
                 v, i = torch.topk(score, min(k, score.shape[1]), dim=1)
-                cat_s, cat_i = torch.cat([best_s[qs], v], 1), torch.cat([best_i[qs], order_t[lo + i]], 1)
-                v2, p2 = torch.topk(cat_s, k, dim=1)
-                best_s[qs], best_i[qs] = v2, torch.gather(cat_i, 1, p2)
+                best_s[qs], best_i[qs] = _running_topk(best_s[qs], best_i[qs], v, order_t[lo + i])
             # Pass 2: the other probed cells keep only rows beating the bound found so far; once
             # the survivors fill a buffer, they are merged into the lists and the bound tightens.
             budget = max(4 * nq * k, 1 << 20)
@@ -731,10 +756,8 @@ def build_torch_ivf_index(embeddings: Any, metric: str = "cosine", *, nlist: int
     (calibration rows stay out of it).
     """
     n = int(embeddings.shape[0])
-    n_fit = n if train_rows is None else len(train_rows)
-    if nlist is None:
-        nlist = int(round(n / IVF_CELL_ROWS))
-    nlist = int(max(1, min(nlist, n_fit // 39 if n_fit >= 39 else 1)))
+    nlist = _bounded_nlist(int(round(n / IVF_CELL_ROWS)) if nlist is None else nlist,
+                           n if train_rows is None else len(train_rows))
     centroids, order, offsets = _kmeans_cells(embeddings, metric, nlist, seed, iters=kmeans_iters,
                                               train_per_cell=train_per_list, train_rows=train_rows)
     return TorchIVFIndex(embeddings, metric, centroids, order, offsets, n_seed=n_seed)
@@ -756,11 +779,16 @@ def _kmeans(x: np.ndarray, n: int, metric: str, seed: int, iters: int) -> np.nda
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
+def _affinity(x: Any, cent: Any) -> Any:
+    """``2 x.c - |c|^2``: higher is nearer in L2 (on unit rows and spherical centroids, also in cosine)."""
+    return 2.0 * x @ cent.T - (cent * cent).sum(1)[None, :]
+
+
 def _nearest(x: Any, cent: Any) -> Any:
-    """Nearest centroid (L2; on unit rows and spherical centroids that is also the cosine-nearest)."""
+    """Index of the nearest centroid of each row (see :func:`_affinity`)."""
     import torch
 
-    return torch.argmax(2.0 * x @ cent.T - (cent * cent).sum(1)[None, :], dim=1)
+    return torch.argmax(_affinity(x, cent), dim=1)
 
 
 def _kmeans_cells(embeddings: Any, metric: str, n_cells: int, seed: int, iters: int = 10,
@@ -806,13 +834,12 @@ def _kmeans_cells(embeddings: Any, metric: str, n_cells: int, seed: int, iters: 
             continue
         # the nearest cell among the cells of the row's ASSIGN_GROUPS nearest groups (a row near a
         # group border often belongs to a cell of the neighbouring group)
-        gs = torch.topk(2.0 * x @ top.T - (top * top).sum(1)[None, :], min(ASSIGN_GROUPS, len(top)), dim=1).indices
+        gs = torch.topk(_affinity(x, top), min(ASSIGN_GROUPS, len(top)), dim=1).indices
         best = torch.full((len(x),), -math.inf)
         out = torch.zeros(len(x), dtype=torch.int64)
         for gi in torch.unique(gs).tolist():
             sel = torch.nonzero((gs == gi).any(1)).squeeze(1)
-            c = groups[gi]
-            v, j = torch.max(2.0 * x[sel] @ c.T - (c * c).sum(1)[None, :], dim=1)
+            v, j = torch.max(_affinity(x[sel], groups[gi]), dim=1)
             better = v > best[sel]
             best[sel[better]] = v[better]
             out[sel[better]] = j[better] + int(first[gi])
@@ -920,16 +947,10 @@ def build_index(
     rng = np.random.default_rng(seed)
     # Without user queries, calibrate on a held-out sample of bank rows: rows
     # are inserted in a random order, the last ``m`` only after calibration.
-    perm, first, held = None, None, None
-    if calibration_queries is None:
-        m = min(int(n_calibration), max(n // 10, 1))
-        perm = rng.permutation(n).astype(np.int64)
-        first, held = perm[: n - m], perm[n - m :]
+    perm, first, held = _held_out(rng, n, n_calibration) if calibration_queries is None else (None, None, None)
     if kind == "ivf":
-        n_fit = n if first is None else len(first)
-        if nlist is None:
-            nlist = int(round(4 * math.sqrt(n)))
-        nlist = int(max(1, min(nlist, n_fit // 39 if n_fit >= 39 else 1)))
+        nlist = _bounded_nlist(int(round(4 * math.sqrt(n))) if nlist is None else nlist,
+                               n if first is None else len(first))
         quantizer = faiss.IndexFlat(d, fm)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, fm)
         index.cp.seed = int(seed)
@@ -942,17 +963,13 @@ def build_index(
         index.train(_prepare_for_faiss(np.asarray(embeddings[train_rows]), metric))
         _add_in_chunks(index, embeddings, metric, first)
         out = FaissIndex(embeddings, metric, index, "ivf", perm)
-        candidates = [1]
-        while candidates[-1] < nlist:
-            candidates.append(min(candidates[-1] * 2, nlist))
+        candidates = _doubling(1, nlist, nlist)
     else:
         index = faiss.IndexHNSWFlat(d, int(hnsw_m), fm)
         index.hnsw.efConstruction = int(ef_construction)
         _add_in_chunks(index, embeddings, metric, first)
         out = FaissIndex(embeddings, metric, index, "hnsw", perm)
-        candidates = [k]
-        while candidates[-1] < min(n, MAX_EF_SEARCH):
-            candidates.append(min(candidates[-1] * 2, MAX_EF_SEARCH))
+        candidates = _doubling(k, min(n, MAX_EF_SEARCH), MAX_EF_SEARCH)
     q, truth = _calibration_set(embeddings, metric, k, calibration_queries, held, n_calibration, seed)
     setting, recall, tried = _calibrate(out, q, truth, target_recall, candidates)
     if held is not None:
@@ -981,10 +998,8 @@ def _calibrated_torch_ivf(embeddings: Any, metric: str, *, k: int, target_recall
     held, train_rows = None, None
     if calibration_queries is None:
         # Held-out bank rows act as new spots: out of the k-means sample, excluded from their own results.
-        rng = np.random.default_rng(seed)
-        perm = rng.permutation(n).astype(np.int64)
-        m = min(int(n_calibration), max(n // 10, 1))
-        train_rows, held = np.sort(perm[: n - m]), np.sort(perm[n - m :])
+        _, first, held = _held_out(np.random.default_rng(seed), n, n_calibration)
+        train_rows, held = np.sort(first), np.sort(held)
     index = build_torch_ivf_index(embeddings, metric, nlist=nlist, kmeans_iters=kmeans_iters,
                                   train_per_list=train_per_list, train_rows=train_rows, seed=seed)
     q, truth = _calibration_set(embeddings, metric, k, calibration_queries, held, n_calibration, seed)
@@ -992,10 +1007,8 @@ def _calibrated_torch_ivf(embeddings: Any, metric: str, *, k: int, target_recall
     if held is not None:
         mask = np.zeros(n, dtype=bool)
         mask[held] = True
-    candidates = [1]
-    while candidates[-1] < index.nlist:
-        candidates.append(min(candidates[-1] * 2, index.nlist))
-    index.nprobe, recall, tried = _calibrate(index, q, truth, target_recall, candidates, exclude=mask)
+    index.nprobe, recall, tried = _calibrate(index, q, truth, target_recall, _doubling(1, index.nlist, index.nlist),
+                                             exclude=mask)
     index.calibration = _Calibration(target_recall, k, recall, len(q), tried)
     if recall < target_recall:
         import warnings
