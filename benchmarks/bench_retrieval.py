@@ -167,23 +167,19 @@ def geometry(bank: np.ndarray, queries: np.ndarray, sample: int = 1000, seed: in
     }
 
 
-def jittered(real: np.ndarray, n: int, scale: float, seed: int, keep_real: bool = True,
-             with_source: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def jittered(real: np.ndarray, n: int, scale: float, seed: int, keep_real: bool = True) -> np.ndarray:
     """``n`` rows: the real ones first (if ``keep_real``), then noisy copies of random real rows."""
     rng = np.random.default_rng(seed)
     d = real.shape[1]
     sigma = scale / np.sqrt(d)  # E||noise|| ~= scale
     n_real = min(len(real), n) if keep_real else 0
     out = np.empty((n, d), dtype=np.float32)
-    source = np.empty(n, dtype=np.int64)
     out[:n_real] = real[:n_real]
-    source[:n_real] = np.arange(n_real)
     for s in range(n_real, n, 100_000):
         e = min(s + 100_000, n)
         src = rng.integers(0, len(real), e - s)
         out[s:e] = real[src] + rng.normal(0.0, sigma, size=(e - s, d)).astype(np.float32)
-        source[s:e] = src
-    return (out, source) if with_source else out
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

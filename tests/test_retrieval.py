@@ -252,7 +252,7 @@ def test_bank_save_load_mmap(tmp_path, kind, backend) -> None:
 
 
 @pytest.fixture(scope="module")
-def cross_modal() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def cross_modal() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bank and queries driven by the same latent factors but offset from each other (a modality gap)."""
     rng = np.random.default_rng(4)
     w = rng.normal(size=(8, 32))
@@ -261,8 +261,7 @@ def cross_modal() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     def draw(n: int, shift: np.ndarray) -> np.ndarray:
         return (rng.normal(size=(n, 8)) @ w + 0.3 * rng.normal(size=(n, 32)) + shift).astype(np.float32)
 
-    groups = np.repeat(np.arange(6), 250)
-    return draw(20000, shift_b), draw(1500, shift_q), groups, draw(300, shift_q)
+    return draw(20000, shift_b), draw(1500, shift_q), draw(300, shift_q)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2", "l1"])
@@ -308,7 +307,7 @@ def test_torch_ivf_scans_probed_cells_exactly(data, metric) -> None:
 
 def test_torch_ivf_cross_modal_calibration(cross_modal) -> None:
     """Calibrated on queries of the other modality, the IVF meets the target on new ones of it."""
-    bank, train_q, _, test_q = cross_modal
+    bank, train_q, test_q = cross_modal
     index = build_index(bank, "cosine", "ivf", k=20, target_recall=0.95, calibration_queries=train_q, seed=0)
     assert index.calibration.recall >= 0.95 and index.calibration.n_queries == 500  # n_calibration sampled
     exact = build_index(bank, "cosine", "exact")

@@ -215,7 +215,7 @@ class ReferenceBank:
                 faiss.write_index(self.index.index, str(tmp / "index.faiss"))
                 if self.index.id_map is not None:
                     np.save(tmp / "index_ids.npy", self.index.id_map)
-            for name, arr in _cell_arrays(self.index).items():
+            for name, arr in _ivf_arrays(self.index).items():
                 np.save(tmp / f"{name}.npy", arr)
             (tmp / "bank.json").write_text(json.dumps(meta, indent=2))
         return path
@@ -251,10 +251,9 @@ class ReferenceBank:
             idx.ef_search = setting if info["kind"] == "hnsw" else None
             _restore_calibration(idx, info)
             bank.index = idx
-        elif info and _CELL_ARRAYS.get((info["kind"], info["backend"])) and (path / "cell_order.npy").is_file():
-            names = _CELL_ARRAYS[(info["kind"], info["backend"])]
-            arrays = {name: np.load(path / f"{name}.npy", allow_pickle=False) for name in names}
-            bank.index = _cells_from(emb, bank.metric, arrays, info)
+        elif _is_torch_ivf(info) and (path / "cell_order.npy").is_file():
+            arrays = {name: np.load(path / f"{name}.npy", allow_pickle=False) for name in _IVF_ARRAYS}
+            bank.index = _ivf_from(emb, bank.metric, arrays, info)
         elif info and info["kind"] == "exact":
             bank.build_index("exact", backend=info.get("backend", "torch"))
         return bank
@@ -269,7 +268,7 @@ class ReferenceBank:
             if self.index.id_map is not None:
                 out[prefix + "faiss_ids"] = self.index.id_map
         else:
-            out.update({prefix + name: arr for name, arr in _cell_arrays(self.index).items()})
+            out.update({prefix + name: arr for name, arr in _ivf_arrays(self.index).items()})
         return out
 
     def state_meta(self) -> dict[str, Any]:
@@ -287,10 +286,9 @@ class ReferenceBank:
             bank.index = FaissIndex.from_bytes(arrays[prefix + "faiss"], bank.embeddings, bank.metric, info["kind"],
                                                setting, arrays.get(prefix + "faiss_ids"))
             _restore_calibration(bank.index, info)
-        elif info and _CELL_ARRAYS.get((info["kind"], info["backend"])) and prefix + "cell_order" in arrays:
-            names = _CELL_ARRAYS[(info["kind"], info["backend"])]
-            bank.index = _cells_from(bank.embeddings, bank.metric, {name: np.asarray(arrays[prefix + name]) for name in names},
-                                     info)
+        elif _is_torch_ivf(info) and prefix + "cell_order" in arrays:
+            bank.index = _ivf_from(bank.embeddings, bank.metric,
+                                   {name: np.asarray(arrays[prefix + name]) for name in _IVF_ARRAYS}, info)
         elif info:
             bank.build_index("exact", backend=info.get("backend", "torch"))
         return bank
@@ -314,18 +312,22 @@ def _restore_calibration(index: Index, info: dict[str, Any]) -> None:
     index.calibration.tried = {int(a): b for a, b in (cal.get("tried") or {}).items()}
 
 
-#: Arrays that persist the cell-based torch indexes, by (kind, backend).
-_CELL_ARRAYS = {("ivf", "torch"): ("centroids", "cell_order", "cell_offsets")}
+#: Arrays that persist a :class:`TorchIVFIndex` (attributes of the same names).
+_IVF_ARRAYS = ("centroids", "cell_order", "cell_offsets")
 
 
-def _cell_arrays(index: Index | None) -> dict[str, np.ndarray]:
+def _is_torch_ivf(info: dict[str, Any] | None) -> bool:
+    return bool(info) and info["kind"] == "ivf" and info["backend"] == "torch"
+
+
+def _ivf_arrays(index: Index | None) -> dict[str, np.ndarray]:
     """The arrays of a :class:`TorchIVFIndex` (empty for other indexes)."""
     if isinstance(index, TorchIVFIndex):
-        return {"centroids": index.centroids, "cell_order": index.cell_order, "cell_offsets": index.cell_offsets}
+        return {name: getattr(index, name) for name in _IVF_ARRAYS}
     return {}
 
 
-def _cells_from(emb: Any, metric: str, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> Index:
+def _ivf_from(emb: Any, metric: str, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> TorchIVFIndex:
     params = info["params"]
     index = TorchIVFIndex(emb, metric, arrays["centroids"], arrays["cell_order"], arrays["cell_offsets"],
                           nprobe=params["nprobe"], n_seed=params.get("n_seed", 8))

@@ -66,6 +66,7 @@ from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st.methods.base import Capabilities, Method
 from he2st.methods.nn.train import (
+    MODES,
     History,
     default_device,
     fit_module,
@@ -78,7 +79,6 @@ from he2st.retrieval.aggregation import AGGREGATIONS
 from he2st.retrieval.bank import BankLeakageError, ReferenceBank
 from he2st.retrieval.search import BACKENDS, KINDS, METRICS, Neighbors
 
-MODES = ("frozen", "finetune")
 OVERLAP = ("error", "exclude")
 POSITION_SOURCES = ("array", "pixel")
 

@@ -55,6 +55,7 @@ from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st.methods.base import Capabilities, Method
 from he2st.methods.nn.train import (
+    MODES,
     History,
     default_device,
     fit_module,
@@ -64,7 +65,6 @@ from he2st.methods.nn.train import (
     set_seed,
 )
 
-MODES = ("frozen", "finetune")
 VAL_SPLITS = ("auto", "slide", "spot")
 
 #: Keys every :class:`SpotRegressor` understands; subclasses give their paper's values in ``defaults``.

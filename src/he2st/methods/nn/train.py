@@ -19,6 +19,10 @@ from torch import nn
 
 from he2st._utils import is_quiet
 
+#: How an encoder-based method treats its image encoder: features from the cache with only
+#: the heads trained (``"frozen"``, the CPU default) or trained end to end (``"finetune"``).
+MODES = ("frozen", "finetune")
+
 
 def set_seed(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; return a torch generator seeded the same way."""
