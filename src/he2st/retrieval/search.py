@@ -796,8 +796,8 @@ def _kmeans_cells(embeddings: Any, metric: str, n_cells: int, seed: int, iters: 
     """k-means of the bank: ``(centroids, cell_order, cell_offsets)`` (rows grouped by nearest centroid).
 
     Above :data:`TWO_LEVEL_MIN_CELLS` cells, two-level k-means: ``sqrt(n_cells)`` groups, then
-    each group split into cells in proportion to its share of the sample, and rows assigned
-    group first, cell second. Flat k-means over 16k cells of a 1M bank costs minutes of
+    each group split into cells in proportion to its share of the sample, and each row assigned
+    to the nearest cell among the cells of its :data:`ASSIGN_GROUPS` nearest groups. Flat k-means over 16k cells of a 1M bank costs minutes of
     distance computations per iteration; two levels cost seconds, and finer cells are
     what cross-modal queries need (see :class:`TorchIVFIndex`).
     """
