@@ -5,7 +5,7 @@ materialises the ``n x n`` attention matrix and runs out of memory on Visium
 slides of thousands of spots (Jiang et al. 2024 cut slides into 4000 px
 windows). This benchmark trains one epoch and predicts one slide of 5,000
 spots with HisToGene at the paper's size (1024-d, 8 layers, 16 heads) under
-each scaling option of :mod:`he2st.methods.nn.slide`:
+each scaling option of :mod:`he2st.methods.families.slide`:
 
 ``full_explicit``  global attention with the matrix materialised (the published implementations)
 ``full``           global attention through ``scaled_dot_product_attention`` (no n x n matrix)
@@ -69,7 +69,7 @@ def worker(mode: str, phase: str, threads: int, root: str | None) -> dict:
 
     torch.set_num_threads(threads)
     os.environ.setdefault("HE2ST_QUIET", "1")
-    from he2st.data.normalize import Normalizer
+    from he2st.pp.normalize import Normalizer
     from he2st.methods import create_method
 
     slide = _slide(root)

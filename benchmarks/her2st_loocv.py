@@ -90,7 +90,7 @@ COLUMNS = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("mse", "ACG"), ("mae
 def main(argv: list[str] | None = None) -> int:
     from he2st._utils import atomic_write_json
     from he2st.datasets import her2st, her2st_panel
-    from he2st.evaluate.runner import format_result, run_benchmark
+    from he2st.benchmark.run import format_result, run_benchmark
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="her2st folder (default: he2st.datasets' lookup)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from he2st.data.normalize import Normalizer
+from he2st.pp.normalize import Normalizer
 from he2st.errors import He2stInputError
 from he2st.evaluate.metrics import evaluate_slide
 from he2st.methods import create_method, load_method

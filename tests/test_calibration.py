@@ -83,8 +83,8 @@ def test_report_section_from_a_run(tmp_path) -> None:
     import torch
 
     from he2st.analysis.calibration import calibration_section, run_calibration
-    from he2st.analysis.report import load_run, write_report
-    from he2st.evaluate.runner import run_benchmark
+    from he2st.analysis.report import read_run, write_report
+    from he2st.benchmark.run import run_benchmark
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -107,7 +107,7 @@ def test_report_section_from_a_run(tmp_path) -> None:
         run_benchmark(cfg)
     finally:
         torch.set_num_threads(n)
-    run = load_run(tmp_path / "run")
+    run = read_run(tmp_path / "run")
     tables, summary = run_calibration(run, n_bins=5)
     assert list(tables) == ["stimage"] and list(summary.index) == ["stimage"]  # 'mean' states no uncertainty
     assert tables["stimage"]["n"].sum() == summary.loc["stimage", "n"] == 3 * 60 * 12

@@ -57,7 +57,7 @@ def test_quiet_sets_env(monkeypatch):
 def test_run_demo_writes_figures_and_summary(tmp_path):
     from PIL import Image
 
-    from he2st.cli import format_demo, run_demo
+    from he2st.benchmark.demo import format_demo, run_demo
 
     out = tmp_path / "demo"
     summary = run_demo(out)

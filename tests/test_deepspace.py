@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from he2st.data.normalize import Normalizer
+from he2st.pp.normalize import Normalizer
 from he2st.methods import create_method, load_method
 from he2st.methods.deepspace import MinMaxScaler
 from _helpers import mean_pcc

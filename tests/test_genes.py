@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from he2st.data import GenePanel, make_slide, select_genes
+from he2st.data import make_slide
+from he2st.pp import GenePanel, select_genes
 from he2st.errors import GenePanelError, NotCountsError
 
 

@@ -15,14 +15,13 @@ import scipy.sparse as sp
 
 from he2st.data import meta, require_counts
 from he2st.errors import He2stInputError, ImageError, NotCountsError, SlideError
+from he2st.datasets import read_any, summarize
 from he2st.io import (
     MissingFileError,
-    read_any,
     read_h5ad,
     read_hest,
     read_st_legacy,
     read_visium,
-    summarize,
 )
 
 

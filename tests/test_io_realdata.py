@@ -10,7 +10,8 @@ import he2st
 from he2st.data import meta, require_counts
 from he2st.errors import He2stInputError, NotCountsError
 from he2st.image import image_size
-from he2st.io import MissingFileError, read_any, summarize
+from he2st.datasets import read_any, summarize
+from he2st.io import MissingFileError
 
 pytestmark = pytest.mark.realdata
 

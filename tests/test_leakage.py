@@ -20,9 +20,9 @@ import pytest
 import scipy.sparse as sp
 
 from he2st.data import Cohort, make_slide, meta
-from he2st.data.normalize import Normalizer
+from he2st.pp.normalize import Normalizer
 from he2st.encoders import get_features
-from he2st.evaluate.runner import run_benchmark
+from he2st.benchmark.run import run_benchmark
 from he2st.methods import load_method
 
 FEAT = {"encoder": "color_stats", "weights": None, "patch_px": 32}

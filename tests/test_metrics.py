@@ -175,7 +175,7 @@ def test_top_genes_mean_neglog10p() -> None:
 
 
 def test_cluster_agreement_perfect_and_constant() -> None:
-    from he2st.analysis.clustering import cluster_agreement
+    from he2st.evaluate.clustering import cluster_agreement
 
     rng = np.random.default_rng(0)
     centres = np.array([[0, 0, 0, 0], [10, 10, 0, 0], [0, 0, 10, 10]], dtype=float)

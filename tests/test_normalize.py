@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from he2st.data import Normalizer, make_slide, normalize
+from he2st.data import make_slide
+from he2st.pp import Normalizer, normalize
 from he2st.errors import GenePanelError, He2stInputError, NotCountsError
 
 

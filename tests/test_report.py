@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from he2st.analysis import report as R
-from he2st.evaluate.runner import run_benchmark
+from he2st.benchmark.run import run_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,14 @@ def test_sections_are_pluggable(run_dir) -> None:
 
     try:
         assert R.list_sections().index("extra_test") == R.list_sections().index("top_genes") + 1
-        text = R.render_report(R.load_run(run_dir))
+        text = R.render_report(R.read_run(run_dir))
         assert "<h2>Extra</h2>" in text and "methods: mean, knn" in text
         assert "section failed: RuntimeError: boom" in text and '<section id="summary">' in text
         assert 'id="skipped_test"' not in text
-        only = R.render_report(R.load_run(run_dir), sections=["summary"])
+        only = R.render_report(R.read_run(run_dir), sections=["summary"])
         assert '<section id="summary">' in only and '<section id="extra_test">' not in only
         with pytest.raises(Exception, match="unknown report section"):
-            R.render_report(R.load_run(run_dir), sections=["nope"])
+            R.render_report(R.read_run(run_dir), sections=["nope"])
     finally:
         for name in ("extra_test", "broken_test", "skipped_test"):
             R._SECTIONS.pop(name, None)

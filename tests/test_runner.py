@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from he2st.evaluate.runner import BenchmarkConfig, RunConfigError, run_benchmark
+from he2st.benchmark.run import BenchmarkConfig, RunConfigError, run_benchmark
 
 SYN = {"n_slides": 3, "n_spots": 120, "n_genes": 20, "patch_px": 32, "seed": 0}
 
@@ -157,7 +157,7 @@ _SLOW_METHOD = textwrap.dedent(
 @pytest.fixture
 def slow_mean():
     """Register ``slow_mean`` in this process too (for the in-process rerun), then remove it."""
-    from he2st.methods.base import _REGISTRY
+    from he2st.methods.registry import _REGISTRY
 
     exec(compile(_SLOW_METHOD, "<slow_mean>", "exec"), {})
     yield
@@ -168,7 +168,7 @@ def test_resume_after_kill(tmp_path, syn_root, monkeypatch, slow_mean) -> None:
     from typer.testing import CliRunner
 
     from he2st.cli import app
-    from he2st.evaluate.runner import load_config
+    from he2st.benchmark.run import load_config
 
     toml = tmp_path / "run.toml"
     toml.write_text(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from he2st.data.normalize import Normalizer
+from he2st.pp.normalize import Normalizer
 from he2st.errors import NotCountsError
 from he2st.methods import create_method, load_method
 from he2st.methods.stimage import library_sizes

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import he2st
-from he2st.data import Normalizer, meta
+from he2st.data import meta
+from he2st.pp import Normalizer
 from he2st.datasets._synthetic import REGIONS
 from he2st.errors import He2stInputError
 

@@ -5,7 +5,7 @@ stay fast (torch, scanpy and friends load only when used)::
 
     import he2st
     cohort = he2st.datasets.synthetic()
-    panel = he2st.data.select_genes(cohort[:3], min_spots=10, n_top_hvg=30)
+    panel = he2st.pp.select_genes(cohort[:3], min_spots=10, n_top_hvg=30)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "analysis",
+    "benchmark",
     "data",
     "datasets",
     "encoders",
@@ -24,6 +25,7 @@ _SUBMODULES = (
     "image",
     "io",
     "methods",
+    "pp",
     "retrieval",
     "errors",
 )

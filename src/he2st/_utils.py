@@ -29,6 +29,8 @@ def atomic_path(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp"
     )
+    # mkstemp creates the file 0600: give it the mode any other new file gets.
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -49,6 +51,8 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    # mkdtemp creates the folder 0700: give it the mode any other new folder gets.
+    os.chmod(tmp, 0o777 & ~current_umask())
     try:
         yield tmp
         if path.exists():
@@ -59,6 +63,27 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def current_umask() -> int:
+    """The process umask (read without changing it, where the OS allows).
+
+    Returns
+    -------
+    int
+        The mask, e.g. ``0o022``.
+    """
+    status = Path("/proc/self/status")
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    # Elsewhere the only way is to set it and put it back (not thread-safe for that instant).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
@@ -67,10 +92,27 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``default=`` hook of :func:`json.dumps` for the types he2st writes.
+
+    Numpy scalars and arrays, paths, sets and dataclasses become JSON types;
+    anything else raises :class:`TypeError` (as :func:`json.dumps` does).
+
+    Parameters
+    ----------
+    o
+        An object :mod:`json` cannot encode by itself.
+
+    Returns
+    -------
+    Any
+        A JSON-encodable equivalent.
+    """
+    import dataclasses
+
     import numpy as np
 
     if isinstance(o, np.generic):
@@ -79,7 +121,36 @@ def _json_default(o: Any) -> Any:
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o, key=str)
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def json_default_or_str(o: Any) -> Any:
+    """Like :func:`json_default`, but writes other objects as their ``str`` (for records, never re-read as values)."""
+    try:
+        return json_default(o)
+    except TypeError:
+        return str(o)
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types, exactly as it reads back after a JSON round trip.
+
+    Parameters
+    ----------
+    obj
+        Dicts, lists, tuples, numbers, strings, numpy values, paths.
+
+    Returns
+    -------
+    Any
+        The same structure with tuples as lists, numpy values as Python ones
+        and dict keys as strings, so it compares equal to its saved form.
+    """
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:

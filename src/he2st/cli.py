@@ -6,6 +6,8 @@ function body, so ``he2st --help`` and ``import he2st`` stay fast.
     he2st info PATH          summary of a slide or cohort (``synthetic`` for the toy cohort)
     he2st demo --out DIR     the full benchmark protocol on the synthetic cohort, with a report
     he2st benchmark ...      every method on every fold of a cohort (resumable run folder)
+    he2st methods [NAME]     registered methods: family, paper, defaults, capabilities
+    he2st encoders           registered image encoders
 
 ``--quiet`` (before the command) hides progress bars by setting ``HE2ST_QUIET=1``.
 """
@@ -70,10 +72,10 @@ def info(
 
             obj: Any = synthetic()
         else:
-            from he2st.io import read_any
+            from he2st.datasets import read_any
 
             obj = read_any(path)
-        from he2st.io import summarize
+        from he2st.datasets import summarize
 
         typer.echo(summarize(obj))
     except He2stInputError as exc:
@@ -88,11 +90,12 @@ def demo(
     """Run the full benchmark protocol on the synthetic cohort and write an HTML report.
 
     Leave-one-slide-out over 4 synthetic slides with every fast method
-    (he2st.evaluate.runner.DEMO_METHODS) on color_stats features; also draws the
+    (he2st.benchmark.DEMO_METHODS) on color_stats features; also draws the
     spots over each slide. Finishes in well under 2 minutes on a laptop CPU.
     """
+    from he2st.benchmark.demo import demo_config, format_demo, run_demo
+    from he2st.benchmark.run import run_benchmark
     from he2st.errors import He2stInputError
-    from he2st.evaluate.runner import demo_config, format_result, run_benchmark
 
     try:
         summary = run_demo(out, seed=seed)
@@ -100,90 +103,7 @@ def demo(
         result = run_benchmark(demo_config(out, seed=seed))
     except He2stInputError as exc:
         raise _fail(exc) from None
-    typer.echo(format_result(result))
-
-
-def run_demo(out: str | os.PathLike, *, seed: int = 0) -> dict[str, Any]:
-    """The ``he2st demo`` pipeline as a function; returns (and writes) the summary.
-
-    Writes ``<out>/spots_<slide>.png`` (regions over the H&E image) per slide and
-    ``<out>/summary.json``, each atomically.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from he2st._utils import atomic_path, atomic_write_json, progress
-    from he2st.analysis.plots import plot_spots
-    from he2st.data.slide import meta
-    from he2st.datasets import synthetic
-    from he2st.image import extract_patches
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    cohort = synthetic(seed=seed)
-    t_data = time.perf_counter() - t0
-    patch_px = int(cohort[0].uns["he2st_synthetic"]["patch_px"])
-    slides = []
-    for slide in progress(cohort, "demo: patches and plots", total=len(cohort)):
-        m = meta(slide)
-        patches = extract_patches(slide, size_px=patch_px)
-        fig, ax = plt.subplots(figsize=(6, 6))
-        plot_spots(slide, ax=ax, color="label")
-        figure = out / f"spots_{m.slide_id}.png"
-        with atomic_path(figure) as tmp:
-            fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-        plt.close(fig)
-        slides.append(
-            {
-                "slide_id": m.slide_id,
-                "patient": m.patient,
-                "n_spots": int(slide.n_obs),
-                "n_genes": int(slide.n_vars),
-                "median_umi": float(_median_total(slide)),
-                "labels": {str(k): int(v) for k, v in slide.obs["label"].value_counts().items()},
-                "image": m.image_path,
-                "patches_shape": list(patches.images.shape),
-                "mean_tissue_fraction": float(patches.tissue_fraction.mean()),
-                "figure": str(figure),
-            }
-        )
-    summary = {
-        "cohort": cohort.name,
-        "seed": seed,
-        "n_slides": len(cohort),
-        "n_spots": int(sum(s.n_obs for s in cohort)),
-        "patch_px": patch_px,
-        "slides": slides,
-        "seconds": {"build_cohort": round(t_data, 3), "total": round(time.perf_counter() - t0, 3)},
-    }
-    atomic_write_json(out / "summary.json", summary)
-    summary["summary_file"] = str(out / "summary.json")
-    return summary
-
-
-def _median_total(slide: Any) -> float:
-    import numpy as np
-
-    return float(np.median(np.asarray(slide.X.sum(axis=1)).ravel()))
-
-
-def format_demo(summary: dict[str, Any]) -> str:
-    """Human-readable lines for a :func:`run_demo` summary."""
-    lines = [
-        f"synthetic cohort (seed {summary['seed']}): {summary['n_slides']} slides, {summary['n_spots']} spots, "
-        f"patches {summary['patch_px']}x{summary['patch_px']} px"
-    ]
-    for s in summary["slides"]:
-        labels = ", ".join(f"{k} {v}" for k, v in sorted(s["labels"].items()))
-        lines.append(
-            f"  {s['slide_id']} ({s['patient']}): {s['n_spots']} spots, median {s['median_umi']:.0f} UMI, "
-            f"tissue {s['mean_tissue_fraction']:.2f}; {labels} -> {s['figure']}"
-        )
-    lines.append(f"summary: {summary.get('summary_file', '')}  ({summary['seconds']['total']:.1f} s)")
-    return "\n".join(lines)
+    typer.echo(result.format_table())
 
 
 @app.command()
@@ -205,8 +125,9 @@ def benchmark(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Hide progress bars and logs."),
 ) -> None:
     """Run (or resume) a benchmark: every method on every fold, metrics, predictions and report."""
+    from he2st.benchmark.config import config_from_options
+    from he2st.benchmark.run import run_benchmark
     from he2st.errors import He2stInputError
-    from he2st.evaluate.runner import config_from_options, format_result, run_benchmark
 
     if quiet:
         os.environ["HE2ST_QUIET"] = "1"
@@ -219,7 +140,52 @@ def benchmark(
         result = run_benchmark(cfg)
     except He2stInputError as exc:
         raise _fail(exc) from None
-    typer.echo(format_result(result))
+    typer.echo(result.format_table())
+
+
+@app.command()
+def methods(
+    name: str = typer.Argument(None, help="Show one method's defaults and capabilities."),
+) -> None:
+    """List the registered methods (built-in and from other packages), or show one."""
+    from he2st.errors import He2stInputError
+    from he2st.methods import list_methods, method_info
+
+    try:
+        if name is not None:
+            typer.echo(_format_method(method_info(name)))
+            return
+        rows = [method_info(n) for n in list_methods()]
+    except He2stInputError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{'name':<12} {'family':<12} {'paper':<34} summary")
+    for r in rows:
+        typer.echo(f"{r['name']:<12} {r['family']:<12} {r['paper'][:34]:<34} {r['summary']}")
+
+
+def _format_method(info: dict[str, Any]) -> str:
+    caps = ", ".join(k for k, v in info["capabilities"].items() if v) or "none"
+    lines = [
+        f"{info['name']} ({info['family']}): {info['summary']}",
+        f"paper: {info['paper'] or 'he2st'}",
+        f"class: {info['module']}",
+        f"capabilities: {caps}",
+        "defaults:",
+    ]
+    lines += [f"  {k} = {v!r}" for k, v in info["defaults"].items()]
+    return "\n".join(lines)
+
+
+@app.command()
+def encoders() -> None:
+    """List the registered image encoders: kind, feature size, named weights."""
+    from he2st.encoders import get_spec, list_encoders
+
+    typer.echo(f"{'name':<20} {'kind':<6} {'dim':>5}  {'weights':<10} description")
+    for n in list_encoders():
+        spec = get_spec(n)
+        named = ",".join(spec.named_weights) or "file"
+        typer.echo(f"{n:<20} {spec.kind:<6} {spec.dim:>5}  {named:<10} {spec.description}")
 
 
 def main() -> None:

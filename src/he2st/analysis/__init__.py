@@ -3,5 +3,5 @@
 Submodules are imported on use (matplotlib and scikit-learn load only then)::
 
     from he2st.analysis.report import write_report
-    from he2st.analysis.clustering import cluster_agreement
+    from he2st.evaluate.clustering import cluster_agreement
 """

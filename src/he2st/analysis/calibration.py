@@ -204,7 +204,7 @@ def run_calibration(run: Any, n_bins: int = 10) -> tuple[dict[str, pd.DataFrame]
     Parameters
     ----------
     run
-        A :class:`he2st.analysis.report.RunData` (``load_run(out)``).
+        A :class:`he2st.evaluate.results.RunResult` (``read_run(out)``).
     n_bins
         Bins of :func:`calibration_table`.
 

@@ -35,7 +35,7 @@ def plot_spots(
     color
         None: spot outlines only. A column of ``slide.obs`` (categorical ->
         one colour per category with a legend; numeric -> ``cmap``). A gene
-        name: its ``log1p(CPM)`` (see :func:`he2st.data.normalize.normalize`).
+        name: its ``log1p(CPM)`` (see :func:`he2st.pp.normalize.normalize`).
         Or an array of ``n_spots`` values.
     max_side
         Longest side of the thumbnail drawn under the spots (in pixels).
@@ -129,7 +129,7 @@ def _colour_values(slide: Any, color: str | np.ndarray | None) -> tuple[Any, str
                 return pd.Categorical(col.astype(object).where(col.notna(), None)), "category", color
             return col.to_numpy(dtype=float), "number", color
         if color in slide.var_names:
-            from he2st.data.normalize import Normalizer
+            from he2st.pp.normalize import Normalizer
 
             values = Normalizer("cpm_log1p" if _is_counts(slide) else "raw").transform(slide, [color])[:, 0]
             return values, "number", f"{color} (log1p CPM)" if _is_counts(slide) else color

@@ -3,7 +3,7 @@
 :func:`write_report` reads the tables a run wrote (``metrics.csv``,
 ``per_gene.csv``, ``summary.csv``, ``wilcoxon.csv``, ``predictions/``) and writes
 ``report.html``: one file, figures inlined as base64 PNG, no scripts, no
-network. It is made of sections, each a function ``RunData -> str | None``
+network. It is made of sections, each a function ``RunResult -> str | None``
 (HTML, or None to skip); later features add theirs with
 :func:`register_section`::
 
@@ -26,7 +26,7 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,9 @@ import pandas as pd
 
 from he2st._utils import atomic_write_text
 from he2st.errors import He2stInputError
+from he2st.evaluate.results import RunResult, read_run
 
-SectionFn = Callable[["RunData"], "str | None"]
+SectionFn = Callable[[RunResult], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -67,81 +68,7 @@ def list_sections() -> list[str]:
     return [s.name for s in sorted(_SECTIONS.values(), key=lambda s: (s.order, s.name))]
 
 
-@dataclass
-class RunData:
-    """A run folder's tables, loaded once for all sections."""
-
-    out: Path
-    config: dict[str, Any]
-    metrics: pd.DataFrame
-    per_gene: pd.DataFrame
-    summary: pd.DataFrame
-    wilcoxon: pd.DataFrame
-    top_genes: pd.DataFrame
-    folds: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def methods(self) -> list[str]:
-        return list(dict.fromkeys(self.metrics["method"]))
-
-    def fold_results(self) -> list[dict[str, Any]]:
-        """The per-(method, fold) JSON records under ``folds/``."""
-        return self.folds
-
-    def prediction_files(self, method: str) -> dict[tuple[str, str], Path]:
-        """``{(fold, test_slide): path}`` of a method's prediction AnnData files."""
-        out: dict[tuple[str, str], Path] = {}
-        for rec in self.folds:
-            if rec["method"] != method:
-                continue
-            for slide, rel in zip(rec["fold"]["test"], rec.get("predictions", [])):
-                if (self.out / rel).is_file():
-                    out[(rec["fold"]["name"], slide)] = self.out / rel
-        return out
-
-    def has_uncertainty(self) -> bool:
-        """Whether any prediction file holds ``layers["uncertainty"]``."""
-        import anndata as ad
-
-        for m in self.methods:
-            for p in self.prediction_files(m).values():
-                if "uncertainty" in ad.read_h5ad(p, backed="r").layers:
-                    return True
-        return False
-
-
-def load_run(out: str | os.PathLike) -> RunData:
-    """Read what the report needs from a run folder."""
-    out = Path(out)
-    need = ("metrics.csv", "per_gene.csv", "summary.csv")
-    missing = [n for n in need if not (out / n).is_file()]
-    if missing:
-        raise He2stInputError(f"run folder {out} lacks {missing}; run the benchmark first")
-
-    def opt(name: str) -> pd.DataFrame:
-        p = out / name
-        if not p.is_file() or p.stat().st_size == 0:
-            return pd.DataFrame()
-        try:
-            return pd.read_csv(p)
-        except pd.errors.EmptyDataError:
-            return pd.DataFrame()
-
-    config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
-    folds = [json.loads(p.read_text()) for p in sorted((out / "folds").glob("*/*.json"))]
-    return RunData(
-        out=out,
-        config=config,
-        metrics=pd.read_csv(out / "metrics.csv"),
-        per_gene=pd.read_csv(out / "per_gene.csv"),
-        summary=pd.read_csv(out / "summary.csv"),
-        wilcoxon=opt("wilcoxon.csv"),
-        top_genes=opt("top_genes.csv"),
-        folds=folds,
-    )
-
-
-def render_report(run: RunData, sections: list[str] | None = None) -> str:
+def render_report(run: RunResult, sections: list[str] | None = None) -> str:
     """The report HTML of a loaded run (all registered sections, or those named)."""
     chosen = sorted(_SECTIONS.values(), key=lambda s: (s.order, s.name))
     if sections is not None:
@@ -168,7 +95,7 @@ def render_report(run: RunData, sections: list[str] | None = None) -> str:
 
 def write_report(out: str | os.PathLike, sections: list[str] | None = None, path: str | os.PathLike | None = None) -> Path:
     """Write ``report.html`` (atomically) for a run folder and return its path."""
-    run = load_run(out)
+    run = read_run(out)
     target = Path(path) if path is not None else run.out / "report.html"
     atomic_write_text(target, render_report(run, sections))
     return target
@@ -182,7 +109,7 @@ def _p(text: str) -> str:
 
 
 @register_section("overview", order=10, title="Run")
-def _overview(run: RunData) -> str:
+def _overview(run: RunResult) -> str:
     cfg = run.config.get("config", {})
     cohort = run.config.get("cohort", {})
     rows = [
@@ -211,7 +138,7 @@ def _overview(run: RunData) -> str:
 
 
 @register_section("summary", order=20, title="Summary")
-def _summary(run: RunData) -> str:
+def _summary(run: RunResult) -> str:
     from he2st.analysis.figures import table_html
 
     s = run.summary
@@ -240,7 +167,7 @@ def _summary(run: RunData) -> str:
 
 
 @register_section("per_slide", order=30, title="Per test slide")
-def _per_slide(run: RunData) -> str | None:
+def _per_slide(run: RunResult) -> str | None:
     from he2st.analysis.figures import figure_html, per_slide_bars
 
     parts = []
@@ -251,7 +178,7 @@ def _per_slide(run: RunData) -> str | None:
 
 
 @register_section("wilcoxon", order=40, title="Paired Wilcoxon signed-rank tests (over test slides)")
-def _wilcoxon(run: RunData) -> str | None:
+def _wilcoxon(run: RunResult) -> str | None:
     from he2st.analysis.figures import table_html
 
     if run.wilcoxon.empty:
@@ -264,7 +191,7 @@ def _wilcoxon(run: RunData) -> str | None:
 
 
 @register_section("top_genes", order=50, title="Best-predicted genes")
-def _top_genes(run: RunData) -> str | None:
+def _top_genes(run: RunResult) -> str | None:
     from he2st.analysis.figures import table_html
 
     if run.top_genes.empty:
@@ -274,14 +201,14 @@ def _top_genes(run: RunData) -> str | None:
 
 
 @register_section("calibration", order=60, title="Calibration of predicted uncertainty")
-def _calibration(run: RunData) -> str | None:
+def _calibration(run: RunResult) -> str | None:
     from he2st.analysis.calibration import calibration_section
 
     return calibration_section(run)
 
 
 @register_section("spot_maps", order=70, title="Observed vs predicted: best genes")
-def _spot_maps(run: RunData, n_genes: int = 3) -> str | None:
+def _spot_maps(run: RunResult, n_genes: int = 3) -> str | None:
     """Best method by mean PCC(ACG); its top genes; for each, the slide with the median PCC of that gene."""
     import anndata as ad
 

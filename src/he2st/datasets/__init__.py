@@ -6,6 +6,7 @@ builder module can be developed on its own::
     cohort = he2st.datasets.her2st()              # C2-C6, with H&E images
     crop = he2st.datasets.visium_mouse_brain_crop()
     toy = he2st.datasets.synthetic()
+    any_ = he2st.datasets.load("path/to/folder")   # or "synthetic", "her2st"
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ _EXPORTS = {
     "her2st_panel": "_her2st",
     "visium_mouse_brain_crop": "_squidpy",
     "synthetic": "_synthetic",
+    "load": "_load",
+    "read_any": "_load",
+    "summarize": "_load",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,10 +1,13 @@
-"""Evaluation: metrics, leak-free splits, the benchmark protocol and runner.
+"""Evaluation: metrics, clustering agreement, leak-free splits, the per-fold protocol, run results.
 
 ::
 
-    from he2st.evaluate import evaluate_slide, make_splits, run_benchmark
+    from he2st.evaluate import evaluate_slide, make_splits
     folds = make_splits("loso", cohort)
-    result = run_benchmark({"data": "synthetic", "methods": ["mean", "ridge"], "out": "run/"})
+    scores = evaluate_slide(observed, predicted, genes).as_dict()
+
+Running a whole benchmark (every method on every fold, a run folder) is
+:func:`he2st.benchmark.run_benchmark`; :func:`read_run` reads its folder.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ from he2st.evaluate.splits import (
     nested_leave_one_out,
 )
 
-# The runner pulls in methods, encoders and anndata I/O: import it on first use.
+# The protocol pulls in methods, encoders and pandas: import it on first use.
 _LAZY = {
-    "BenchmarkConfig": "he2st.evaluate.runner",
-    "RunResult": "he2st.evaluate.runner",
-    "run_benchmark": "he2st.evaluate.runner",
-    "load_config": "he2st.evaluate.runner",
+    "RunResult": "he2st.evaluate.results",
+    "read_run": "he2st.evaluate.results",
+    "cluster_agreement": "he2st.evaluate.clustering",
+    "cluster_expression": "he2st.evaluate.clustering",
     "FoldOutcome": "he2st.evaluate.protocol",
     "run_fold": "he2st.evaluate.protocol",
     "choose_panel": "he2st.evaluate.protocol",

@@ -66,9 +66,9 @@ def choose_panel(
         The fold's training slides (never the test slides).
     genes
         ``"hvg:N"`` -- the HisToGene/Hist2ST/mclSTExp recipe with the N most
-        variable genes per slide (:func:`he2st.data.genes.select_genes`);
+        variable genes per slide (:func:`he2st.pp.genes.select_genes`);
         ``"all"`` -- every gene present in all training slides; a list of genes,
-        a :class:`~he2st.data.genes.GenePanel` or a file (``.npy``/``.json``/text)
+        a :class:`~he2st.pp.genes.GenePanel` or a file (``.npy``/``.json``/text)
         -- that list intersected with the genes present in all training slides.
     min_spots
         HVG mode: minimum training spots where a gene is detected. Default:
@@ -79,10 +79,10 @@ def choose_panel(
 
     Returns
     -------
-    he2st.data.genes.GenePanel
+    he2st.pp.genes.GenePanel
         ``params["slides"]`` records the slides that were read.
     """
-    from he2st.data.genes import GenePanel, common_genes, select_genes
+    from he2st.pp.genes import GenePanel, common_genes, select_genes
 
     slides = list(train_slides)
     if isinstance(genes, str) and genes.lower().startswith("hvg"):
@@ -207,7 +207,7 @@ def score_prediction(
     ev = evaluate_slide(p.observed[:, keep], p.predicted[:, keep], kept, markers=mk or None, n_top=n_top)
     metrics = ev.metrics
     if labels is not None:
-        from he2st.analysis.clustering import cluster_agreement
+        from he2st.evaluate.clustering import cluster_agreement
 
         lab = list(labels)
         n_classes = len({str(v) for v in lab if v is not None and str(v) not in ("nan", "")})

@@ -8,15 +8,14 @@ Every reader returns a slide built by :func:`he2st.data.make_slide` and records 
 ``read_visium``        Space Ranger ``outs/`` (h5 or mtx matrix, any positions file)
 ``read_hest``          a HEST-1k sample (``st/``, ``wsis/``, ``metadata/``)
 ``read_h5ad``          any AnnData with ``obsm["spatial"]`` (scanpy, squidpy, he2st)
-``read_any``           dispatches on what a path is
-``summarize``          text summary of a slide or cohort (``he2st info``)
 =====================  =================================================================
+
+:func:`he2st.datasets.read_any` picks the reader from what a path is.
 """
 
 from __future__ import annotations
 
 from he2st.io._common import MissingFileError
-from he2st.io._dispatch import read_any, summarize
 from he2st.io.h5ad import read_h5ad
 from he2st.io.hest import read_hest
 from he2st.io.st_legacy import read_st_legacy
@@ -26,10 +25,8 @@ __all__ = [
     "MissingFileError",
     "read_10x_h5",
     "read_10x_mtx",
-    "read_any",
     "read_h5ad",
     "read_hest",
     "read_st_legacy",
     "read_visium",
-    "summarize",
 ]

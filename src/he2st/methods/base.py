@@ -8,7 +8,7 @@ protocol, registered by name (like timm's model registry)::
     pred = m.predict(test_slide)        # (n_spots, n_genes), normalised scale
     m.save("model/"); m2 = he2st.methods.load_method("model/")
 
-A method fits its target normalisation (:class:`he2st.data.normalize.Normalizer`)
+A method fits its target normalisation (:class:`he2st.pp.normalize.Normalizer`)
 on the training slides it is given, so nothing about a test slide can leak into
 a model through ``fit``.
 """
@@ -16,15 +16,15 @@ a model through ``fit``.
 from __future__ import annotations
 
 import abc
-import importlib
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from he2st._utils import json_default_or_str
 from he2st.errors import He2stInputError
 
 STATE_FILE = "state.safetensors"
@@ -33,7 +33,29 @@ CONFIG_FILE = "method.json"
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a method needs and offers; the runner reads these."""
+    """What a method needs and offers.
+
+    Shown by ``he2st methods`` and :func:`he2st.methods.method_info`; the
+    protocol refuses slides a method cannot use (``needs_labels``), and
+    :class:`~he2st.methods.ensemble.Ensemble` passes on ``uncertainty``.
+
+    Attributes
+    ----------
+    needs_tokens
+        Uses patch tokens (ViT tokens or CNN feature-map cells), not one vector.
+    needs_positions
+        Uses spot positions (position encodings, spot graphs).
+    needs_whole_slides
+        Trains and predicts a whole slide (or window) at once.
+    frozen_features
+        Has a mode on cached frozen-encoder features.
+    finetune
+        Has a mode that trains the image encoder end to end.
+    uncertainty
+        :meth:`Method.predict_uncertainty` returns a standard deviation.
+    needs_labels
+        Training slides must carry spot labels (``obs["label"]``).
+    """
 
     needs_tokens: bool = False
     needs_positions: bool = False
@@ -54,12 +76,16 @@ class Method(abc.ABC):
     Parameters common to all methods
     --------------------------------
     normalization
-        Target scale, see :func:`he2st.data.normalize.normalize` (default ``"cpm_log1p"``).
+        Target scale, see :func:`he2st.pp.normalize.normalize` (default ``"cpm_log1p"``).
     seed
         Random seed; the same seed gives the same predictions.
     """
 
     name: ClassVar[str] = ""
+    #: Method family: ``"baseline"``, ``"spot"``, ``"slide"``, ``"contrastive"``, ``"graph"`` or ``"meta"``.
+    family: ClassVar[str] = ""
+    #: The paper whose code the defaults follow (short citation), empty for he2st's own.
+    paper: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
     defaults: ClassVar[dict[str, Any]] = {}
     common_defaults: ClassVar[dict[str, Any]] = {"normalization": "cpm_log1p", "seed": 0}
@@ -87,11 +113,11 @@ class Method(abc.ABC):
             Slides (AnnData) with raw counts; only these are used to fit
             normalisation, scalers, banks and weights.
         genes
-            A :class:`he2st.data.genes.GenePanel` or a list of gene symbols.
+            A :class:`he2st.pp.genes.GenePanel` or a list of gene symbols.
         val_slides
             Optional validation slides (early stopping, model selection).
         """
-        from he2st.data.normalize import Normalizer
+        from he2st.pp.normalize import Normalizer
 
         train_slides = list(train_slides)
         if not train_slides:
@@ -155,7 +181,7 @@ class Method(abc.ABC):
                 "extra": self.get_extra(),
                 "he2st_version": _version(),
             }
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=_json_safe))
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=json_default_or_str))
             state = {k: np.ascontiguousarray(v) for k, v in self.get_state().items()}
             save_file(state, str(tmp / STATE_FILE))
         return path
@@ -165,13 +191,15 @@ class Method(abc.ABC):
         """Load a method saved with :meth:`save` (no code is executed from the files)."""
         from safetensors.numpy import load_file
 
-        from he2st.data.normalize import Normalizer
+        from he2st.pp.normalize import Normalizer
 
         path = Path(path)
         cfg_file = path / CONFIG_FILE
         if not cfg_file.exists():
             raise He2stInputError(f"{path}: not a saved he2st method (no {CONFIG_FILE})")
         config = json.loads(cfg_file.read_text())
+        from he2st.methods.registry import get_method_class
+
         klass = get_method_class(config["method"]) if cls is Method else cls
         if klass.name != config["method"]:
             raise He2stInputError(f"{path} holds method {config['method']!r}, not {klass.name!r}")
@@ -199,83 +227,7 @@ def _gene_list(genes: Any) -> list[str]:
     return [str(g) for g in names]
 
 
-def _json_safe(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if hasattr(o, "__dataclass_fields__"):
-        return asdict(o)
-    return str(o)
-
-
 def _version() -> str:
     from he2st import __version__
 
     return __version__
-
-
-# -- registry -----------------------------------------------------------
-
-# Built-in methods are listed by import path so that listing them (CLI
-# ``--help``, ``list_methods()``) does not import torch.
-_BUILTIN: dict[str, str] = {
-    "mean": "he2st.methods.baselines:MeanPredictor",
-    "ridge": "he2st.methods.baselines:RidgeProbe",
-    "knn": "he2st.methods.baselines:KNNRetrieval",
-    "stnet": "he2st.methods.stnet:STNet",
-    "deepspace": "he2st.methods.deepspace:DeepSpaCE",
-    "stimage": "he2st.methods.stimage:STimage",
-    "ensemble": "he2st.methods.ensemble:Ensemble",
-    "histogene": "he2st.methods.histogene:HisToGene",
-    "hist2st": "he2st.methods.hist2st:Hist2ST",
-    "thitogene": "he2st.methods.thitogene:THItoGene",
-    "bleep": "he2st.methods.bleep:BLEEP",
-    "mclstexp": "he2st.methods.mclstexp:MclSTExp",
-    "cmrcnet": "he2st.methods.cmrcnet:CMRCNet",
-}
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator registering a :class:`Method` under ``name``."""
-
-    def deco(cls: type[Method]) -> type[Method]:
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise TypeError(f"{cls!r} is not a he2st Method subclass")
-        existing = _REGISTRY.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"method name {name!r} is already registered to {existing.__qualname__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def list_methods() -> list[str]:
-    """Names of all registered methods, built-in and user-registered."""
-    return sorted(set(_BUILTIN) | set(_REGISTRY))
-
-
-def get_method_class(name: str) -> type[Method]:
-    """The class registered under ``name`` (imports built-ins on demand)."""
-    if name not in _REGISTRY:
-        target = _BUILTIN.get(name)
-        if target is None:
-            raise He2stInputError(f"unknown method {name!r}; available: {list_methods()}")
-        module, _, _ = target.partition(":")
-        importlib.import_module(module)  # registers via the decorator
-        if name not in _REGISTRY:
-            raise RuntimeError(f"{target} did not register method {name!r}")
-    return _REGISTRY[name]
-
-
-def create_method(name: str, **params: Any) -> Method:
-    """Instantiate a registered method with its paper's defaults overridden by ``params``."""
-    return get_method_class(name)(**params)
-
-
-def load_method(path: str | Path) -> Method:
-    """Load any saved method; the class is read from ``method.json``."""
-    return Method.load(path)

@@ -25,7 +25,8 @@ import numpy as np
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import Capabilities, Method, register_method
+from he2st.methods.base import Capabilities, Method
+from he2st.methods.registry import register_method
 
 #: Ridge penalties searched by the inner cross-validation: 10^-2 ... 10^6 in half-decade steps.
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
@@ -121,6 +122,7 @@ class MeanPredictor(Method):
     normalization="cpm_log1p", seed=0 (unused: the method is deterministic).
     """
 
+    family = "baseline"
     capabilities = Capabilities(frozen_features=False)
     defaults: dict[str, Any] = {}
 
@@ -196,6 +198,7 @@ class RidgeProbe(Method):
     cv_metric="mse", normalization="cpm_log1p", seed=0.
     """
 
+    family = "baseline"
     capabilities = Capabilities(frozen_features=True)
     defaults: dict[str, Any] = {
         **_FEATURE_DEFAULTS,
@@ -337,7 +340,7 @@ def _inner_cv_scores(
     ``metric="mse"``: minus the held-out mean squared error; ``"pcc"``: the
     held-out mean per-gene PCC (NaN genes excluded).
     """
-    from he2st.evaluate.metrics import pearson_per_gene
+    from he2st._stats import pearson_per_gene
 
     X = np.concatenate(feats)
     Y = np.concatenate(targets)
@@ -397,6 +400,7 @@ class KNNRetrieval(Method):
     stain=None, k=50, metric="cosine", normalization="cpm_log1p", seed=0.
     """
 
+    family = "baseline"
     capabilities = Capabilities(frozen_features=True)
     defaults: dict[str, Any] = {**_FEATURE_DEFAULTS, "k": 50, "metric": "cosine"}
 

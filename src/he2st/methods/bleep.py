@@ -8,10 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from he2st.methods.base import Capabilities, register_method
+from he2st.methods.base import Capabilities
+from he2st.methods.registry import register_method
 from he2st.methods.nn.heads import ProjectionHead
 from he2st.methods.nn.losses import TARGETS, contrastive_loss
-from he2st.retrieval.contrastive import CONTRASTIVE_DEFAULTS, ContrastiveRetrieval, RetrievalNet
+from he2st.methods.families.contrastive import CONTRASTIVE_DEFAULTS, ContrastiveRetrieval, RetrievalNet
 
 
 class BleepNet(RetrievalNet):
@@ -78,13 +79,15 @@ class BLEEP(ContrastiveRetrieval):
     search="exact", search_backend="torch", target_recall=0.95,
     reference_slides=None, reference_fill_missing=False,
     exclude_test_patient="auto", on_bank_overlap="error", device="auto".
-    See :mod:`he2st.retrieval.contrastive` for the shared switches.
+    See :mod:`he2st.methods.families.contrastive` for the shared switches.
 
     Examples
     --------
     >>> m = he2st.methods.create_method("bleep", encoder="efficientnet_lite0", epochs=50)
     >>> m.fit(train_slides, panel).predict(test_slide)
     """
+
+    paper: ClassVar[str] = "Xie et al., NeurIPS 2023 (BLEEP)"
 
     capabilities: ClassVar[Capabilities] = Capabilities(frozen_features=True, finetune=True)
     defaults: ClassVar[dict[str, Any]] = {

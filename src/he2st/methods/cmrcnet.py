@@ -10,10 +10,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from he2st.errors import He2stInputError
-from he2st.methods.base import Capabilities, register_method
+from he2st.methods.base import Capabilities
+from he2st.methods.registry import register_method
 from he2st.methods.nn.heads import SNN, MultiHeadAttention, ProjectionHead, TransformerBlock
 from he2st.methods.nn.losses import RECONSTRUCTION, contrastive_loss, reconstruction_loss
-from he2st.retrieval.contrastive import CONTRASTIVE_DEFAULTS, ContrastiveRetrieval, RetrievalNet
+from he2st.methods.families.contrastive import CONTRASTIVE_DEFAULTS, ContrastiveRetrieval, RetrievalNet
 
 RECON_TARGETS = ("image", "expression")
 
@@ -188,6 +189,8 @@ class CMRCNet(ContrastiveRetrieval):
     reference_slides=None, reference_fill_missing=False,
     exclude_test_patient="auto", on_bank_overlap="error", device="auto".
     """
+
+    paper: ClassVar[str] = "Liu et al. (CMRCNet, seed paper 004)"
 
     input_kind: ClassVar[str] = "tokens"
     capabilities: ClassVar[Capabilities] = Capabilities(frozen_features=True, finetune=True, needs_tokens=True)

@@ -11,8 +11,8 @@ from torch.nn import functional as F
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import register_method
-from he2st.methods.nn.regression import SPOT_DEFAULTS, SpotRegressor
+from he2st.methods.registry import register_method
+from he2st.methods.families.spot import SPOT_DEFAULTS, SpotRegressor
 
 
 class MinMaxScaler:
@@ -96,6 +96,8 @@ class DeepSpaCE(SpotRegressor):
     val_split="spot", val_fraction=0.2, n_models=1, standardize=True,
     stain_fit_spots=64, device="auto".
     """
+
+    paper: ClassVar[str] = "Monjo et al. 2022 (DeepSpaCE)"
 
     defaults: ClassVar[dict[str, Any]] = {
         **SPOT_DEFAULTS,

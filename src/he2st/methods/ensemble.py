@@ -8,7 +8,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from he2st.errors import He2stInputError
-from he2st.methods.base import Capabilities, Method, get_method_class, register_method
+from he2st.methods.base import Capabilities, Method
+from he2st.methods.registry import get_method_class, register_method
 
 
 @register_method("ensemble")
@@ -55,6 +56,7 @@ class Ensemble(Method):
     >>> mean, sd = m.predict(test_slide), m.predict_uncertainty(test_slide)
     """
 
+    family: ClassVar[str] = "meta"
     capabilities: ClassVar[Capabilities] = Capabilities(uncertainty=True)
     defaults: ClassVar[dict[str, Any]] = {"method": None, "n_members": 5, "params": {}, "vary_seed": True}
 
@@ -146,7 +148,7 @@ class Ensemble(Method):
         }
 
     def set_extra(self, extra: dict[str, Any]) -> None:
-        from he2st.data.normalize import Normalizer
+        from he2st.pp.normalize import Normalizer
 
         self.members_ = []
         for cfg in extra.get("members", []):

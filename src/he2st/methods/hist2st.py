@@ -12,9 +12,10 @@ from torch.nn import functional as F
 
 from he2st.data.slide import meta, require_counts
 from he2st.errors import He2stInputError, SlideError
-from he2st.methods.base import Capabilities, register_method
+from he2st.methods.base import Capabilities
+from he2st.methods.registry import register_method
 from he2st.methods.nn.likelihoods import ZINBHead, zinb_nll
-from he2st.methods.nn.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor, to_unit
+from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor, to_unit
 from he2st.methods.nn.transformer import SpotTransformer
 
 __all__ = ["MISSING_LABELS", "Hist2ST", "Hist2STNet"]
@@ -208,7 +209,7 @@ class Hist2ST(SlideRegressor):
     applied (the shared training loop has no scheduler); the ConvMixer's
     dropout acts on its output rather than on its first feature map; large
     slides are windowed and attention may be local (see
-    :mod:`he2st.methods.nn.slide`).
+    :mod:`he2st.methods.families.slide`).
 
     Defaults
     --------
@@ -233,6 +234,8 @@ class Hist2ST(SlideRegressor):
     >>> pe = he2st.methods.create_method("hist2st", encoder="efficientnet_lite0", weights="imagenet")
     >>> gat = he2st.methods.create_method("hist2st", encoder="efficientnet_lite0", weights="imagenet", gat=True)
     """
+
+    paper: ClassVar[str] = "Zeng et al., Brief. Bioinform. 2022 (Hist2ST)"
 
     capabilities: ClassVar[Capabilities] = Capabilities(
         needs_positions=True, needs_whole_slides=True, frozen_features=True, finetune=True, needs_labels=False

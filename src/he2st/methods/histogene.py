@@ -11,8 +11,8 @@ from torch.nn import functional as F
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import register_method
-from he2st.methods.nn.slide import (
+from he2st.methods.registry import register_method
+from he2st.methods.families.slide import (
     SLIDE_DEFAULTS,
     SlideBatch,
     SlideData,
@@ -106,7 +106,7 @@ class HisToGene(SlideRegressor):
     positions on slides spanning more than 64 array units are rescaled into
     the tables (see :func:`he2st.methods.nn.graphs.grid_positions`) where the
     code would index past them; large slides are windowed and attention may be
-    local (see :mod:`he2st.methods.nn.slide`).
+    local (see :mod:`he2st.methods.families.slide`).
 
     Defaults
     --------
@@ -130,6 +130,8 @@ class HisToGene(SlideRegressor):
     >>> pred = m.predict(test_slide)
     >>> sr = m.predict_superres(test_slide, factor=2)   # AnnData of sub-spots
     """
+
+    paper: ClassVar[str] = "Pang et al. 2021 (HisToGene)"
 
     defaults: ClassVar[dict[str, Any]] = {
         **SLIDE_DEFAULTS,

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from he2st.errors import He2stInputError
-from he2st.methods.base import Capabilities, register_method
+from he2st.methods.base import Capabilities
+from he2st.methods.registry import register_method
 from he2st.methods.nn.heads import ProjectionHead, TransformerBlock
 from he2st.methods.nn.losses import TARGETS, contrastive_loss
 from he2st.methods.nn.position import POSITION_ENCODINGS, make_position_encoding
-from he2st.retrieval.contrastive import CONTRASTIVE_DEFAULTS, ContrastiveRetrieval, RetrievalNet
+from he2st.methods.families.contrastive import CONTRASTIVE_DEFAULTS, ContrastiveRetrieval, RetrievalNet
 
 
 class MclSTExpNet(RetrievalNet):
@@ -97,6 +98,8 @@ class MclSTExp(ContrastiveRetrieval):
     reference_fill_missing=False, exclude_test_patient="auto",
     on_bank_overlap="error", device="auto".
     """
+
+    paper: ClassVar[str] = "Min et al., Brief. Bioinform. 2024 (mclSTExp)"
 
     capabilities: ClassVar[Capabilities] = Capabilities(frozen_features=True, finetune=True, needs_positions=True)
     defaults: ClassVar[dict[str, Any]] = {

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from he2st.data.normalize import CPM_SCALE, Normalizer
+from he2st.pp.normalize import CPM_SCALE, Normalizer
 from he2st.data.slide import require_counts
 from he2st.errors import He2stInputError
-from he2st.methods.base import Capabilities, register_method
+from he2st.methods.base import Capabilities
+from he2st.methods.registry import register_method
 from he2st.methods.nn.likelihoods import NBHead, nb_nll, nb_variance
-from he2st.methods.nn.regression import SPOT_DEFAULTS, SpotRegressor
+from he2st.methods.families.spot import SPOT_DEFAULTS, SpotRegressor
 
 
 def library_sizes(slide: Any) -> np.ndarray:
@@ -125,6 +126,8 @@ class STimage(SpotRegressor):
     ``L_ref``), so the members of the ensemble differ by their data order
     (and augmentation) rather than by their initialisation.
     """
+
+    paper: ClassVar[str] = "Tan et al. 2023 (STimage)"
 
     capabilities: ClassVar[Capabilities] = Capabilities(frozen_features=True, finetune=True, uncertainty=True)
     defaults: ClassVar[dict[str, Any]] = {

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from he2st.methods.base import register_method
-from he2st.methods.nn.regression import SPOT_DEFAULTS, SpotRegressor
+from he2st.methods.registry import register_method
+from he2st.methods.families.spot import SPOT_DEFAULTS, SpotRegressor
 
 
 @register_method("stnet")
@@ -40,7 +40,7 @@ class STNet(SpotRegressor):
       averaged, which for a linear head is the same as averaging predictions).
 
     Departures: in frozen mode the DenseNet is not trained and its features are
-    standardised (see :mod:`he2st.methods.nn.regression`); the images are
+    standardised (see :mod:`he2st.methods.families.spot`); the images are
     normalised with the encoder's ImageNet statistics rather than statistics
     estimated on the training patches.
 
@@ -62,6 +62,8 @@ class STNet(SpotRegressor):
     >>> m.fit(train_slides, panel)
     >>> pred = m.predict(test_slide)
     """
+
+    paper: ClassVar[str] = "He et al., Nat. Biomed. Eng. 2020 (ST-Net)"
 
     defaults: ClassVar[dict[str, Any]] = {
         **SPOT_DEFAULTS,

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from he2st.methods.base import register_method
+from he2st.methods.registry import register_method
 from he2st.methods.nn.capsules import EfficientCapsNet
 from he2st.methods.nn.dynconv import ODConv2d
-from he2st.methods.nn.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor, to_unit
+from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor, to_unit
 from he2st.methods.nn.transformer import SpotTransformer
 
 __all__ = ["THItoGene", "THItoGeneNet", "stem_stride"]
@@ -132,7 +132,7 @@ class THItoGene(SlideRegressor):
     memorises positions; ``pos_init_std=0.02`` (ViT-style) avoids that.
 
     Departures: large slides are windowed and attention may be local (see
-    :mod:`he2st.methods.nn.slide`); positions on slides spanning more than 64
+    :mod:`he2st.methods.families.slide`); positions on slides spanning more than 64
     array units are rescaled into the tables.
 
     Defaults
@@ -151,6 +151,8 @@ class THItoGene(SlideRegressor):
     >>> m.fit(train_slides, panel)
     >>> pred = m.predict(test_slide)
     """
+
+    paper: ClassVar[str] = "Jia et al. 2024 (THItoGene)"
 
     defaults: ClassVar[dict[str, Any]] = {
         **SLIDE_DEFAULTS,

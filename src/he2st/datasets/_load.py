@@ -1,8 +1,14 @@
-"""``read_any``: pick the reader from what a path is; ``summarize``: a text report of a slide or cohort."""
+"""Load a dataset by name or path.
+
+``load``: a cohort by name (``synthetic``, ``her2st``) or from a path;
+``read_any``: pick the reader from what a path is; ``summarize``: a text report
+of a slide or cohort (``he2st info``).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +16,48 @@ import numpy as np
 
 from he2st.errors import He2stInputError, ImageError
 from he2st.io._common import MissingFileError, PathLike
+
+
+def load(data: str, params: Mapping[str, Any] | None = None) -> Any:
+    """The cohort a name or path stands for.
+
+    Parameters
+    ----------
+    data
+        ``"synthetic"`` (:func:`he2st.datasets.synthetic`), ``"her2st"``
+        (:func:`he2st.datasets.her2st`), or a dataset folder that
+        :func:`read_any` reads as a cohort.
+    params
+        Keyword arguments of the named dataset's builder (e.g. ``{"n_slides": 3}``,
+        ``{"sections": ["C2", "C3"]}``); not accepted with a path.
+
+    Returns
+    -------
+    Cohort
+        The slides.
+
+    Raises
+    ------
+    He2stInputError
+        ``params`` given with a path, or the path holds a single slide.
+    """
+    from he2st.data import Cohort
+
+    params = dict(params or {})
+    if data == "synthetic":
+        from he2st.datasets import synthetic
+
+        return synthetic(**params)
+    if data == "her2st":
+        from he2st.datasets import her2st
+
+        return her2st(**params)
+    if params:
+        raise He2stInputError(f"data_params {sorted(params)} only apply to 'synthetic' and 'her2st', not to a path")
+    obj = read_any(data)
+    if not isinstance(obj, Cohort):
+        raise He2stInputError(f"{data!r} holds a single slide; a benchmark needs a cohort of at least 2 slides")
+    return obj
 
 
 def read_any(path: PathLike) -> Any:

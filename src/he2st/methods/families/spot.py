@@ -53,6 +53,7 @@ from torch import nn
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
+from he2st._utils import jsonable
 from he2st.methods.base import Capabilities, Method
 from he2st.methods.nn.train import (
     MODES,
@@ -181,19 +182,6 @@ def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def jsonable(obj: Any) -> Any:
-    """Arrays and numpy scalars inside dicts/lists turned into JSON types (for ``get_extra``)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 # -- the base class -------------------------------------------------------------------------
 
 
@@ -206,6 +194,7 @@ class SpotRegressor(Method):
     (spots used for training), :meth:`_patch_px` and the state hooks.
     """
 
+    family: ClassVar[str] = "spot"
     capabilities: ClassVar[Capabilities] = Capabilities(frozen_features=True, finetune=True)
     defaults: ClassVar[dict[str, Any]] = dict(SPOT_DEFAULTS)
 
@@ -582,7 +571,6 @@ __all__ = [
     "FeatureModel",
     "SpotRegressor",
     "inner_split",
-    "jsonable",
     "resize_uint8",
     "to_unit",
 ]

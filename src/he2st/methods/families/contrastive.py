@@ -169,6 +169,7 @@ class ContrastiveRetrieval(Method):
     """
 
     input_kind: ClassVar[str] = "features"
+    family: ClassVar[str] = "contrastive"
     capabilities: ClassVar[Capabilities] = Capabilities(frozen_features=True, finetune=True)
     defaults: ClassVar[dict[str, Any]] = dict(CONTRASTIVE_DEFAULTS)
 
@@ -261,7 +262,7 @@ class ContrastiveRetrieval(Method):
                 )
             return x
         from he2st.image import extract_patches
-        from he2st.methods.nn.regression import resize_uint8
+        from he2st.methods.families.spot import resize_uint8
 
         images = np.asarray(extract_patches(slide, size_px=int(p["patch_px"])).images)
         return resize_uint8(images, self._input_px())
@@ -334,7 +335,7 @@ class ContrastiveRetrieval(Method):
 
     # -- fitting ---------------------------------------------------------------------
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
-        from he2st.methods.nn.regression import inner_split
+        from he2st.methods.families.spot import inner_split
 
         p = self.params
         gen = set_seed(int(p["seed"]))
@@ -372,7 +373,7 @@ class ContrastiveRetrieval(Method):
         def batch_inputs(rows: torch.Tensor, train: bool) -> torch.Tensor:
             x = Xt[rows]
             if not frozen:
-                from he2st.methods.nn.regression import to_unit
+                from he2st.methods.families.spot import to_unit
 
                 x = to_unit(x)
                 if train and augment is not None:
@@ -466,7 +467,7 @@ class ContrastiveRetrieval(Method):
         for i in range(0, len(x), bs):
             xb = torch.from_numpy(np.array(x[i : i + bs]))  # a copy: cached tokens are read-only memmaps
             if not frozen:
-                from he2st.methods.nn.regression import to_unit
+                from he2st.methods.families.spot import to_unit
 
                 xb = to_unit(xb)
             out.append(net.embed_image(net.image_input(xb.to(dev))).float().cpu().numpy())
@@ -607,7 +608,7 @@ def _load_reference_spec(spec: dict[str, Any], method: str) -> list[Any]:
         raise He2stInputError(f"method {method!r}: reference_slides 'images' must be any/with/without, got {images!r}")
     import json
 
-    from he2st.evaluate.runner import load_cohort
+    from he2st.datasets import load as load_cohort
 
     # A benchmark fits one model per fold with the same spec: load the cohort once per process.
     key = json.dumps({"data": spec["data"], "params": spec.get("params")}, sort_keys=True, default=str)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from he2st._utils import atomic_write_json
+from he2st._utils import atomic_write_json, jsonable
 from he2st.data.slide import meta, require_counts
 from he2st.errors import GenePanelError, He2stInputError
 
@@ -92,7 +92,7 @@ class GenePanel:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GenePanel):
             return NotImplemented
-        return self._genes == other._genes and self.source == other.source and _jsonable(self.params) == _jsonable(
+        return self._genes == other._genes and self.source == other.source and jsonable(self.params) == jsonable(
             other.params
         )
 
@@ -112,7 +112,7 @@ class GenePanel:
     # -- persistence ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON form: ``{"format", "genes", "source", "params"}``."""
-        return {"format": _PANEL_FORMAT, "genes": self.genes, "source": self.source, "params": _jsonable(self.params)}
+        return {"format": _PANEL_FORMAT, "genes": self.genes, "source": self.source, "params": jsonable(self.params)}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the panel as JSON (atomically) and return the path."""
@@ -141,13 +141,6 @@ class GenePanel:
                 f"{path}: expected a JSON object with a 'genes' list (a file written by GenePanel.save)"
             )
         return cls(data["genes"], source=data.get("source", ""), params=data.get("params") or {})
-
-
-def _jsonable(obj: Any) -> Any:
-    """Round-trip through JSON so that tuples/numpy scalars compare like their saved form."""
-    from he2st._utils import _json_default
-
-    return json.loads(json.dumps(obj, sort_keys=True, default=_json_default))
 
 
 # -- reading gene lists ------------------------------------------------------

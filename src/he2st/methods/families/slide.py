@@ -79,7 +79,7 @@ from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st.methods.base import Capabilities, Method
 from he2st.methods.nn.graphs import grid_positions, knn_graph
-from he2st.methods.nn.regression import to_unit
+from he2st.methods.families.spot import to_unit
 from he2st.methods.nn.train import (
     default_device,
     fit_module,
@@ -172,6 +172,7 @@ class SlideRegressor(Method):
     :meth:`_slide_extras`.
     """
 
+    family: ClassVar[str] = "slide"
     capabilities: ClassVar[Capabilities] = Capabilities(
         needs_positions=True, needs_whole_slides=True, frozen_features=False, finetune=True
     )

@@ -1,0 +1,250 @@
+"""Benchmark configuration: the fields of a run, TOML loading and method-spec resolution.
+
+A run is described by a :class:`BenchmarkConfig` (or a mapping, a TOML file whose
+keys are its fields, or command-line options on top of one); :meth:`BenchmarkConfig.method_specs`
+resolves each method's parameters (run-wide overrides, per-method overrides, seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from he2st.errors import He2stInputError
+from he2st.evaluate.metrics import N_TOP
+
+#: Fast methods the demo runs. Later issues append their method names here.
+DEMO_METHODS: list[str] = ["mean", "ridge", "knn"]
+#: Encoder of the demo: non-neural, needs no weights, a few ms per slide.
+DEMO_ENCODER = "color_stats"
+
+
+class RunConfigError(He2stInputError):
+    """A benchmark configuration (file or arguments) is invalid."""
+
+
+@dataclass
+class MethodSpec:
+    """One method configuration of a run: registry name, result label, parameters."""
+
+    name: str
+    label: str
+    params: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """JSON form stored with every result, compared on resume."""
+        return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything a benchmark run depends on.
+
+    Attributes
+    ----------
+    out
+        Run folder.
+    data
+        ``"synthetic"``, ``"her2st"``, or a path readable by :func:`he2st.datasets.read_any`.
+    data_params
+        Keyword arguments of the dataset builder (e.g. ``{"n_slides": 3}`` for
+        synthetic, ``{"sections": ["C2", "C3"]}`` for her2st).
+    methods
+        Method names, or tables ``{name, label, params, grid}``.
+    split
+        ``loso`` (default), ``lopo``, ``kfold:K``, ``nested``, or a JSON/TOML split file.
+    genes
+        Panel recipe: ``"hvg:N"`` (default ``hvg:1000``), ``"all"``, a gene list or file.
+    min_spots
+        HVG detection filter (default: 1000 capped at 10% of the training spots).
+    markers
+        Marker genes: kept in the panel and scored as PCC(markers).
+    n_top
+        Size of the HEG/HVG gene sets (50).
+    encoder, weights
+        Override the feature encoder (and its weights) of every method that has one.
+        With ``encoder`` set and ``weights`` unset, weights are ``"imagenet"`` for
+        ``efficientnet_lite0`` and None otherwise.
+    patch_px
+        Override the patch side (image pixels) of every method that has one. Default:
+        each method's own (224 px, for ~0.5-0.7 um/px images), except on the synthetic
+        cohort, where it is the cohort's spot pitch (``data_params["patch_px"]``, 32):
+        224 px there would span 7 x 7 spots, mostly off the tissue.
+    normalization
+        Override every method's target normalisation.
+    method_params
+        ``{label: {param: value}}`` overrides per method.
+    grid
+        ``{label: {param: [values]}}`` searched on inner folds (split ``nested``).
+    seed
+        Seed of every method and of k-fold shuffling.
+    save_models, clustering, report, quiet
+        Save fitted models; add ARI/NMI for labelled slides; write report.html; hide progress.
+    name
+        Run name shown in the report.
+    """
+
+    out: str = "he2st-run"
+    data: str = "synthetic"
+    data_params: dict[str, Any] = field(default_factory=dict)
+    methods: list[Any] = field(default_factory=lambda: list(DEMO_METHODS))
+    split: Any = "loso"
+    genes: Any = "hvg:1000"
+    min_spots: int | None = None
+    markers: list[str] | None = None
+    n_top: int = N_TOP
+    encoder: str | None = None
+    weights: str | None = None
+    patch_px: int | None = None
+    normalization: str | None = None
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    grid: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    seed: int = 0
+    save_models: bool = False
+    clustering: bool = True
+    report: bool = True
+    quiet: bool = False
+    name: str | None = None
+
+    # Keys that do not change results: a rerun may differ in them and still resume.
+    _VOLATILE = ("out", "quiet", "report", "name")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> BenchmarkConfig:
+        """Build from a mapping; unknown keys raise :class:`RunConfigError` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RunConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**dict(d))
+        cfg.check(where)
+        return cfg
+
+    def check(self, where: str = "config") -> None:
+        if not isinstance(self.methods, list) or not self.methods:
+            raise RunConfigError(f"{where}: 'methods' must be a non-empty list")
+        if not isinstance(self.n_top, int) or self.n_top < 1:
+            raise RunConfigError(f"{where}: n_top must be a positive integer, got {self.n_top!r}")
+        if not isinstance(self.seed, int):
+            raise RunConfigError(f"{where}: seed must be an integer, got {self.seed!r}")
+        labels = [s.label for s in self.method_specs()]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise RunConfigError(f"{where}: method label(s) {dup} appear twice; give each a distinct 'label'")
+        from he2st.methods import list_methods
+
+        # Entries for registered methods left out of this run are ignored (a config
+        # file may hold settings for more methods than --methods picks); others are typos.
+        for key in ("method_params", "grid"):
+            extra = sorted(set(getattr(self, key)) - set(labels) - set(list_methods()))
+            if extra:
+                raise RunConfigError(f"{where}: {key} names method(s) {extra} that are not in 'methods' {labels}")
+
+    def method_specs(self) -> list[MethodSpec]:
+        """Methods with their resolved parameters (overrides applied, seed set)."""
+        from he2st.methods import get_method_class
+
+        specs = []
+        for i, m in enumerate(self.methods):
+            if isinstance(m, str):
+                name, label, params, grid = m, m, {}, {}
+            elif isinstance(m, Mapping) and "name" in m:
+                unknown = set(m) - {"name", "label", "params", "grid"}
+                if unknown:
+                    raise RunConfigError(f"methods[{i}]: unknown key(s) {sorted(unknown)}")
+                name, label = str(m["name"]), str(m.get("label", m["name"]))
+                params, grid = dict(m.get("params", {})), dict(m.get("grid", {}))
+            else:
+                raise RunConfigError(f"methods[{i}]: expected a method name or a table with 'name', got {m!r}")
+            if not re.fullmatch(r"[A-Za-z0-9_.+-]+", label):
+                raise RunConfigError(f"method label {label!r}: use letters, digits and _ . + - only")
+            klass = get_method_class(name)
+            accepted = {**klass.common_defaults, **klass.defaults}
+            resolved: dict[str, Any] = {"seed": self.seed}
+            if self.encoder is not None and "encoder" in accepted:
+                resolved["encoder"] = self.encoder
+                if "weights" in accepted:
+                    resolved["weights"] = self.weights if self.weights is not None else _default_weights(self.encoder)
+            elif self.weights is not None and "weights" in accepted:
+                resolved["weights"] = self.weights
+            patch_px = self.patch_px
+            if patch_px is None and self.data == "synthetic":
+                patch_px = int(self.data_params.get("patch_px", _synthetic_patch_px()))
+            if patch_px is not None and "patch_px" in accepted:
+                resolved["patch_px"] = int(patch_px)
+            if self.normalization is not None:
+                resolved["normalization"] = self.normalization
+            resolved.update(params)
+            resolved.update(self.method_params.get(label, {}))
+            grid.update(self.grid.get(label, {}))
+            unknown = sorted(set(resolved) - set(accepted))
+            if unknown:
+                raise RunConfigError(f"method {label!r} ({name}): unknown parameter(s) {unknown}; known: {sorted(accepted)}")
+            specs.append(MethodSpec(name, label, resolved, grid))
+        return specs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The run-wide settings every result depends on (compared on resume).
+
+        Methods are not part of it: each (method, fold) result records its own
+        resolved method spec, so methods can be added to a run folder later; a
+        method whose spec changed is refused (see :func:`run_benchmark`).
+        """
+        d = self.to_dict()
+        for k in (*self._VOLATILE, "methods", "method_params", "grid", "encoder", "weights", "patch_px", "normalization"):
+            d.pop(k, None)
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def _synthetic_patch_px() -> int:
+    import inspect
+
+    from he2st.datasets import synthetic
+
+    return int(inspect.signature(synthetic).parameters["patch_px"].default)
+
+
+def _default_weights(encoder: str) -> str | None:
+    return "imagenet" if encoder == "efficientnet_lite0" else None
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> BenchmarkConfig:
+    """Read a TOML run configuration; ``overrides`` (non-None) replace its keys.
+
+    Nothing in the file is executed: it is parsed with :mod:`tomllib`.
+    """
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise RunConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RunConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchmarkConfig.from_dict(data, where=f"config file {path}")
+
+
+def config_from_options(config_file: str | os.PathLike | None = None, **options: Any) -> BenchmarkConfig:
+    """A configuration from a TOML file (optional) with command-line options (non-None) on top.
+
+    ``methods`` and ``markers`` may be given as comma-separated strings.
+    """
+    opts = {k: v for k, v in options.items() if v is not None}
+    for key in ("methods", "markers"):
+        if isinstance(opts.get(key), str):
+            opts[key] = [x.strip() for x in opts[key].split(",") if x.strip()]
+    if config_file is not None:
+        return load_config(config_file, **opts)
+    return BenchmarkConfig.from_dict(opts, where="command line")

@@ -1,0 +1,316 @@
+"""Run a benchmark: every method on every fold, resumable, written atomically.
+
+::
+
+    from he2st.benchmark import run_benchmark
+    result = run_benchmark({"data": "synthetic", "methods": ["mean", "ridge", "knn"],
+                            "split": "loso", "encoder": "color_stats", "out": "runs/demo"})
+    result.summary            # method x metric x gene set: mean, sd over test slides
+
+or ``he2st benchmark --data synthetic --methods mean,ridge,knn --out runs/demo``,
+or a TOML file (``he2st benchmark --config run.toml``) whose keys are the
+fields of :class:`BenchmarkConfig`.
+
+Run folder
+----------
+``config.json``
+    The resolved configuration, package versions, seeds and git commit.
+``folds/<method>/<fold>.json``
+    Written atomically when a (method, fold) pair is done: its metrics,
+    per-gene scores, panel, resolved method spec and timings. A rerun skips
+    every pair that has one, so an interrupted run loses at most the pair in
+    progress. Methods may be added to a run folder later (only their pairs
+    run); changing a method's settings, or a run-wide setting (data, split,
+    genes, seed...), is refused.
+``predictions/<method>/<test_slide>.h5ad``
+    ``.X`` predicted, ``layers["observed"]``, ``layers["uncertainty"]`` (when the
+    method has one), ``obsm["spatial"]``, ``var`` = panel genes, normalised scale.
+``metrics.csv``
+    Long table ``method, fold, test_slide, metric, gene_set, value, n_genes, n_nan``.
+``per_gene.csv``
+    ``method, fold, test_slide, gene, pcc, pvalue, mse, mean_observed, var_observed``.
+``summary.csv``
+    Mean and sd over test slides per ``method, metric, gene_set``.
+``wilcoxon.csv``, ``top_genes.csv``
+    Paired tests between methods (PCC(ACG), PCC(HEG), MSE(ACG)) and the top genes per method.
+``models/<method>/<fold>/``
+    Fitted models, when ``save_models`` is set.
+``report.html``
+    Self-contained report (:mod:`he2st.analysis.report`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from he2st._utils import atomic_path, atomic_write_json, jsonable, progress
+from he2st.benchmark.config import BenchmarkConfig, MethodSpec, RunConfigError, load_config
+from he2st.benchmark.provenance import check_or_write_config
+from he2st.datasets import load as load_cohort
+from he2st.errors import He2stInputError
+from he2st.evaluate.metrics import summarize, top_genes, wilcoxon_table
+from he2st.evaluate.results import (
+    CONFIG_FILE,
+    FOLDS_DIR,
+    METRICS_COLUMNS,
+    PER_GENE_COLUMNS,
+    PREDICTIONS_DIR,
+    RunResult,
+    fold_records,
+)
+from he2st.evaluate.splits import Fold, make_splits
+
+#: Version of the per-(method, fold) result records; older records are rerun.
+_RESULT_VERSION = 1
+
+
+def run_benchmark(config: BenchmarkConfig | Mapping[str, Any] | str | os.PathLike, cohort: Any = None) -> RunResult:
+    """Run (or resume) a benchmark and write its run folder; see the module docstring.
+
+    Parameters
+    ----------
+    config
+        A :class:`BenchmarkConfig`, a mapping of its fields, or a TOML file.
+    cohort
+        Optional cohort to use instead of loading ``config.data`` (e.g. one built
+        in Python); ``config.data`` is then only recorded.
+
+    Returns
+    -------
+    RunResult
+        The tables, and how many (method, fold) pairs were run or skipped.
+
+    Raises
+    ------
+    RunConfigError
+        Bad configuration, or the run folder holds a run with a different configuration.
+    """
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(config)
+    elif not isinstance(config, BenchmarkConfig):
+        config = BenchmarkConfig.from_dict(config)
+    else:
+        config.check()
+    old_quiet = os.environ.get("HE2ST_QUIET")
+    if config.quiet:
+        os.environ["HE2ST_QUIET"] = "1"
+    try:
+        return _run(config, cohort)
+    finally:
+        if config.quiet:
+            if old_quiet is None:
+                os.environ.pop("HE2ST_QUIET", None)
+            else:
+                os.environ["HE2ST_QUIET"] = old_quiet
+
+
+def _run(config: BenchmarkConfig, cohort: Any) -> RunResult:
+    from he2st.evaluate.protocol import run_fold
+
+    out = Path(config.out)
+    specs = config.method_specs()
+    if cohort is None:
+        cohort = load_cohort(config.data, config.data_params)
+    folds = make_splits(config.split, cohort, seed=config.seed)
+    check_or_write_config(out, config, folds, cohort)
+    tested = [s for f in folds for s in f.test]
+    per_fold_files = len(set(tested)) < len(tested)
+
+    pairs = [(spec, fold) for spec in specs for fold in folds]
+    done = {(spec.label, fold.name): _finished(out, spec, fold) for spec, fold in pairs}
+    n_run = n_skip = 0
+    for spec, fold in progress(pairs, description="benchmark", total=len(pairs)):
+        marker = _marker(out, spec.label, fold.name)
+        if done[(spec.label, fold.name)]:
+            n_skip += 1
+            continue
+        _log(config, f"{spec.label}: fold {fold.name} (test {', '.join(fold.test)})")
+        outcome = run_fold(
+            spec.name,
+            spec.params,
+            cohort,
+            fold,
+            config.genes,
+            label=spec.label,
+            min_spots=config.min_spots,
+            markers=config.markers,
+            n_top=config.n_top,
+            grid=spec.grid or None,
+            clustering=config.clustering,
+        )
+        files = _write_predictions(out, spec.label, fold, outcome, cohort, per_fold_files)
+        if config.save_models:
+            outcome.model.save(out / "models" / spec.label / _safe(fold.name))
+        atomic_write_json(
+            marker,
+            {
+                "version": _RESULT_VERSION,
+                "method": spec.label,
+                "method_name": spec.name,
+                "spec": spec.record(),
+                "fold": fold.to_dict(),
+                "params": outcome.params,
+                "panel": outcome.panel.to_dict(),
+                "selection": outcome.selection,
+                "missing_genes": {p.slide_id: p.missing_genes for p in outcome.predictions},
+                "predictions": files,
+                "extra": jsonable(outcome.model.get_extra()),
+                "timings": outcome.timings,
+                "metrics": outcome.metrics.to_dict(orient="list"),
+                "per_gene": outcome.per_gene.to_dict(orient="list"),
+            },
+        )
+        n_run += 1
+
+    # The tables describe the whole folder: methods of earlier invocations too.
+    recorded = json.loads((out / CONFIG_FILE).read_text()).get("methods", [])
+    labels = list(dict.fromkeys([m["label"] for m in recorded] + [s.label for s in specs]))
+    result = aggregate(out, labels=labels, folds=[f.name for f in folds])
+    result.folds_run, result.folds_skipped = n_run, n_skip
+    if config.report:
+        from he2st.analysis.report import write_report
+
+        result.report = write_report(out)
+    return result
+
+
+def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds: Sequence[str] | None = None) -> RunResult:
+    """Collect the per-(method, fold) results of a run folder into its CSV tables."""
+    out = Path(out)
+    metrics, per_gene = [], []
+    for d in fold_records(out):
+        if labels is not None and d["method"] not in labels:
+            continue
+        if folds is not None and d["fold"]["name"] not in folds:
+            continue
+        metrics.append(pd.DataFrame(d["metrics"]))
+        per_gene.append(pd.DataFrame(d["per_gene"]))
+    if not metrics:
+        raise He2stInputError(f"run folder {out} has no finished (method, fold) results under {FOLDS_DIR}/")
+    m = _ordered(pd.concat(metrics, ignore_index=True), METRICS_COLUMNS)
+    g = _ordered(pd.concat(per_gene, ignore_index=True), PER_GENE_COLUMNS)
+    # Order rows as the config lists methods and folds, not as the file system does.
+    if labels is not None:
+        m["method"] = pd.Categorical(m["method"], categories=list(labels), ordered=True)
+        g["method"] = pd.Categorical(g["method"], categories=list(labels), ordered=True)
+    if folds is not None:
+        m["fold"] = pd.Categorical(m["fold"], categories=list(folds), ordered=True)
+        g["fold"] = pd.Categorical(g["fold"], categories=list(folds), ordered=True)
+    m = m.sort_values(["method", "fold"], kind="stable").reset_index(drop=True)
+    g = g.sort_values(["method", "fold"], kind="stable").reset_index(drop=True)
+    m[["method", "fold"]] = m[["method", "fold"]].astype(str)
+    g[["method", "fold"]] = g[["method", "fold"]].astype(str)
+    summary = summarize(m)
+    methods = list(dict.fromkeys(m["method"]))
+    wil = []
+    for metric, gs in (("pcc", "ACG"), ("pcc", "HEG"), ("mse", "ACG")):
+        if len(methods) >= 2 and ((m["metric"] == metric) & (m["gene_set"] == gs)).any():
+            t = wilcoxon_table(m, metric, gs, methods)
+            t.insert(0, "gene_set", gs)
+            t.insert(0, "metric", metric)
+            wil.append(t)
+    wilcoxon = pd.concat(wil, ignore_index=True) if wil else pd.DataFrame()
+    top = top_genes(g, n=20)
+    for name, df in (("metrics", m), ("per_gene", g), ("summary", summary), ("wilcoxon", wilcoxon), ("top_genes", top)):
+        _write_csv(out / f"{name}.csv", df)
+    return RunResult(out=out, metrics=m, per_gene=g, summary=summary, wilcoxon=wilcoxon, top_genes=top)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _ordered(df: pd.DataFrame, first: Sequence[str]) -> pd.DataFrame:
+    cols = [c for c in first if c in df.columns]
+    return df[cols + [c for c in df.columns if c not in cols]]
+
+
+def _log(config: BenchmarkConfig, msg: str) -> None:
+    if not config.quiet and os.environ.get("HE2ST_QUIET", "") in ("", "0"):
+        print(f"[he2st] {msg}", file=sys.stderr, flush=True)
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe version of a fold or slide id."""
+    s = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(name))
+    return s if s not in ("", ".", "..") else f"_{s}_"
+
+
+def _marker(out: Path, label: str, fold: str) -> Path:
+    return out / FOLDS_DIR / label / f"{_safe(fold)}.json"
+
+
+def _finished(out: Path, spec: MethodSpec, fold: Fold) -> bool:
+    """Whether (method, fold) has a result; raises if it was made with other method settings."""
+    path = _marker(out, spec.label, fold.name)
+    if not path.is_file():
+        return False
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # unreadable: run the pair again (the file is replaced atomically)
+    if d.get("version") != _RESULT_VERSION or "metrics" not in d or "spec" not in d:
+        return False
+    now = spec.record()
+    if d["spec"] != now:
+        old = d["spec"]
+        diff = sorted(
+            k
+            for k in set(old.get("params", {})) | set(now["params"])
+            if old.get("params", {}).get(k) != now["params"].get(k)
+        ) or [k for k in now if old.get(k) != now[k]]
+        raise RunConfigError(
+            f"run folder {out}: method {spec.label!r} has results made with other settings (differs in {diff}); "
+            f"give this configuration another label, or delete {out / FOLDS_DIR / spec.label} to rerun it"
+        )
+    return True
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _write_predictions(out: Path, label: str, fold: Fold, outcome: Any, cohort: Any, per_fold: bool) -> list[str]:
+    import anndata as ad
+
+    files = []
+    genes = list(outcome.model.genes)
+    for p in outcome.predictions:
+        slide = cohort[p.slide_id]
+        a = ad.AnnData(X=p.predicted, obs=pd.DataFrame(index=slide.obs_names.copy()), var=pd.DataFrame(index=pd.Index(genes)))
+        a.layers["observed"] = p.observed
+        if p.uncertainty is not None:
+            a.layers["uncertainty"] = p.uncertainty
+        a.obsm["spatial"] = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+        for col in ("array_row", "array_col", "label"):
+            if col in slide.obs:
+                a.obs[col] = slide.obs[col].to_numpy()
+        a.uns["he2st_prediction"] = {
+            "method": label,
+            "method_name": outcome.model.name,
+            "fold": fold.name,
+            "slide_id": p.slide_id,
+            "normalization": outcome.model.normalizer_.method,
+            "missing_genes": list(p.missing_genes),
+            "image_path": str(slide.uns.get("he2st", {}).get("image_path") or ""),
+            "spot_diameter_px": float(slide.uns.get("he2st", {}).get("spot_diameter_px", 0.0)),
+        }
+        rel = Path(PREDICTIONS_DIR) / label
+        rel = rel / _safe(fold.name) if per_fold else rel
+        rel = rel / f"{_safe(p.slide_id)}.h5ad"
+        with atomic_path(out / rel, suffix=".h5ad") as tmp:
+            a.write_h5ad(tmp, compression="gzip")
+        files.append(str(rel))
+    return files
+
+
