@@ -329,7 +329,8 @@ def extract_patches(
     crop of Hist2ST/HisToGene on integer centres.
     """
     from he2st.data.slide import meta
-    from he2st.image._lazy import _resize, open_image
+    from he2st.image.lazy import open_image
+    from he2st.image.lazy.pixels import resize
     from he2st.image.tissue import slide_tissue_threshold, tissue_fraction
 
     m = meta(slide)
@@ -379,7 +380,7 @@ def extract_patches(
             for i in progress(order, description=f"patches {m.slide_id}", total=n):
                 patch = img.read_region(int(lefts[i]), int(tops[i]), level_px, level_px, level=level)
                 if level_px != size_px:
-                    patch = _resize(patch, size_px, size_px)
+                    patch = resize(patch, size_px, size_px)
                 images[i] = patch
             if tissue_threshold is None:
                 tissue_threshold = slide_tissue_threshold(img.thumbnail(THUMBNAIL_SIDE))
