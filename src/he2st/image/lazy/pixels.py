@@ -161,7 +161,6 @@ def to_rgb8(arr: np.ndarray, spec: PixelSpec) -> np.ndarray:
     return np.ascontiguousarray(color)
 
 
-
 def resize(arr: np.ndarray, w: int, h: int) -> np.ndarray:
     """Antialiased (Lanczos) resize of ``uint8 (H, W, 3)`` to ``(h, w, 3)``.
 

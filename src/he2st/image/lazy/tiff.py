@@ -160,7 +160,6 @@ class TiffLevel:
         return out
 
 
-
 class TiffBackend(Backend):
     """TIFF reader: one :class:`TiffLevel` per pyramid level of the file's first series.
 
