@@ -259,6 +259,16 @@ def get_tokens(
     ViT tokens are CLS (+ registers) + patch tokens; CNN tokens are the cells of the
     last feature map (row-major). Not stored in ``obsm`` (they are large); a cache
     hit returns a read-only memory map. Parameters as :func:`get_features`.
+
+    Parameters
+    ----------
+    slide, encoder, weights, patch_px, stain, batch_size, precision, target_mpp, cache, num_workers, device, seed
+        As :func:`get_features` (tokens have no test-time augmentation).
+
+    Returns
+    -------
+    numpy.ndarray
+        float16 ``(n_spots, T, token_dim)``, rows aligned with ``slide.obs_names``.
     """
     lazy = _LazyEncoder(encoder, weights, seed)
     dev, prec, settings, path = _resolve(slide, lazy, weights, patch_px, target_mpp, False, stain, precision, device,
@@ -287,6 +297,21 @@ def extract_features(
     """:func:`get_features` for every slide of a cohort (or list), building the encoder at most once.
 
     Returns the feature arrays in slide order; each slide also gets its ``obsm`` entry.
+
+    Parameters
+    ----------
+    slides
+        One slide, a :class:`~he2st.data.Cohort` or a sequence of slides.
+    encoder, weights, patch_px, tta, stain, batch_size, precision
+        As :func:`get_features`.
+    **kw
+        ``target_mpp``, ``cache``, ``num_workers``, ``device`` and ``seed``, as
+        :func:`get_features`.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        One float32 ``(n_spots, dim)`` array per slide.
     """
     slides = [slides] if hasattr(slides, "obsm") else list(slides)  # one slide, a Cohort or a list
     known = {"target_mpp", "cache", "num_workers", "device", "seed"}

@@ -47,6 +47,11 @@ def preprocess(images: Any, info: Any, *, device: Any = None) -> Any:
     -----
     Images are scaled to [0, 1], resized to ``input_size`` with antialiased
     bilinear interpolation when their size differs, then normalised per channel.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 ``(N, 3, input_size, input_size)``, contiguous.
     """
     import torch
     import torch.nn.functional as F
@@ -100,6 +105,20 @@ def resolve_precision(precision: str, encoder: Any, device: Any) -> str:
     with ``auto_bf16`` (all ImageNet CNNs; not the ConvMixer, not transformers); else ``"fp32"``.
 
     ``encoder`` is a registry name or an :class:`~he2st.encoders.Encoder`.
+
+    Parameters
+    ----------
+    precision
+        ``"auto"``, ``"fp32"`` or ``"bf16"``.
+    encoder
+        The encoder that will run (its ``auto_bf16`` flag matters on CPU).
+    device
+        The device it will run on (None: as :func:`resolve_device`).
+
+    Returns
+    -------
+    str
+        ``"fp32"`` or ``"bf16"``.
     """
     import torch
 
@@ -143,6 +162,37 @@ def run_encoder(
     batches (stain normalisation, resize, normalisation) while the encoder runs.
     When ``stats`` is a dict it receives ``wait_s`` (time the encoder waited for
     batches: the data path's visible cost), ``forward_s`` (encoder time) and ``n``.
+
+    Parameters
+    ----------
+    encoder
+        A built :class:`~he2st.encoders.Encoder`; put in eval mode for the run and
+        restored to its training mode afterwards.
+    images
+        uint8 RGB ``(N, H, W, 3)``, e.g. a read-only memory map of cached patches.
+    batch_size
+        Images per forward pass.
+    precision
+        ``"fp32"`` or ``"bf16"`` (autocast).
+    tta
+        Average over the 8 dihedral symmetries (pooled features only).
+    tokens
+        Return token outputs instead of pooled features.
+    stain
+        A fitted stain normaliser applied to each batch, or None.
+    num_workers
+        Threads preparing batches ahead (0: prepare in the main thread).
+    device
+        None (CUDA if available) or a torch device.
+    description
+        Label of the progress bar.
+    stats
+        Dict receiving the timings, or None.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(N, dim)``, or float16 ``(N, T, token_dim)`` with ``tokens=True``.
     """
     import torch
 
