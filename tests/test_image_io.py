@@ -15,7 +15,7 @@ from PIL import Image
 
 from he2st.errors import He2stInputError, ImageError
 from he2st.image import ImageConversionWarning, clear_image_cache, image_size, open_image
-from he2st.image import _lazy
+from he2st.image.lazy import cache as lazy_cache
 
 
 def _rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -202,23 +202,23 @@ def test_squidpy_jpeg_regions_decode_once(squidpy_root: Path) -> None:
     path = squidpy_root / "test_img.jpg"
     full = np.asarray(Image.open(path).convert("RGB"))
     clear_image_cache()
-    before = _lazy.DECODE_COUNT["n"]
+    before = lazy_cache.DECODE_COUNT["n"]
     with open_image(path) as img:
         assert (img.width, img.height) == (950, 1717) and img.reader == "pil"
         for x, y in [(0, 0), (400, 900), (800, 1600)]:
             np.testing.assert_array_equal(img.read_region(x, y, 100, 80), full[y : y + 80, x : x + 100][: 1717 - y])
     with open_image(path) as img2:  # a second handle reuses the decoded image
         img2.read_region(10, 10, 5, 5)
-    assert _lazy.DECODE_COUNT["n"] == before + 1
+    assert lazy_cache.DECODE_COUNT["n"] == before + 1
 
 
 def test_jpeg_thumbnail_without_full_decode(her2st_root: Path) -> None:
     path = next((her2st_root / "ST-imgs" / "C" / "C2").glob("*.jpg"))
     clear_image_cache()
-    before = _lazy.DECODE_COUNT["n"]
+    before = lazy_cache.DECODE_COUNT["n"]
     with open_image(path) as img:
         th = img.thumbnail(512)
-    assert _lazy.DECODE_COUNT["n"] == before  # DCT-domain downscale, not a full decode
+    assert lazy_cache.DECODE_COUNT["n"] == before  # DCT-domain downscale, not a full decode
     assert max(th.shape[:2]) == 512 and th.shape == (512, round(9274 * 512 / 9911), 3)
     # the slide is mostly white glass: its thumbnail is bright on average
     assert 200 < th.mean() < 250

@@ -114,6 +114,13 @@ class Encoder(nn.Module):
     Subclasses hold the network in ``self.model`` (its state dict is the
     checkpoint format that :meth:`load` reads without renaming) and may
     override :meth:`convert_state_dict` to accept other checkpoint layouts.
+
+    Parameters
+    ----------
+    info
+        What the encoder is (name, input size, normalisation, dimensions).
+    model
+        The network.
     """
 
     #: Regexes of ``model`` keys that may be missing from a checkpoint (unused by features).
@@ -126,9 +133,11 @@ class Encoder(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         raise NotImplementedError
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Token outputs ``(B, T, token_dim)``; the base class has none and raises."""
         raise He2stInputError(f"encoder {self.info.name!r} has no tokens (info.has_tokens is False)")
 
     def convert_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +157,7 @@ class Encoder(nn.Module):
         return save_state_dict(self.model.state_dict(), path)
 
     def extra_repr(self) -> str:
+        """Name, dimension, input size and whether the weights are pretrained (for ``repr``)."""
         i = self.info
         return f"name={i.name!r}, dim={i.dim}, input_size={i.input_size}, pretrained={i.pretrained}"
 
@@ -186,6 +196,28 @@ def register_encoder(
     ``kind``, ``dim``, ``auto_bf16`` (default: True for CNNs) and ``named_weights``
     are declared here so that callers can plan (cache keys, precision, weight
     identity) without building the network.
+
+    Parameters
+    ----------
+    name
+        Registry name.
+    kind
+        ``"cnn"``, ``"vit"`` or another family name.
+    dim
+        Feature dimension of ``forward``.
+    description
+        One line for :func:`list_encoders` listings.
+    huge
+        Too large to build in tests (foundation models).
+    auto_bf16
+        Run in bf16 under ``precision="auto"`` on bf16 CPUs; None means True for CNNs.
+    named_weights
+        Named weight sets, each a function returning a local file.
+
+    Returns
+    -------
+    callable
+        The decorator; it returns the builder unchanged.
     """
 
     def deco(builder: Callable[..., Encoder]) -> Callable[..., Encoder]:
@@ -250,6 +282,11 @@ def create_encoder(
     ------
     He2stInputError
         Unknown name or weights set; :class:`WeightsError` for a file that does not fit.
+
+    Returns
+    -------
+    Encoder
+        The network in eval mode, with ``info.weights_id`` identifying its weights.
     """
     spec = get_spec(name)
     meta = device is not None and torch.device(device).type == "meta"
@@ -276,7 +313,20 @@ def create_encoder(
 
 
 def resolve_weights(name: str, weights: str | Path) -> Path:
-    """Turn ``weights`` (a named set of encoder ``name``, or a path) into a local file path."""
+    """Turn ``weights`` (a named set of encoder ``name``, or a path) into a local file path.
+
+    Parameters
+    ----------
+    name
+        Registry name.
+    weights
+        A named weight set of that encoder or a path.
+
+    Returns
+    -------
+    pathlib.Path
+        The local checkpoint file.
+    """
     spec = get_spec(name)
     w = str(weights)
     if w in spec.named_weights:
@@ -292,7 +342,22 @@ def resolve_weights(name: str, weights: str | Path) -> Path:
 
 
 def weights_id(name: str, weights: str | Path | None, seed: int = 0) -> str:
-    """Identity of ``weights`` for encoder ``name`` without building it (see :attr:`EncoderInfo.weights_id`)."""
+    """Identity of ``weights`` for encoder ``name`` without building it (see :attr:`EncoderInfo.weights_id`).
+
+    Parameters
+    ----------
+    name
+        Registry name.
+    weights
+        None (random init), a named set or a path.
+    seed
+        Seed of the random initialisation when ``weights`` is None.
+
+    Returns
+    -------
+    str
+        A stable id: the seed of a random init, or the sha256 of the weights file.
+    """
     if weights is None:
         spec = get_spec(name)
         info = EncoderInfo(name, "", 0, (0, 0, 0), (1, 1, 1), spec.dim, False, kind=spec.kind, seed=seed)

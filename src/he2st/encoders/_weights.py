@@ -99,7 +99,20 @@ def _unwrap(sd: Any, path: Path) -> dict[str, Any]:
 
 
 def apply_key_map(sd: dict[str, Any], key_map: KeyMap | None) -> dict[str, Any]:
-    """Rename checkpoint keys: ``key_map`` is a function of the state dict or a ``{old_prefix: new_prefix}`` dict."""
+    """Rename checkpoint keys: ``key_map`` is a function of the state dict or a ``{old_prefix: new_prefix}`` dict.
+
+    Parameters
+    ----------
+    sd
+        The state dict.
+    key_map
+        A function ``sd -> sd``, a ``{old_prefix: new_prefix}`` dict, or None (no renaming).
+
+    Returns
+    -------
+    dict
+        The renamed state dict.
+    """
     if key_map is None:
         return dict(sd)
     if callable(key_map):
@@ -191,7 +204,20 @@ def _mismatch_message(source: str, target: str, missing: list[str], unexpected: 
 
 
 def save_state_dict(state: Mapping[str, Any], path: PathLike) -> Path:
-    """Write a state dict atomically as ``.safetensors`` or a torch file (by extension)."""
+    """Write a state dict atomically as ``.safetensors`` or a torch file (by extension).
+
+    Parameters
+    ----------
+    state
+        Name -> tensor.
+    path
+        Destination; ``.safetensors`` selects safetensors, anything else ``torch.save``.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+    """
     from he2st._utils import atomic_path
 
     p = Path(path)

@@ -59,7 +59,17 @@ def _no_kwargs(name: str, kw: dict[str, Any]) -> None:
 
 
 class TorchvisionCNN(Encoder):
-    """A torchvision classifier used as a trunk; the full model is kept so ImageNet checkpoints load as-is."""
+    """A torchvision classifier used as a trunk; the full model is kept so ImageNet checkpoints load as-is.
+
+    Parameters
+    ----------
+    info
+        What the encoder is (see :class:`~he2st.encoders.EncoderInfo`).
+    model
+        The torchvision classifier.
+    family
+        ``"densenet"``, ``"resnet"`` or ``"vgg"``: where the trunk ends.
+    """
 
     # The classifier head does not contribute to pooled features: a headless checkpoint is fine.
     optional_keys = (r"fc\.", r"classifier\.")
@@ -71,6 +81,7 @@ class TorchvisionCNN(Encoder):
             self.optional_keys = (r"classifier\.6\.",)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional feature map ``(B, C, h, w)`` of the trunk."""
         m = self.model
         if self.family == "densenet":
             return F.relu(m.features(x))
@@ -80,6 +91,7 @@ class TorchvisionCNN(Encoder):
         return m.features(x)  # vgg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         fmap = self.feature_map(x)
         if self.family == "vgg":
             # DeepSpaCE replaces only the last Linear of VGG16: fc7 (4096) is the representation.
@@ -87,9 +99,11 @@ class TorchvisionCNN(Encoder):
         return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Token outputs ``(B, T, token_dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         return _cells(self.feature_map(x))
 
     def convert_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """Map this checkpoint layout's keys onto ``self.model``'s."""
         if self.family != "densenet":
             return sd
         # torchvision's released DenseNet files use "norm.1"-style names that the
@@ -171,9 +185,11 @@ class EfficientNetLite(Encoder):
     optional_keys = (r"classifier\.",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Token outputs ``(B, T, token_dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         return _cells(self.model.forward_features(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,6 +197,7 @@ class EfficientNetLite(Encoder):
         return self.model(x)
 
     def convert_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """Map this checkpoint layout's keys onto ``self.model``'s."""
         if "_conv_stem.weight" in sd:
             return efficientnet_pytorch_to_timm(sd, self.model)
         return sd
@@ -202,6 +219,18 @@ def efficientnet_pytorch_to_timm(sd: dict[str, Any], model: nn.Module) -> dict[s
     The flat block index is matched to timm's (stage, index) by walking the timm
     model's stages in order, so the mapping follows the architecture instead of a
     hard-coded table; block types decide the layer names.
+
+    Parameters
+    ----------
+    sd
+        The efficientnet_pytorch state dict.
+    model
+        The timm model the result must load into.
+
+    Returns
+    -------
+    dict
+        The renamed state dict.
     """
     order = [(i, j, type(b).__name__) for i, stage in enumerate(model.blocks) for j, b in enumerate(stage)]
     out: dict[str, Any] = {}
@@ -267,6 +296,7 @@ class _MixerBlock(nn.Module):
         self.pw = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.GELU(), nn.BatchNorm2d(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         return self.pw(self.dw(x) + x)
 
 
@@ -282,10 +312,12 @@ class ConvMixer(Encoder):
     """Hist2ST's image branch: patch-embedding conv, ConvMixer blocks, 1x1 channel reduction, flatten."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         m = self.model
         return torch.flatten(m.down(m.layer1(m.patch_embedding(x))), 1)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Token outputs ``(B, T, token_dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         m = self.model
         return _cells(m.layer1(m.patch_embedding(x)))
 
@@ -297,6 +329,24 @@ def convmixer(*, channel: int = 32, kernel_size: int = 5, patch_size: int = 7, d
 
     Hist2ST feeds patches scaled to [0, 1] without mean/std normalisation; so do we.
     Tokens are the 16 x 16 cells of the 32-channel mixer output.
+
+    Parameters
+    ----------
+    channel
+        Channels of the mixer.
+    kernel_size
+        Depthwise kernel size.
+    patch_size
+        Stride of the patch embedding.
+    depth
+        Number of mixer blocks.
+    **kw
+        Encoder options (``input_size``, ``mean``, ``std``).
+
+    Returns
+    -------
+    Encoder
+        The ConvMixer, randomly initialised.
     """
     size, mean, std = _norm(kw, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 112)
     _no_kwargs("convmixer", kw)

@@ -57,6 +57,7 @@ class ColorStats(Encoder):
         self.register_buffer("hed_from_rgb", _hed_from_rgb(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         x = x.float().clamp(0.0, 1.0)
         b = x.shape[0]
         flat = x.flatten(2)  # (B, 3, N)

@@ -53,7 +53,17 @@ HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
 
 class TimmViT(Encoder):
-    """A timm ``VisionTransformer``; features are the CLS token, or CLS ++ mean of patch tokens."""
+    """A timm ``VisionTransformer``; features are the CLS token, or CLS ++ mean of patch tokens.
+
+    Parameters
+    ----------
+    info
+        What the encoder is (see :class:`~he2st.encoders.EncoderInfo`).
+    model
+        The timm model.
+    pool
+        ``"cls"`` or ``"cls+mean"``.
+    """
 
     # Classification heads of ImageNet checkpoints are not part of the features.
     ignored_keys = (r"head\.",)
@@ -65,9 +75,11 @@ class TimmViT(Encoder):
         self.pool = pool
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Token outputs ``(B, T, token_dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         return self.model.forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         tokens = self.forward_tokens(x)
         cls = tokens[:, 0]
         if self.pool == "cls+mean":
@@ -175,6 +187,7 @@ class Phikon(TimmViT):
     ignored_keys = (r"head\.", r"pooler\.", r"classifier\.")
 
     def convert_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """Map this checkpoint layout's keys onto ``self.model``'s."""
         if any(k.startswith(("embeddings.", "vit.embeddings.")) for k in sd):
             return hf_vit_to_timm(sd)
         return sd
@@ -266,6 +279,7 @@ class _AttentionalPooler(nn.Module):
         self.ln_k = nn.LayerNorm(context_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         k = self.ln_k(x).transpose(0, 1)  # (L, B, C): MultiheadAttention is sequence-first
         q = self.ln_q(self.query).unsqueeze(1).expand(-1, x.shape[0], -1)
         return self.attn(q, k, k, need_weights=False)[0].transpose(0, 1)
@@ -288,13 +302,16 @@ class Conch(Encoder):
     ignored_keys = (r"attn_pool_caption\.", r"ln_caption\.")
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Token outputs ``(B, T, token_dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         return self.model.trunk.forward_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         pooled = self.model.attn_pool_contrast(self.forward_tokens(x))[:, 0]
         return self.model.ln_contrast(pooled)
 
     def convert_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """Map this checkpoint layout's keys onto ``self.model``'s."""
         if any(k.startswith("visual.") for k in sd):
             # A whole CoCa checkpoint: keep the vision tower, drop text/decoder/logit_scale.
             return {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")}
@@ -360,6 +377,7 @@ class _ConvStem(nn.Module):
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
@@ -369,13 +387,16 @@ class CTransPath(Encoder):
     ignored_keys = (r"head\.",)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         return self.model(x)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Token outputs ``(B, T, token_dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
         fmap = self.model.forward_features(x)  # (B, H, W, C)
         return fmap.reshape(fmap.shape[0], -1, fmap.shape[-1])
 
     def convert_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        """Map this checkpoint layout's keys onto ``self.model``'s."""
         from timm.models.swin_transformer import checkpoint_filter_fn
 
         # timm's converter moves end-of-stage downsampling (timm<0.9) to the start of the next

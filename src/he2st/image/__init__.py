@@ -12,8 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from he2st.image._formats import image_size
-from he2st.image._lazy import ImageConversionWarning, LazyImage, clear_image_cache, open_image
+from he2st.image.lazy import ImageConversionWarning, LazyImage, clear_image_cache, image_size, open_image
 from he2st.image.patches import Patches, PatchCache, extract_patches, image_content_hash
 from he2st.image.tissue import otsu_threshold, saturation, slide_tissue_threshold, tissue_fraction, tissue_mask
 

@@ -59,6 +59,20 @@ def dihedral(x: Tensor, k: int, inverse: bool = False) -> Tensor:
     ``k = r + 4 f``: rotate by ``r`` quarter turns (counter-clockwise), then mirror
     left-right when ``f = 1``. ``k = 0`` is the identity. ``inverse=True`` undoes
     symmetry ``k``: ``dihedral(dihedral(x, k), k, inverse=True) == x``.
+
+    Parameters
+    ----------
+    x
+        Images; the symmetry acts on the last two dimensions.
+    k
+        Symmetry index, 0-7.
+    inverse
+        Apply the inverse of symmetry ``k``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` transformed, same shape for square images.
     """
     k = int(k)
     if not 0 <= k < 8:
@@ -72,7 +86,20 @@ def dihedral(x: Tensor, k: int, inverse: bool = False) -> Tensor:
 
 
 def dihedral_inverse(x: Tensor, k: int) -> Tensor:
-    """Undo :func:`dihedral` ``k``."""
+    """Undo :func:`dihedral` ``k``.
+
+    Parameters
+    ----------
+    x
+        A tensor transformed by ``dihedral(x, k)``.
+    k
+        The symmetry to undo, 0-7.
+
+    Returns
+    -------
+    torch.Tensor
+        ``dihedral(x, k, inverse=True)``.
+    """
     return dihedral(x, k, inverse=True)
 
 
@@ -165,7 +192,15 @@ class Op:
 
 
 class Flip(Op):
-    """Mirror left-right with probability ``h`` and up-down with probability ``v``."""
+    """Mirror left-right with probability ``h`` and up-down with probability ``v``.
+
+    Parameters
+    ----------
+    h
+        Probability of a left-right mirror.
+    v
+        Probability of an up-down mirror.
+    """
 
     name = "flip"
 
@@ -186,6 +221,13 @@ class Rot90(Op):
     ``mode="any"``: a uniform choice of 0, 90, 180 or 270 degrees (BLEEP);
     ``mode="apply"``: a single 90-degree turn with probability ``p`` (ST-Net's
     ``RandomApply([RandomRotation((90, 90))])``).
+
+    Parameters
+    ----------
+    mode
+        ``"any"`` or ``"apply"``.
+    p
+        Probability of the turn in ``"apply"`` mode.
     """
 
     name = "rot90"
@@ -212,7 +254,17 @@ class Rot90(Op):
 
 
 class Rotate(Op):
-    """Rotate by an angle drawn from U(-degrees, degrees); corners filled with ``fill``."""
+    """Rotate by an angle drawn from U(-degrees, degrees); corners filled with ``fill``.
+
+    Parameters
+    ----------
+    degrees
+        Largest rotation, either way.
+    fill
+        Value of the corners the rotation uncovers (1.0: white).
+    p
+        Probability of rotating a sample.
+    """
 
     name = "rotate"
 
@@ -230,6 +282,13 @@ class ColorJitter(Op):
 
     Factors are drawn from ``U(max(0, 1 - b), 1 + b)`` (brightness, contrast,
     saturation) and the hue shift from ``U(-hue, hue)`` (fraction of the circle).
+
+    Parameters
+    ----------
+    brightness, contrast, saturation
+        Largest relative change of each.
+    hue
+        Largest hue shift, as a fraction of the colour circle (0 = none).
     """
 
     name = "color_jitter"
@@ -282,6 +341,13 @@ class HEDJitter(Op):
 
     ``a ~ U(1 - sigma, 1 + sigma)``, ``b ~ U(-bias, bias)`` per sample and channel,
     after colour deconvolution with Ruifrok's matrix.
+
+    Parameters
+    ----------
+    sigma
+        Half-width of the multiplicative factor's range.
+    bias
+        Half-width of the additive shift's range.
     """
 
     name = "hed_jitter"
@@ -316,7 +382,15 @@ class Grayscale(Op):
 
 
 class GaussianBlur(Op):
-    """Gaussian blur with sigma from ``U(*sigma)`` (pixels), applied with probability ``p``."""
+    """Gaussian blur with sigma from ``U(*sigma)`` (pixels), applied with probability ``p``.
+
+    Parameters
+    ----------
+    sigma
+        ``(low, high)`` of the blur's standard deviation in pixels.
+    p
+        Probability of blurring a sample.
+    """
 
     name = "blur"
 
@@ -342,7 +416,15 @@ class GaussianBlur(Op):
 
 
 class GaussianNoise(Op):
-    """Add N(0, std^2) noise, std from ``U(*std)``, with probability ``p``."""
+    """Add N(0, std^2) noise, std from ``U(*std)``, with probability ``p``.
+
+    Parameters
+    ----------
+    std
+        ``(low, high)`` of the noise level, in intensity units of [0, 1].
+    p
+        Probability of adding noise to a sample.
+    """
 
     name = "noise"
 
@@ -357,7 +439,15 @@ class GaussianNoise(Op):
 
 
 class RandomResizedCrop(Op):
-    """Crop a random square of ``U(*scale)`` of the side and resize it back (zoom in), probability ``p``."""
+    """Crop a random square of ``U(*scale)`` of the side and resize it back (zoom in), probability ``p``.
+
+    Parameters
+    ----------
+    scale
+        ``(low, high)`` of the crop side as a fraction of the image side.
+    p
+        Probability of cropping a sample.
+    """
 
     name = "crop"
 
@@ -379,7 +469,17 @@ class RandomResizedCrop(Op):
 
 
 class GridDistortion(Op):
-    """Smooth random warp: a coarse random displacement field (``magnitude`` of the side) upsampled bicubically."""
+    """Smooth random warp: a coarse random displacement field (``magnitude`` of the side) upsampled bicubically.
+
+    Parameters
+    ----------
+    magnitude
+        Largest displacement as a fraction of the image side.
+    cells
+        Side of the coarse displacement grid.
+    p
+        Probability of warping a sample.
+    """
 
     name = "distort"
 
@@ -397,7 +497,15 @@ class GridDistortion(Op):
 
 
 class RGBShift(Op):
-    """Add a per-channel offset from ``U(-shift, shift)`` (colour shift), probability ``p``."""
+    """Add a per-channel offset from ``U(-shift, shift)`` (colour shift), probability ``p``.
+
+    Parameters
+    ----------
+    shift
+        Largest offset per channel, in intensity units of [0, 1].
+    p
+        Probability of shifting a sample.
+    """
 
     name = "rgb_shift"
 
@@ -532,6 +640,11 @@ def make_augment(preset_or_list: str | Sequence[Any] | None = "none", seed: int 
         instances. None means ``"none"``.
     seed
         Seed of a private generator (reproducible draws); None uses torch's global RNG.
+
+    Returns
+    -------
+    Augment
+        The callable; it draws new parameters for every batch.
     """
     if preset_or_list is None:
         preset_or_list = "none"

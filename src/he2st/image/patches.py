@@ -97,6 +97,18 @@ def image_content_hash(path: str | os.PathLike, cache_root: Path | None = None) 
     The memo lives in memory and, when ``cache_root`` is given, as one small file
     per image under ``cache_root/hashes`` so other processes and later runs skip
     re-hashing multi-gigabyte slides.
+
+    Parameters
+    ----------
+    path
+        The image file.
+    cache_root
+        Directory for the on-disk memo, or None for the in-memory one only.
+
+    Returns
+    -------
+    str
+        Hex sha256 of the file's bytes.
     """
     p = Path(path)
     st = p.stat()
@@ -158,7 +170,24 @@ class PatchCache:
         target_mpp: float | None,
         tissue_threshold: float | None = None,
     ) -> str:
-        """Cache key: image content hash + spot coordinates + obs_names + settings."""
+        """Cache key: image content hash + spot coordinates + obs_names + settings.
+
+        Parameters
+        ----------
+        slide
+            A slide AnnData with an image.
+        size_px
+            Patch side in pixels.
+        target_mpp
+            Resampling in microns per pixel, or None.
+        tissue_threshold
+            Saturation threshold of the tissue fractions, or None (found per slide).
+
+        Returns
+        -------
+        str
+            Hex digest naming the cache entry.
+        """
         from he2st.data.slide import meta
 
         m = meta(slide)
@@ -249,6 +278,22 @@ def read_size_px(size_px: int, target_mpp: float | None, mpp: float | None, slid
 
     ``size_px`` itself without resampling; ``round(size_px * target_mpp / mpp)``
     with it, so the patch covers ``size_px * target_mpp`` microns.
+
+    Parameters
+    ----------
+    size_px
+        Side of the output patch in pixels.
+    target_mpp
+        Microns per pixel of the output, or None (no resampling).
+    mpp
+        Microns per pixel of the slide's level 0 (needed with ``target_mpp``).
+    slide_id
+        Named in the error message when ``mpp`` is missing.
+
+    Returns
+    -------
+    int
+        Side of the region to read, in level-0 pixels.
     """
     if target_mpp is None:
         return int(size_px)
@@ -269,6 +314,20 @@ def tissue_block(width: int, height: int, read_px: int, size_px: int) -> int:
     The tissue threshold is found on a :data:`THUMBNAIL_SIDE` thumbnail, so
     patches are averaged to that scale before it is applied (at most a quarter
     of the patch side, so that small patches keep a few cells).
+
+    Parameters
+    ----------
+    width, height
+        Size of the slide's level 0 in pixels.
+    read_px
+        Side of the region read around each spot, in level-0 pixels.
+    size_px
+        Side of the output patch in pixels.
+
+    Returns
+    -------
+    int
+        Block side in patch pixels (at least 1).
     """
     thumb_px = max(width, height) / THUMBNAIL_SIDE  # level-0 pixels per thumbnail pixel
     patch_px = read_px / size_px  # level-0 pixels per patch pixel
@@ -329,7 +388,8 @@ def extract_patches(
     crop of Hist2ST/HisToGene on integer centres.
     """
     from he2st.data.slide import meta
-    from he2st.image._lazy import _resize, open_image
+    from he2st.image.lazy import open_image
+    from he2st.image.lazy.pixels import resize
     from he2st.image.tissue import slide_tissue_threshold, tissue_fraction
 
     m = meta(slide)
@@ -379,7 +439,7 @@ def extract_patches(
             for i in progress(order, description=f"patches {m.slide_id}", total=n):
                 patch = img.read_region(int(lefts[i]), int(tops[i]), level_px, level_px, level=level)
                 if level_px != size_px:
-                    patch = _resize(patch, size_px, size_px)
+                    patch = resize(patch, size_px, size_px)
                 images[i] = patch
             if tissue_threshold is None:
                 tissue_threshold = slide_tissue_threshold(img.thumbnail(THUMBNAIL_SIDE))

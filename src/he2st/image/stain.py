@@ -79,7 +79,20 @@ def _as_batch(images: Any) -> tuple[np.ndarray, bool]:
 
 
 def optical_density(rgb: np.ndarray, Io: float = 255.0) -> np.ndarray:
-    """Optical density ``-log((I + 1) / Io)`` of uint8 RGB values, float64 (..., 3)."""
+    """Optical density ``-log((I + 1) / Io)`` of uint8 RGB values, float64 (..., 3).
+
+    Parameters
+    ----------
+    rgb
+        uint8 RGB values, any leading shape.
+    Io
+        Intensity of the illuminating light (background).
+
+    Returns
+    -------
+    numpy.ndarray
+        Optical densities, float64, same shape as ``rgb``.
+    """
     return -np.log((rgb.astype(np.float64) + 1.0) / Io)
 
 
@@ -89,6 +102,22 @@ def tissue_pixels(rgb: np.ndarray, beta: float = 0.15, Io: float = 240.0, rule: 
     ``rule="all"``: OD at least ``beta`` in every channel (Macenko's criterion, which
     also drops pale eosin); ``rule="mean"``: mean OD over the channels at least ``beta``
     (keeps pale eosin, whose red OD is small; used for Reinhard and Vahadane).
+
+    Parameters
+    ----------
+    rgb
+        uint8 RGB values, any leading shape.
+    beta
+        Optical-density threshold.
+    Io
+        Background intensity used for the optical density.
+    rule
+        ``"all"`` or ``"mean"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean, the shape of ``rgb`` without its last axis.
     """
     od = optical_density(rgb, Io)
     return (od >= beta).all(axis=-1) if rule == "all" else od.mean(axis=-1) >= beta
@@ -108,6 +137,20 @@ def nonneg_lasso_2(X: np.ndarray, W: np.ndarray, lam: float) -> np.ndarray:
     with the lowest objective is kept. Equivalent to scikit-learn's
     ``sparse_encode(X, W, algorithm="lasso_cd", alpha=lam, positive=True)``,
     but vectorised (thousands of times faster for a patch's pixels).
+
+    Parameters
+    ----------
+    X
+        Optical densities, ``(n, d)``.
+    W
+        The two stain vectors, ``(2, d)``.
+    lam
+        L1 penalty.
+
+    Returns
+    -------
+    numpy.ndarray
+        Non-negative stain concentrations ``(n, 2)``.
     """
     X = np.asarray(X, dtype=np.float64)
     W = np.asarray(W, dtype=np.float64)
@@ -155,6 +198,22 @@ def learn_stain_matrix(od: np.ndarray, lam: float = 0.1, n_iter: int = 200, tol:
     ``dict_learning``, restricted to non-negative atoms), starting from
     Ruifrok's H&E vectors. Haematoxylin is the vector with the larger red-channel
     OD (it absorbs red; eosin barely does).
+
+    Parameters
+    ----------
+    od
+        Optical densities of tissue pixels, ``(n, 3)``.
+    lam
+        L1 penalty on the concentrations.
+    n_iter
+        Maximum number of alternating iterations.
+    tol
+        Stop when the dictionary moves less than this.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2, 3)``, unit rows, haematoxylin first.
     """
     X = np.asarray(od, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != 3 or X.shape[0] < 2:
@@ -328,6 +387,18 @@ class StainNormalizer:
 
         ``source``: stain parameters from :meth:`estimate_source` (e.g. of the
         whole slide) to use instead of estimating them from ``images``.
+
+        Parameters
+        ----------
+        images
+            uint8 RGB, ``(n, h, w, 3)`` or ``(h, w, 3)``.
+        source
+            Stain parameters of the source, or None to estimate them from ``images``.
+
+        Returns
+        -------
+        numpy.ndarray
+            uint8 images of the same shape, normalised to the reference.
         """
         f = self._require_fitted()
         imgs, single = _as_batch(images)

@@ -49,6 +49,20 @@ def otsu_threshold(values: np.ndarray, nbins: int = 256, value_range: tuple[floa
 
     Returns the upper edge of the last bin of the lower class, so ``values > t``
     selects the upper class. Returns NaN when all values fall in one bin.
+
+    Parameters
+    ----------
+    values
+        The values to split (any shape).
+    nbins
+        Number of histogram bins.
+    value_range
+        ``(low, high)`` of the histogram.
+
+    Returns
+    -------
+    float
+        The threshold, or NaN.
     """
     v = np.asarray(values, dtype=np.float64).ravel()
     hist, edges = np.histogram(v, bins=nbins, range=value_range)
@@ -168,6 +182,11 @@ def tissue_mask(patches: Any, min_fraction: float = 0.7, threshold: float | None
         Minimum tissue fraction to keep a patch.
     threshold
         Saturation threshold when ``patches`` are raw images (see :func:`tissue_fraction`).
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean ``(n,)``, True for patches to keep.
     """
     if not 0.0 <= min_fraction <= 1.0:
         raise ValueError(f"min_fraction must lie in [0, 1], got {min_fraction}")

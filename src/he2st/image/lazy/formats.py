@@ -22,7 +22,18 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def check_file(path: str | os.PathLike) -> Path:
-    """Return ``path`` as a :class:`Path`, raising :class:`ImageError` when it is not a readable file."""
+    """Return ``path`` as a :class:`Path`, raising :class:`ImageError` when it is not a readable file.
+
+    Parameters
+    ----------
+    path
+        The image file.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``, checked to be an existing regular file.
+    """
     p = Path(path)
     if not p.exists():
         raise ImageError(f"image file {str(p)!r} does not exist")
@@ -114,7 +125,27 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def tiff_width_height(shape: tuple[int, ...], axes: str, path: Path) -> tuple[int, int]:
-    """Width and height from a tifffile series shape and its axes string."""
+    """Width and height from a tifffile series shape and its axes string.
+
+    Parameters
+    ----------
+    shape
+        The series (or level) shape.
+    axes
+        tifffile's axes string of the same, e.g. ``"YXS"``.
+    path
+        The file, named in the error message.
+
+    Returns
+    -------
+    tuple of int
+        ``(width, height)``.
+
+    Raises
+    ------
+    ImageError
+        The axes have no X or no Y.
+    """
     if "X" not in axes or "Y" not in axes:
         raise ImageError(f"{str(path)!r}: TIFF series has axes {axes!r}; expected a 2-D image with X and Y")
     return int(shape[axes.index("X")]), int(shape[axes.index("Y")])

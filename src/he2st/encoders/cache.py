@@ -1,0 +1,227 @@
+"""The on-disk feature cache: the settings that key it, its file layout and its IO.
+
+Layout: ``default_cache_dir()/"features"/<encoder>/<key>.npy`` (float32,
+``(n_spots, dim)``) and ``.../tokens/<encoder>/<key>.npy`` (float16,
+``(n_spots, T, D)``), each with a JSON sidecar of its settings. The key hashes the
+slide's content (the patch cache key: image file sha256, spot coordinates and
+ids, patch size, resampling) with the encoder name, the weights' sha256 (or the
+seed of a random init), stain normalisation (``StainNormalizer.cache_key()``),
+test-time augmentation and numeric precision. Files are written atomically.
+
+Keys must stay stable across releases: a changed key silently invalidates every
+user's cache. Bump :data:`FEATURES_VERSION` only when feature values change.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from he2st._utils import atomic_path, atomic_write_json, default_cache_dir, sha256_arrays
+from he2st.errors import He2stInputError
+
+#: Bump when extraction changes in a way that changes feature values.
+FEATURES_VERSION = 1
+
+
+def feature_settings(
+    enc: Any,
+    weights: Any,
+    patch_px: int,
+    target_mpp: float | None,
+    tta: bool,
+    stain: Any,
+    precision: str,
+    seed: int,
+) -> dict[str, Any]:
+    """What determines the features, as JSON/h5ad-safe values (no None): the cache key's content.
+
+    Parameters
+    ----------
+    enc
+        A registry name or a built :class:`~he2st.encoders.Encoder` (identified by
+        its current tensors, see :func:`state_id`).
+    weights
+        For a name: None, a checkpoint path or a named set (see :func:`~he2st.encoders.get_features`).
+    patch_px
+        Side of the patch cut around each spot, in image pixels.
+    target_mpp
+        Resampling of the patches in microns per pixel, or None.
+    tta
+        Test-time augmentation on.
+    stain
+        A fitted :class:`~he2st.image.stain.StainNormalizer` or None.
+    precision
+        The resolved precision, ``"fp32"`` or ``"bf16"``.
+    seed
+        Seed of a random initialisation (used when ``weights`` is None).
+
+    Returns
+    -------
+    dict
+        Settings, recorded in ``uns`` and in the cache's JSON sidecars.
+
+    Raises
+    ------
+    He2stInputError
+        ``stain`` is not a fitted normaliser.
+    """
+    from he2st.encoders._base import Encoder, get_spec, weights_id
+
+    if stain is not None and not hasattr(stain, "cache_key"):
+        raise He2stInputError(
+            f"stain must be a fitted he2st.image.stain.StainNormalizer (with cache_key()), got {type(stain).__name__}"
+        )
+    s: dict[str, Any] = {
+        "version": FEATURES_VERSION,
+        "patch_px": int(patch_px),
+        "target_mpp": "none" if target_mpp is None else float(target_mpp),
+        "tta": bool(tta),
+        "stain": "none" if stain is None else str(stain.cache_key()),
+        "precision": precision,
+    }
+    if isinstance(enc, Encoder):
+        i = enc.info
+        s.update(
+            encoder=i.name, weights=state_id(enc), arch=i.arch, input_size=int(i.input_size),
+            mean=[float(v) for v in i.mean], std=[float(v) for v in i.std], dim=int(i.dim),
+        )
+    else:
+        spec = get_spec(enc)
+        s.update(encoder=spec.name, weights=weights_id(spec.name, weights, seed), dim=int(spec.dim))
+    return s
+
+
+_STATE_MEMO: Any = None
+
+
+def state_id(module: Any) -> str:
+    """sha256 of a module's current parameters and buffers, memoised until any of them changes.
+
+    A built encoder may have been fine-tuned or loaded since it was created, so its
+    ``info.weights_id`` cannot identify its features; its actual tensors do. The
+    digest is recomputed only when a tensor's version counter moves (every in-place
+    update, e.g. an optimiser step or ``load_state_dict``, bumps it).
+    """
+    import hashlib
+    import weakref
+
+    import torch
+
+    global _STATE_MEMO
+    if _STATE_MEMO is None:
+        _STATE_MEMO = weakref.WeakKeyDictionary()
+    tensors = list(module.state_dict(keep_vars=True).items())
+    versions = tuple(t._version for _, t in tensors)
+    hit = _STATE_MEMO.get(module)
+    if hit is not None and hit[0] == versions and hit[1] == [k for k, _ in tensors]:
+        return hit[2]
+    h = hashlib.sha256()
+    for k, t in tensors:
+        a = t.detach().to("cpu").contiguous()
+        h.update(f"{k}|{a.dtype}|{tuple(a.shape)}".encode())
+        h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    digest = "state-" + h.hexdigest()
+    _STATE_MEMO[module] = (versions, [k for k, _ in tensors], digest)
+    return digest
+
+
+def slide_content_key(slide: Any, patch_px: int, target_mpp: float | None) -> str:
+    """Key of what a slide's patches depend on: the patch cache key.
+
+    Parameters
+    ----------
+    slide
+        A slide AnnData with an image.
+    patch_px
+        Patch side in image pixels.
+    target_mpp
+        Resampling in microns per pixel, or None.
+
+    Returns
+    -------
+    str
+        :meth:`he2st.image.PatchCache.key` of the slide's patches.
+    """
+    # The patch cache key already hashes what the patches depend on (image bytes,
+    # spot centres and ids, patch size, resampling), with a memoised file hash.
+    from he2st.image import PatchCache
+
+    return PatchCache().key(slide, patch_px, target_mpp)
+
+
+def cache_path(settings: dict[str, Any], slide_key: str, tokens: bool) -> Path:
+    """The cache file of a slide's features (or tokens) under given settings.
+
+    Parameters
+    ----------
+    settings
+        From :func:`feature_settings`.
+    slide_key
+        From :func:`slide_content_key`.
+    tokens
+        Token outputs (under ``tokens/``) rather than pooled features.
+
+    Returns
+    -------
+    pathlib.Path
+        ``default_cache_dir()/"features"[/"tokens"]/<encoder>/<key>.npy``.
+    """
+    key = sha256_arrays(slide_key, json.dumps(settings, sort_keys=True))
+    root = default_cache_dir() / "features"
+    sub = root / "tokens" / settings["encoder"] if tokens else root / settings["encoder"]
+    return sub / f"{key}.npy"
+
+
+def read_cache(path: Path, n: int, mmap: bool = False) -> np.ndarray | None:
+    """A cached array, or None when it is missing, incomplete, damaged or of the wrong length.
+
+    Parameters
+    ----------
+    path
+        From :func:`cache_path`.
+    n
+        Expected number of rows (spots).
+    mmap
+        Return a read-only memory map instead of loading the file.
+
+    Returns
+    -------
+    numpy.ndarray or None
+        The cached features or tokens; None means recompute.
+    """
+    if not (path.is_file() and path.with_suffix(".json").is_file()):
+        return None
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError):
+        return None  # damaged: recompute, never trust
+    return arr if arr.shape[0] == n else None
+
+
+def write_cache(path: Path, arr: np.ndarray, settings: dict[str, Any], slide: Any) -> None:
+    """Write an array and its JSON sidecar atomically, the sidecar last.
+
+    Parameters
+    ----------
+    path
+        From :func:`cache_path`.
+    arr
+        Features or tokens of every spot.
+    settings
+        From :func:`feature_settings`; stored in the sidecar with the slide id, shape and dtype.
+    slide
+        The slide the array belongs to.
+    """
+    from he2st.data.slide import meta
+
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, arr)
+    # The sidecar is written last: an entry without it is incomplete and ignored.
+    atomic_write_json(
+        path.with_suffix(".json"),
+        {**settings, "slide_id": meta(slide).slide_id, "shape": list(arr.shape), "dtype": str(arr.dtype)},
+    )
