@@ -41,7 +41,19 @@ SectionFn = Callable[["RunData"], "str | None"]
 
 @dataclass(frozen=True)
 class Section:
-    """A report section: ``render(run) -> html or None``; sorted by ``order``."""
+    """A report section: ``render(run) -> html or None``; sorted by ``order``.
+
+    Parameters
+    ----------
+    name
+        Key of the section (its HTML id; what ``sections=`` selects).
+    title
+        Heading shown in the report.
+    order
+        Position in the report (lower first; ties by name).
+    render
+        ``RunData -> str | None``: the section's HTML, or None to leave it out.
+    """
 
     name: str
     title: str
@@ -53,7 +65,22 @@ _SECTIONS: dict[str, Section] = {}
 
 
 def register_section(name: str, order: int = 100, title: str | None = None) -> Callable[[SectionFn], SectionFn]:
-    """Decorator adding a section to every report (replaces a section of the same name)."""
+    """Decorator adding a section to every report (replaces a section of the same name).
+
+    Parameters
+    ----------
+    name
+        Key of the section.
+    order
+        Position in the report (built-in sections use 10 to 70).
+    title
+        Heading (default: ``name`` with ``_`` as spaces, capitalised).
+
+    Returns
+    -------
+    Callable
+        The decorator; it registers the function and returns it unchanged.
+    """
 
     def deco(fn: SectionFn) -> SectionFn:
         _SECTIONS[name] = Section(name, title or name.replace("_", " ").capitalize(), order, fn)
@@ -63,13 +90,38 @@ def register_section(name: str, order: int = 100, title: str | None = None) -> C
 
 
 def list_sections() -> list[str]:
-    """Registered section names, in report order."""
+    """Registered section names, in report order.
+
+    Returns
+    -------
+    list of str
+    """
     return [s.name for s in sorted(_SECTIONS.values(), key=lambda s: (s.order, s.name))]
 
 
 @dataclass
 class RunData:
-    """A run folder's tables, loaded once for all sections."""
+    """A run folder's tables, loaded once for all sections (see :func:`load_run`).
+
+    Parameters
+    ----------
+    out
+        The run folder.
+    config
+        ``config.json`` of the run (empty when absent).
+    metrics
+        ``metrics.csv``: ``method, fold, test_slide, metric, gene_set, value, ...``.
+    per_gene
+        ``per_gene.csv``: per-gene PCC, p-value and MSE per method and test slide.
+    summary
+        ``summary.csv``: metrics aggregated over test slides.
+    wilcoxon
+        ``wilcoxon.csv`` (empty frame when absent).
+    top_genes
+        ``top_genes.csv`` (empty frame when absent).
+    folds
+        The per-(method, fold) JSON records under ``folds/``.
+    """
 
     out: Path
     config: dict[str, Any]
@@ -82,14 +134,31 @@ class RunData:
 
     @property
     def methods(self) -> list[str]:
+        """Methods of the run, in order of first appearance in :attr:`metrics`."""
         return list(dict.fromkeys(self.metrics["method"]))
 
     def fold_results(self) -> list[dict[str, Any]]:
-        """The per-(method, fold) JSON records under ``folds/``."""
+        """The per-(method, fold) JSON records under ``folds/``.
+
+        Returns
+        -------
+        list of dict
+        """
         return self.folds
 
     def prediction_files(self, method: str) -> dict[tuple[str, str], Path]:
-        """``{(fold, test_slide): path}`` of a method's prediction AnnData files."""
+        """``{(fold, test_slide): path}`` of a method's prediction AnnData files.
+
+        Parameters
+        ----------
+        method
+            Method name.
+
+        Returns
+        -------
+        dict of (str, str) to pathlib.Path
+            Only files that exist.
+        """
         out: dict[tuple[str, str], Path] = {}
         for rec in self.folds:
             if rec["method"] != method:
@@ -100,7 +169,12 @@ class RunData:
         return out
 
     def has_uncertainty(self) -> bool:
-        """Whether any prediction file holds ``layers["uncertainty"]``."""
+        """Whether any prediction file holds ``layers["uncertainty"]``.
+
+        Returns
+        -------
+        bool
+        """
         import anndata as ad
 
         for m in self.methods:
@@ -111,7 +185,23 @@ class RunData:
 
 
 def load_run(out: str | os.PathLike) -> RunData:
-    """Read what the report needs from a run folder."""
+    """Read what the report needs from a run folder.
+
+    Parameters
+    ----------
+    out
+        The run folder written by the benchmark.
+
+    Returns
+    -------
+    RunData
+        Its tables.
+
+    Raises
+    ------
+    He2stInputError
+        ``metrics.csv``, ``per_gene.csv`` or ``summary.csv`` is missing.
+    """
     out = Path(out)
     need = ("metrics.csv", "per_gene.csv", "summary.csv")
     missing = [n for n in need if not (out / n).is_file()]
@@ -142,7 +232,28 @@ def load_run(out: str | os.PathLike) -> RunData:
 
 
 def render_report(run: RunData, sections: list[str] | None = None) -> str:
-    """The report HTML of a loaded run (all registered sections, or those named)."""
+    """The report HTML of a loaded run (all registered sections, or those named).
+
+    A section that raises is replaced by an error paragraph; the rest of the
+    report is still written.
+
+    Parameters
+    ----------
+    run
+        The loaded run.
+    sections
+        Names of the sections to include (None: all), rendered in report order.
+
+    Returns
+    -------
+    str
+        A complete, self-contained HTML page.
+
+    Raises
+    ------
+    He2stInputError
+        ``sections`` names an unregistered section.
+    """
     chosen = sorted(_SECTIONS.values(), key=lambda s: (s.order, s.name))
     if sections is not None:
         unknown = [s for s in sections if s not in _SECTIONS]
@@ -167,7 +278,22 @@ def render_report(run: RunData, sections: list[str] | None = None) -> str:
 
 
 def write_report(out: str | os.PathLike, sections: list[str] | None = None, path: str | os.PathLike | None = None) -> Path:
-    """Write ``report.html`` (atomically) for a run folder and return its path."""
+    """Write ``report.html`` (atomically) for a run folder and return its path.
+
+    Parameters
+    ----------
+    out
+        The run folder.
+    sections
+        As in :func:`render_report`.
+    path
+        Where to write the report (default ``<out>/report.html``).
+
+    Returns
+    -------
+    pathlib.Path
+        The report file.
+    """
     run = load_run(out)
     target = Path(path) if path is not None else run.out / "report.html"
     atomic_write_text(target, render_report(run, sections))
