@@ -23,6 +23,19 @@ def atomic_path(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
 
     Readers of ``path`` never see a half-written file: either the old content or
     the new one. The temporary file is removed if the block raises.
+
+    Parameters
+    ----------
+    path
+        Final path of the file; its parent folder is created if missing.
+    suffix
+        Suffix of the temporary file (default: the suffix of ``path``, or ``.tmp``),
+        for writers that pick the format from the file name.
+
+    Yields
+    ------
+    Path
+        The temporary file to write, in the same folder as ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +60,16 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
 
     For saved models and banks (several files that belong together): an interrupted
     write leaves the old directory (or nothing), never a half-written one.
+
+    Parameters
+    ----------
+    path
+        Final directory; an existing one is replaced when the block succeeds.
+
+    Yields
+    ------
+    Path
+        An empty temporary directory, in the same folder as ``path``, to fill.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,13 +108,30 @@ def current_umask() -> int:
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically.
+
+    Parameters
+    ----------
+    path
+        File to write (parent folders are created).
+    text
+        Content.
+    """
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    Parameters
+    ----------
+    path
+        File to write (parent folders are created).
+    obj
+        JSON-serialisable object; numpy scalars and arrays and :class:`~pathlib.Path`
+        are converted. Keys are sorted.
+    """
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
@@ -154,7 +194,20 @@ def jsonable(obj: Any) -> Any:
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
+    """Hex sha256 of a file's bytes, read in chunks.
+
+    Parameters
+    ----------
+    path
+        File to hash.
+    chunk
+        Bytes read at a time.
+
+    Returns
+    -------
+    str
+        The 64-character hexadecimal digest.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -163,7 +216,19 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
 
 
 def sha256_arrays(*arrays: Any) -> str:
-    """Hex sha256 over the bytes, dtypes and shapes of numpy arrays (or strings)."""
+    """Hex sha256 over the bytes, dtypes and shapes of numpy arrays (or strings).
+
+    Parameters
+    ----------
+    *arrays
+        Arrays (anything :func:`numpy.ascontiguousarray` takes; object arrays are
+        hashed through ``str`` of their items) or strings, hashed in order.
+
+    Returns
+    -------
+    str
+        The 64-character hexadecimal digest.
+    """
     import numpy as np
 
     h = hashlib.sha256()
@@ -186,6 +251,20 @@ def progress(iterable: Iterable[T], description: str = "", total: int | None = N
 
     Quiet mode is on when ``HE2ST_QUIET=1`` (set by ``--quiet`` and in CI) or when
     stderr is not a terminal, so logs stay readable.
+
+    Parameters
+    ----------
+    iterable
+        What to iterate over.
+    description
+        Label of the bar (default ``"working"``).
+    total
+        Number of items, for iterables without ``len``.
+
+    Yields
+    ------
+    T
+        The items of ``iterable``, unchanged.
     """
     if is_quiet():
         yield from iterable
@@ -196,7 +275,13 @@ def progress(iterable: Iterable[T], description: str = "", total: int | None = N
 
 
 def is_quiet() -> bool:
-    """True when progress bars should be hidden."""
+    """True when progress bars should be hidden.
+
+    Returns
+    -------
+    bool
+        True when ``HE2ST_QUIET`` is set (to anything but ``0``) or stderr is not a terminal.
+    """
     import sys
 
     if os.environ.get("HE2ST_QUIET", "") not in ("", "0"):
@@ -205,6 +290,12 @@ def is_quiet() -> bool:
 
 
 def default_cache_dir() -> Path:
-    """Root of he2st's on-disk caches: ``$HE2ST_CACHE`` or ``~/.cache/he2st``."""
+    """Root of he2st's on-disk caches: ``$HE2ST_CACHE`` or ``~/.cache/he2st``.
+
+    Returns
+    -------
+    Path
+        The folder (not created here).
+    """
     root = os.environ.get("HE2ST_CACHE")
     return Path(root) if root else Path.home() / ".cache" / "he2st"

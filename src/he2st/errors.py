@@ -17,7 +17,16 @@ class He2stInputError(He2stError, ValueError):
 
 
 class SlideError(He2stInputError):
-    """A slide is malformed. The message starts with the slide id."""
+    """A slide is malformed. The message starts with the slide id.
+
+    Parameters
+    ----------
+    slide
+        Id of the slide at fault, kept as :attr:`slide`; ``None`` when unknown
+        (the message then has no ``slide '<id>': `` prefix).
+    message
+        What is wrong and what was expected.
+    """
 
     def __init__(self, slide: str | None, message: str) -> None:
         self.slide = slide

@@ -113,6 +113,11 @@ def calibration_table(
 def calibration_summary(observed: Any, predicted: Any, uncertainty: Any, n_bins: int = 10) -> dict[str, float]:
     """One-number summaries of calibration.
 
+    Parameters
+    ----------
+    observed, predicted, uncertainty, n_bins
+        As in :func:`calibration_table`.
+
     Returns
     -------
     dict
@@ -237,7 +242,20 @@ def run_calibration(run: Any, n_bins: int = 10) -> tuple[dict[str, pd.DataFrame]
 
 
 def calibration_section(run: Any, n_bins: int = 10) -> str | None:
-    """HTML of the report's calibration section (None when no method has uncertainty)."""
+    """HTML of the report's calibration section (None when no method has uncertainty).
+
+    Parameters
+    ----------
+    run
+        A :class:`he2st.evaluate.results.RunResult`.
+    n_bins
+        Bins of :func:`calibration_table`.
+
+    Returns
+    -------
+    str or None
+        A paragraph, the reliability diagram and the summary table, or None.
+    """
     import html
 
     from he2st.analysis.figures import figure_html, table_html

@@ -27,7 +27,22 @@ def _plt() -> Any:
 
 
 def figure_html(fig: Any, alt: str = "", dpi: int = 100) -> str:
-    """The figure as an inline base64 PNG ``<img>`` tag; closes the figure."""
+    """The figure as an inline base64 PNG ``<img>`` tag; closes the figure.
+
+    Parameters
+    ----------
+    fig
+        A matplotlib figure.
+    alt
+        Alternative text of the image (escaped).
+    dpi
+        Resolution of the PNG.
+
+    Returns
+    -------
+    str
+        The ``<img>`` tag.
+    """
     plt = _plt()
     buf = io.BytesIO()
     try:
@@ -45,6 +60,17 @@ def per_slide_bars(metrics: pd.DataFrame, metric: str = "pcc", gene_set: str = "
     ----------
     metrics
         Long table (``metrics.csv``) with ``method, test_slide, metric, gene_set, value``.
+    metric
+        Metric plotted (e.g. ``"pcc"``, ``"mse"``).
+    gene_set
+        Gene set plotted (e.g. ``"ACG"``, ``"HEG"``).
+    methods
+        Methods to show, in this order (default: all, in order of appearance).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (not closed).
     """
     plt = _plt()
     sel = metrics[(metrics["metric"] == metric) & (metrics["gene_set"] == gene_set)]
@@ -83,6 +109,22 @@ def spot_map_pair(
 
     Each panel has its own colour scale (a prediction is judged by its pattern,
     as PCC does, not by its level).
+
+    Parameters
+    ----------
+    spatial
+        ``(n_spots, 2)`` pixel (x, y) of the spots.
+    observed, predicted
+        ``(n_spots,)`` expression of the gene.
+    title
+        Figure title (none when empty).
+    spot_size
+        Marker size (default: scaled down with the number of spots).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (not closed).
     """
     plt = _plt()
     xy = np.asarray(spatial, dtype=float)
@@ -103,7 +145,22 @@ def spot_map_pair(
 
 
 def table_html(df: pd.DataFrame, float_format: str = "{:.4g}", max_rows: int | None = 200) -> str:
-    """An escaped HTML table; floats formatted, NaN shown as 'n/a'."""
+    """An escaped HTML table; floats formatted, NaN shown as 'n/a'.
+
+    Parameters
+    ----------
+    df
+        The table.
+    float_format
+        Format of float columns.
+    max_rows
+        Rows kept (the first ones); None keeps all.
+
+    Returns
+    -------
+    str
+        The ``<table>`` HTML.
+    """
     if max_rows is not None and len(df) > max_rows:
         df = df.head(max_rows)
     fmt = {c: (lambda v: "n/a" if pd.isna(v) else float_format.format(v)) for c in df.columns if pd.api.types.is_float_dtype(df[c])}

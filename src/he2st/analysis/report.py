@@ -42,7 +42,19 @@ SectionFn = Callable[[RunResult], "str | None"]
 
 @dataclass(frozen=True)
 class Section:
-    """A report section: ``render(run) -> html or None``; sorted by ``order``."""
+    """A report section: ``render(run) -> html or None``; sorted by ``order``.
+
+    Parameters
+    ----------
+    name
+        Key of the section (its HTML id; what ``sections=`` selects).
+    title
+        Heading shown in the report.
+    order
+        Position in the report (lower first; ties by name).
+    render
+        ``RunResult -> str | None``: the section's HTML, or None to leave it out.
+    """
 
     name: str
     title: str
@@ -54,7 +66,22 @@ _SECTIONS: dict[str, Section] = {}
 
 
 def register_section(name: str, order: int = 100, title: str | None = None) -> Callable[[SectionFn], SectionFn]:
-    """Decorator adding a section to every report (replaces a section of the same name)."""
+    """Decorator adding a section to every report (replaces a section of the same name).
+
+    Parameters
+    ----------
+    name
+        Key of the section.
+    order
+        Position in the report (built-in sections use 10 to 70).
+    title
+        Heading (default: ``name`` with ``_`` as spaces, capitalised).
+
+    Returns
+    -------
+    Callable
+        The decorator; it registers the function and returns it unchanged.
+    """
 
     def deco(fn: SectionFn) -> SectionFn:
         _SECTIONS[name] = Section(name, title or name.replace("_", " ").capitalize(), order, fn)
@@ -64,12 +91,38 @@ def register_section(name: str, order: int = 100, title: str | None = None) -> C
 
 
 def list_sections() -> list[str]:
-    """Registered section names, in report order."""
+    """Registered section names, in report order.
+
+    Returns
+    -------
+    list of str
+    """
     return [s.name for s in sorted(_SECTIONS.values(), key=lambda s: (s.order, s.name))]
 
 
 def render_report(run: RunResult, sections: list[str] | None = None) -> str:
-    """The report HTML of a loaded run (all registered sections, or those named)."""
+    """The report HTML of a loaded run (all registered sections, or those named).
+
+    A section that raises is replaced by an error paragraph; the rest of the
+    report is still written.
+
+    Parameters
+    ----------
+    run
+        The loaded run.
+    sections
+        Names of the sections to include (None: all), rendered in report order.
+
+    Returns
+    -------
+    str
+        A complete, self-contained HTML page.
+
+    Raises
+    ------
+    He2stInputError
+        ``sections`` names an unregistered section.
+    """
     chosen = sorted(_SECTIONS.values(), key=lambda s: (s.order, s.name))
     if sections is not None:
         unknown = [s for s in sections if s not in _SECTIONS]
@@ -94,7 +147,22 @@ def render_report(run: RunResult, sections: list[str] | None = None) -> str:
 
 
 def write_report(out: str | os.PathLike, sections: list[str] | None = None, path: str | os.PathLike | None = None) -> Path:
-    """Write ``report.html`` (atomically) for a run folder and return its path."""
+    """Write ``report.html`` (atomically) for a run folder and return its path.
+
+    Parameters
+    ----------
+    out
+        The run folder.
+    sections
+        As in :func:`render_report`.
+    path
+        Where to write the report (default ``<out>/report.html``).
+
+    Returns
+    -------
+    pathlib.Path
+        The report file.
+    """
     run = read_run(out)
     target = Path(path) if path is not None else run.out / "report.html"
     atomic_write_text(target, render_report(run, sections))

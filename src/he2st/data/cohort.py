@@ -80,21 +80,64 @@ class Cohort(Sequence):
         return list(dict.fromkeys(self.patients.values()))
 
     def by_patient(self, patient: str) -> list[Any]:
-        """Slides of one patient."""
+        """Slides of one patient.
+
+        Parameters
+        ----------
+        patient
+            Patient id (see :attr:`patient_ids`).
+
+        Returns
+        -------
+        list of anndata.AnnData
+            The patient's slides, in cohort order.
+
+        Raises
+        ------
+        KeyError
+            No slide of the cohort belongs to ``patient``.
+        """
         out = [s for s in self._slides if meta(s).patient == patient]
         if not out:
             raise KeyError(f"no patient {patient!r} in cohort {self.name!r}; patients: {self.patient_ids}")
         return out
 
     def subset(self, slide_ids: Iterable[str]) -> Cohort:
-        """A new cohort with the named slides, in the order given."""
+        """A new cohort with the named slides, in the order given.
+
+        Parameters
+        ----------
+        slide_ids
+            Ids of slides of this cohort.
+
+        Returns
+        -------
+        Cohort
+            The slides (the same objects, not copies), under this cohort's name.
+
+        Raises
+        ------
+        KeyError
+            An id is not in the cohort.
+        """
         return Cohort([self[i] for i in slide_ids], name=self.name)
 
     def concat(self, join: str = "inner") -> Any:
         """Concatenate into one AnnData; ``obs["slide"]`` tells spots apart.
 
-        Spot ids are prefixed ``<slide>_`` so they stay unique. Per-slide
+        Spot ids are suffixed ``_<slide>`` so they stay unique. Per-slide
         metadata goes to ``uns["he2st_slides"]``.
+
+        Parameters
+        ----------
+        join
+            How genes are combined, as in :func:`anndata.concat`: ``"inner"`` keeps
+            the genes of every slide, ``"outer"`` their union (missing values 0).
+
+        Returns
+        -------
+        anndata.AnnData
+            All spots of the cohort, slide by slide.
         """
         import anndata as ad
 

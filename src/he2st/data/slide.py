@@ -45,7 +45,27 @@ META_KEYS = {
 
 @dataclass(frozen=True)
 class SlideMeta:
-    """Typed view of ``adata.uns["he2st"]``."""
+    """Typed view of ``adata.uns["he2st"]`` (see :data:`META_KEYS`).
+
+    Parameters
+    ----------
+    slide_id
+        Slide identifier, also in ``obs["slide"]``.
+    patient
+        Patient identifier, also in ``obs["patient"]``.
+    image_path
+        Path of the full-resolution H&E image, or None.
+    spot_diameter_px
+        Spot diameter in image pixels.
+    mpp
+        Microns per image pixel, or None when unknown.
+    scale
+        Factor from the source's pixel frame to the image's pixels.
+    counts
+        True when ``.X`` holds raw counts; False for pre-normalised sources.
+    source
+        Reader that made the slide and the files it read.
+    """
 
     slide_id: str
     patient: str
@@ -204,7 +224,20 @@ def _to_csr_float32(X: Any, slide_id: str) -> sp.csr_matrix:
 
 
 def check_counts(X: sp.spmatrix | np.ndarray, slide_id: str | None) -> None:
-    """Raise :class:`SlideError` unless ``X`` holds finite, non-negative integers."""
+    """Raise :class:`SlideError` unless ``X`` holds finite, non-negative integers.
+
+    Parameters
+    ----------
+    X
+        Matrix to check, dense or sparse (only the stored values of a sparse one).
+    slide_id
+        Slide named in the error message, or None.
+
+    Raises
+    ------
+    SlideError
+        NaN or inf values, negative values, or non-integral values (normalised data).
+    """
     data = X.data if sp.issparse(X) else np.asarray(X).ravel()
     if data.size == 0:
         return
@@ -234,7 +267,24 @@ def _array_coord(values: Sequence[int] | None, pixel: np.ndarray, n: int, slide_
 
 
 def meta(adata: Any) -> SlideMeta:
-    """Return the he2st metadata of a slide, with a clear error if it is missing."""
+    """Return the he2st metadata of a slide, with a clear error if it is missing.
+
+    Parameters
+    ----------
+    adata
+        A slide (an AnnData with ``uns["he2st"]``).
+
+    Returns
+    -------
+    SlideMeta
+        The metadata; optional keys missing from older files take their defaults
+        (patient = slide id, scale 1, counts True).
+
+    Raises
+    ------
+    SlideError
+        ``uns["he2st"]`` is missing.
+    """
     try:
         m = adata.uns[UNS_KEY]
     except KeyError:
@@ -252,12 +302,36 @@ def meta(adata: Any) -> SlideMeta:
 
 
 def slide_id(adata: Any) -> str:
-    """Identifier of a slide."""
+    """Identifier of a slide.
+
+    Parameters
+    ----------
+    adata
+        A slide.
+
+    Returns
+    -------
+    str
+        ``uns["he2st"]["slide_id"]``.
+    """
     return meta(adata).slide_id
 
 
 def require_counts(adata: Any, operation: str) -> None:
-    """Raise :class:`NotCountsError` if ``adata`` does not hold raw counts."""
+    """Raise :class:`NotCountsError` if ``adata`` does not hold raw counts.
+
+    Parameters
+    ----------
+    adata
+        A slide.
+    operation
+        Name of the operation that needs counts, for the error message.
+
+    Raises
+    ------
+    NotCountsError
+        The slide's ``uns["he2st"]["counts"]`` is False (pre-normalised values).
+    """
     m = meta(adata)
     if not m.counts:
         raise NotCountsError(
@@ -267,7 +341,24 @@ def require_counts(adata: Any, operation: str) -> None:
 
 
 def validate_slide(adata: Any) -> SlideMeta:
-    """Check that ``adata`` follows the slide data model; return its metadata."""
+    """Check that ``adata`` follows the slide data model; return its metadata.
+
+    Parameters
+    ----------
+    adata
+        The AnnData to check.
+
+    Returns
+    -------
+    SlideMeta
+        Its metadata.
+
+    Raises
+    ------
+    SlideError
+        Missing ``uns["he2st"]`` or ``obsm["spatial"]``, no spots, duplicated spot
+        ids, or a missing ``obs`` column (``array_row``, ``array_col``, ``slide``, ``patient``).
+    """
     m = meta(adata)
     if SPATIAL_KEY not in adata.obsm:
         raise SlideError(m.slide_id, "obsm['spatial'] is missing")

@@ -21,12 +21,35 @@ _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 
 def her2st_root(root: str | os.PathLike | None = None) -> Path:
-    """The her2st data folder: ``root``, ``$HE2ST_HER2ST_ROOT``, or ``../shared/data/her2st``."""
+    """The her2st data folder: ``root``, ``$HE2ST_HER2ST_ROOT``, or ``../shared/data/her2st``.
+
+    Parameters
+    ----------
+    root
+        Folder given by the user (it must hold ``ST-cnts/``); None searches as
+        :func:`resolve_root` does.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder holding ``ST-cnts/``.
+    """
     return resolve_root("her2st", root, "HE2ST_HER2ST_ROOT", "ST-cnts")
 
 
 def her2st_sections(root: str | os.PathLike | None = None) -> dict[str, Path | None]:
-    """Every section with a counts file, mapped to its H&E image (None when the image is absent)."""
+    """Every section with a counts file, mapped to its H&E image (None when the image is absent).
+
+    Parameters
+    ----------
+    root
+        The her2st folder (see :func:`her2st_root`).
+
+    Returns
+    -------
+    dict of str to pathlib.Path or None
+        Section id (e.g. ``"C2"``) -> its image under ``ST-imgs/``, in sorted order.
+    """
     base = her2st_root(root)
     sections = sorted(p.name[: -len(".tsv.gz")] for p in (base / "ST-cnts").glob("*.tsv.gz"))
     return {s: _image(base, s) for s in sections}
@@ -109,7 +132,23 @@ def her2st(
 
 
 def her2st_panel(root: str | os.PathLike | None = None) -> list[str]:
-    """The 785-gene her2st panel of Hist2ST/HisToGene/THItoGene (``hist2st/her_hvg_cut_1000.npy``)."""
+    """The 785-gene her2st panel of Hist2ST/HisToGene/THItoGene (``hist2st/her_hvg_cut_1000.npy``).
+
+    Parameters
+    ----------
+    root
+        The her2st folder (see :func:`her2st_root`).
+
+    Returns
+    -------
+    list of str
+        Gene symbols, in the file's order.
+
+    Raises
+    ------
+    MissingFileError, He2stInputError
+        The file is missing or is not a 1-D array of gene symbols.
+    """
     path = require_file(her2st_root(root) / "hist2st" / "her_hvg_cut_1000.npy", "her2st gene panel")
     try:
         genes = np.load(path, allow_pickle=False)  # a plain unicode array: no pickle needed

@@ -71,6 +71,16 @@ def read_any(path: PathLike) -> Any:
     - a her2st root (``ST-cnts/`` + ``ST-spotfiles/``) -> cohort of every section;
     - a folder of ``.h5ad`` files -> cohort.
 
+    Parameters
+    ----------
+    path
+        File or folder to read.
+
+    Returns
+    -------
+    anndata.AnnData or he2st.data.Cohort
+        A slide, or a cohort of slides (named after the folder).
+
     Raises
     ------
     MissingFileError
@@ -118,7 +128,19 @@ def read_any(path: PathLike) -> Any:
 
 
 def summarize(obj: Any) -> str:
-    """A human-readable multi-line summary of a slide or a cohort."""
+    """A human-readable multi-line summary of a slide or a cohort.
+
+    Parameters
+    ----------
+    obj
+        A slide (AnnData) or a :class:`~he2st.data.Cohort`.
+
+    Returns
+    -------
+    str
+        The summary printed by ``he2st info``: spots, genes, counts, labels,
+        image and provenance per slide (and totals for a cohort).
+    """
     from he2st.data import Cohort
 
     if isinstance(obj, Cohort):

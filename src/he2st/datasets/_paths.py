@@ -18,6 +18,22 @@ def resolve_root(name: str, root: str | os.PathLike | None, env: str, marker: st
     relative to the working directory, then to the repository. The folder must
     contain ``marker``.
 
+    Parameters
+    ----------
+    name
+        Name of the data set (its folder name under the shared data folder).
+    root
+        Folder given by the user; when set, it is the only candidate.
+    env
+        Environment variable that may name the folder.
+    marker
+        File or folder that the data set's folder must contain.
+
+    Returns
+    -------
+    pathlib.Path
+        The first candidate that contains ``marker``.
+
     Raises
     ------
     MissingFileError

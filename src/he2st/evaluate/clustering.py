@@ -37,6 +37,16 @@ def cluster_expression(values: np.ndarray, n_clusters: int, n_pcs: int = N_PCS, 
         Components kept (capped at ``min(n_spots, n_genes)``).
     seed
         Random state of PCA and k-means (``n_init=10``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_spots,)`` int64 cluster labels; all 0 when ``values`` is constant.
+
+    Raises
+    ------
+    He2stInputError
+        ``values`` is not a finite 2-D array, or ``n_clusters`` is not in ``[2, n_spots]``.
     """
     from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA

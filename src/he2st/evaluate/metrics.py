@@ -59,6 +59,20 @@ def top_genes_by(values: np.ndarray, genes: Sequence[str], n_top: int) -> list[s
     """The ``n_top`` genes with the largest ``values``; ties keep panel order.
 
     When the panel has fewer than ``n_top`` genes, all are returned.
+
+    Parameters
+    ----------
+    values
+        One score per gene of ``genes`` (e.g. mean or variance of expression).
+    genes
+        The panel, aligned with ``values``.
+    n_top
+        How many genes to keep.
+
+    Returns
+    -------
+    list of str
+        The genes, highest value first.
     """
     values = np.asarray(values, dtype=np.float64)
     order = np.argsort(-values, kind="stable")
@@ -75,6 +89,23 @@ def gene_sets(
 
     HEG and HVG are ranked on the *observed* expression of the slide
     (mean, and population variance over spots).
+
+    Parameters
+    ----------
+    observed
+        Observed expression of the test slide, spots x genes (dense or sparse).
+    genes
+        The panel, aligned with the columns of ``observed``.
+    markers
+        Marker genes; those in the panel form the ``"markers"`` set (None: no such set).
+    n_top
+        Size of the HEG and HVG sets.
+
+    Returns
+    -------
+    dict of str to list of str
+        ``"ACG"`` (all panel genes), ``"HEG"`` (highest mean), ``"HVG"`` (highest
+        variance) and, when ``markers`` is given, ``"markers"`` (those in the panel).
 
     Raises
     ------
@@ -109,7 +140,7 @@ def gene_sets(
 class SlideEvaluation:
     """Metrics of one test slide.
 
-    Attributes
+    Parameters
     ----------
     metrics
         Long table ``metric, gene_set, value, n_genes, n_nan`` (``n_nan``: genes of
@@ -125,7 +156,14 @@ class SlideEvaluation:
     gene_sets: dict[str, list[str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
-        """Flat ``{"PCC(ACG)": ..., "MSE(ACG)": ..., "n_nan(ACG)": ...}`` mapping."""
+        """Flat ``{"PCC(ACG)": ..., "MSE(ACG)": ..., "n_nan(ACG)": ...}`` mapping.
+
+        Returns
+        -------
+        dict of str to float
+            ``"<METRIC>(<gene set>)"`` -> value for every row of :attr:`metrics`, and
+            ``"n_nan(<gene set>)"`` -> genes left out of the set's mean PCC.
+        """
         out: dict[str, float] = {}
         for row in self.metrics.itertuples(index=False):
             out[f"{row.metric.upper()}({row.gene_set})"] = float(row.value)
@@ -239,7 +277,27 @@ def summarize(metrics: pd.DataFrame, by: Sequence[str] = ("method", "metric", "g
 
 @dataclass(frozen=True)
 class WilcoxonResult:
-    """A paired Wilcoxon signed-rank test of method ``a`` against ``b`` over slides."""
+    """A paired Wilcoxon signed-rank test of method ``a`` against ``b`` over slides.
+
+    Parameters
+    ----------
+    a, b
+        Names of the two methods compared.
+    n
+        Usable pairs (no NaN on either side).
+    n_nonzero
+        Pairs with a non-zero difference (those the test ranks).
+    statistic
+        Wilcoxon statistic (NaN when there is no usable pair).
+    pvalue
+        Two-sided p-value (NaN with no usable pair, 1.0 when every difference is zero).
+    median_difference
+        Median of ``a - b`` over usable pairs.
+    a_wins, b_wins
+        Pairs where ``a`` (resp. ``b``) is higher.
+    note
+        Caveats, ``"; "``-separated (dropped pairs, too few pairs to reach 0.05, ties).
+    """
 
     a: str
     b: str
@@ -264,6 +322,23 @@ def paired_wilcoxon(a: Sequence[float], b: Sequence[float], names: tuple[str, st
     - fewer than 6 non-zero differences: the exact two-sided p-value cannot fall
       below 0.0625 (n=5), so no difference can be significant at 0.05;
     - tied absolute differences: scipy's rank-based p-value with ties is approximate.
+
+    Parameters
+    ----------
+    a, b
+        Paired values (one per slide, same order and length), 1-D.
+    names
+        Names of the two sides, stored in the result.
+
+    Returns
+    -------
+    WilcoxonResult
+        The test, the win counts and the notes.
+
+    Raises
+    ------
+    He2stInputError
+        ``a`` and ``b`` are not 1-D and of the same length.
     """
     from scipy.stats import wilcoxon
 
@@ -386,7 +461,20 @@ def _require_columns(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
 
 
 def metrics_frame(ev: SlideEvaluation, **keys: Any) -> pd.DataFrame:
-    """``ev.metrics`` with constant key columns (method, fold, test_slide) in front."""
+    """``ev.metrics`` with constant key columns (method, fold, test_slide) in front.
+
+    Parameters
+    ----------
+    ev
+        Evaluation of one slide.
+    **keys
+        Column name -> constant value, inserted in this order as the first columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy of ``ev.metrics`` with the key columns.
+    """
     df = ev.metrics.copy()
     for i, (k, v) in enumerate(keys.items()):
         df.insert(i, k, v)
@@ -394,7 +482,20 @@ def metrics_frame(ev: SlideEvaluation, **keys: Any) -> pd.DataFrame:
 
 
 def per_gene_frame(ev: SlideEvaluation, **keys: Any) -> pd.DataFrame:
-    """``ev.per_gene`` with constant key columns in front."""
+    """``ev.per_gene`` with constant key columns in front.
+
+    Parameters
+    ----------
+    ev
+        Evaluation of one slide.
+    **keys
+        Column name -> constant value, inserted in this order as the first columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy of ``ev.per_gene`` with the key columns.
+    """
     df = ev.per_gene.copy()
     for i, (k, v) in enumerate(keys.items()):
         df.insert(i, k, v)

@@ -50,7 +50,7 @@ class SplitError(He2stInputError):
 class Fold:
     """One train/validation/test partition of slide ids.
 
-    Attributes
+    Parameters
     ----------
     name
         Fold label (e.g. the test slide for leave-one-slide-out); used in file names.
@@ -74,7 +74,14 @@ class Fold:
         _check_fold(self, where=f"fold {self.name!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (the inverse of :meth:`from_dict`)."""
+        """JSON form (the inverse of :meth:`from_dict`).
+
+        Returns
+        -------
+        dict
+            ``name``, ``train``, ``validation``, ``test`` (lists of slide ids) and,
+            for nested folds, ``inner`` (a list of such dicts).
+        """
         d: dict[str, Any] = {
             "name": self.name,
             "train": list(self.train),
@@ -87,7 +94,30 @@ class Fold:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "split", default_name: str = "fold0") -> Fold:
-        """Build a fold from ``{"name", "train", "validation"|"val", "test"}``."""
+        """Build a fold from ``{"name", "train", "validation"|"val", "test"}``.
+
+        Parameters
+        ----------
+        d
+            The fold's table: ``train`` and ``test`` lists of slide ids (required),
+            ``validation`` or ``val`` (optional), ``name`` and ``inner`` (a list of
+            such tables, for nested folds).
+        where
+            Where the table comes from, prefixed to error messages.
+        default_name
+            Name of the fold when ``d`` has none.
+
+        Returns
+        -------
+        Fold
+            The checked fold.
+
+        Raises
+        ------
+        SplitError
+            Not a table, unknown keys, both ``validation`` and ``val``, a missing
+            ``train`` or ``test`` list, or a slide in two parts of the fold.
+        """
         if not isinstance(d, Mapping):
             raise SplitError(f"{where}: a fold must be a table/object, got {type(d).__name__}")
         unknown = set(d) - {"name", "train", "validation", "val", "test", "inner"}
@@ -153,6 +183,22 @@ def _check_fold(fold: Fold, where: str) -> None:
 def validate_folds(folds: Sequence[Fold], slide_ids: Iterable[str], where: str = "split") -> list[Fold]:
     """Check that every slide a fold names is in the cohort, and fold names are unique.
 
+    Inner folds are checked too.
+
+    Parameters
+    ----------
+    folds
+        The folds.
+    slide_ids
+        Slide ids of the cohort.
+    where
+        Where the folds come from, prefixed to error messages.
+
+    Returns
+    -------
+    list of Fold
+        ``folds``, unchanged.
+
     Raises
     ------
     SplitError
@@ -215,6 +261,16 @@ def leave_one_slide_out(slides: Any) -> list[Fold]:
     ----------
     slides
         A :class:`~he2st.data.cohort.Cohort`, a list of slides, or a list of slide ids.
+
+    Returns
+    -------
+    list of Fold
+        One fold per slide, named after its test slide, in slide order.
+
+    Raises
+    ------
+    SplitError
+        Fewer than 2 slides.
     """
     ids = _slide_ids(slides)
     if len(ids) < 2:
@@ -231,6 +287,16 @@ def leave_one_patient_out(slides: Any, patients: Mapping[str, str] | None = None
         A cohort, slides, or slide ids (then ``patients`` is required).
     patients
         Optional mapping slide id -> patient id (default: from the slides' metadata).
+
+    Returns
+    -------
+    list of Fold
+        One fold ``patient-<id>`` per patient, in order of first appearance.
+
+    Raises
+    ------
+    SplitError
+        A slide without a patient, or fewer than 2 patients.
     """
     ids = _slide_ids(slides)
     pat = _patients(slides, patients)
@@ -248,6 +314,20 @@ def leave_one_patient_out(slides: Any, patients: Mapping[str, str] | None = None
 
 def kfold_by_slide(slides: Any, k: int = 5, seed: int = 0) -> list[Fold]:
     """``k`` folds of whole slides, shuffled with ``seed`` (sizes differ by at most one).
+
+    Parameters
+    ----------
+    slides
+        A cohort, a list of slides, or a list of slide ids.
+    k
+        Number of folds.
+    seed
+        Seed of the shuffle.
+
+    Returns
+    -------
+    list of Fold
+        Folds ``fold0`` ... ``fold<k-1>``; every slide is tested exactly once.
 
     Raises
     ------
@@ -277,8 +357,23 @@ def nested_leave_one_out(slides: Any, group: str = "slide", patients: Mapping[st
 
     Parameters
     ----------
+    slides
+        A cohort, a list of slides, or a list of slide ids.
     group
         ``"slide"`` (default) or ``"patient"``: the unit left out, outer and inner.
+    patients
+        Mapping slide id -> patient id for ``group="patient"`` (default: from the
+        slides' metadata).
+
+    Returns
+    -------
+    list of Fold
+        The outer folds, each with its inner folds in :attr:`Fold.inner`.
+
+    Raises
+    ------
+    SplitError
+        An unknown ``group``, or too few slides or patients.
     """
     ids = _slide_ids(slides)
     if group == "slide":
@@ -312,6 +407,11 @@ def named_split(path: str | Path, slides: Any = None) -> list[Fold]:
         ``.json`` or ``.toml`` file.
     slides
         Optional cohort/slides/ids: every slide named must be one of them.
+
+    Returns
+    -------
+    list of Fold
+        The folds of the file, in its order.
 
     Raises
     ------
@@ -359,10 +459,30 @@ def named_split(path: str | Path, slides: Any = None) -> list[Fold]:
 
 
 def make_splits(spec: str | Path | Sequence[Fold], slides: Any, seed: int = 0) -> list[Fold]:
-    """Folds from a spec: ``loso`` (default), ``lopo``, ``kfold:K``, ``nested``,
-    ``nested:patient``, a ``.json``/``.toml`` file, or a list of folds.
+    """Folds from a spec: a named scheme, a split file, or a list of folds.
 
     Every fold is checked against the cohort's slide ids.
+
+    Parameters
+    ----------
+    spec
+        ``loso`` (default; also ``""``), ``lopo``, ``kfold:K`` (``kfold``: K = 5),
+        ``nested`` (``nested:slide``), ``nested:patient``, a ``.json``/``.toml``
+        split file (see :func:`named_split`), or a list of :class:`Fold`.
+    slides
+        A cohort, a list of slides, or a list of slide ids.
+    seed
+        Seed of the ``kfold`` shuffle.
+
+    Returns
+    -------
+    list of Fold
+        The validated folds.
+
+    Raises
+    ------
+    SplitError
+        An unknown spec, or folds that do not fit the cohort.
     """
     ids = _slide_ids(slides)
     if isinstance(spec, (list, tuple)):

@@ -110,7 +110,36 @@ def slide_from_anndata(
     reader: str = "read_h5ad",
     notes: list[str] | None = None,
 ) -> Any:
-    """Turn a loaded AnnData into a slide (shared by :func:`read_h5ad` and :func:`he2st.io.read_hest`)."""
+    """Turn a loaded AnnData into a slide (shared by :func:`read_h5ad` and :func:`he2st.io.read_hest`).
+
+    Spots with ``obs["in_tissue"] != 1`` and spots with NaN coordinates are dropped
+    (the latter with a warning); what was dropped is recorded in the slide's
+    ``uns["he2st"]["source"]``.
+
+    Parameters
+    ----------
+    adata
+        The loaded AnnData, with ``obsm["spatial"]`` pixel coordinates.
+    path
+        File it was read from, named in error messages and the provenance.
+    image, counts, slide_id, patient, spot_diameter_px, mpp, library_id, label_key, layer
+        As in :func:`read_h5ad`.
+    reader
+        Name of the calling reader, recorded in the provenance.
+    notes
+        Provenance notes of the caller, prepended to this function's own.
+
+    Returns
+    -------
+    anndata.AnnData
+        The slide; other ``var`` columns, ``obs`` columns and ``obsm`` entries are carried over.
+
+    Raises
+    ------
+    SlideError
+        No ``obsm["spatial"]``, no spots, duplicated genes or spot ids, no spot
+        diameter, or an unknown ``label_key``.
+    """
     from he2st.data import make_slide
 
     notes = list(notes or [])

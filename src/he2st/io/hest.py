@@ -26,12 +26,33 @@ _SPOT_UM = {"visium": 55.0, "spatial transcriptomics": 100.0, "st": 100.0}
 
 
 def hest_sample_ids(root: PathLike) -> list[str]:
-    """Sample ids of a HEST-1k folder (the stems of ``st/*.h5ad``)."""
+    """Sample ids of a HEST-1k folder (the stems of ``st/*.h5ad``).
+
+    Parameters
+    ----------
+    root
+        The HEST-1k folder.
+
+    Returns
+    -------
+    list of str
+        Sorted sample ids.
+    """
     return sorted(p.stem for p in (Path(root) / "st").glob("*.h5ad"))
 
 
 def is_hest_root(path: PathLike) -> bool:
-    """True when ``path`` looks like a HEST-1k folder (``st/*.h5ad`` next to ``metadata/`` or ``wsis/``)."""
+    """True when ``path`` looks like a HEST-1k folder (``st/*.h5ad`` next to ``metadata/`` or ``wsis/``).
+
+    Parameters
+    ----------
+    path
+        Folder to test.
+
+    Returns
+    -------
+    bool
+    """
     p = Path(path)
     return (p / "st").is_dir() and ((p / "metadata").is_dir() or (p / "wsis").is_dir()) and bool(hest_sample_ids(p))
 

@@ -56,7 +56,18 @@ _MATRIX_NAMES = ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix")
 
 
 def find_outs(path: PathLike) -> Path | None:
-    """The Space Ranger ``outs`` folder at or under ``path``, or None if ``path`` is not one."""
+    """The Space Ranger ``outs`` folder at or under ``path``, or None if ``path`` is not one.
+
+    Parameters
+    ----------
+    path
+        An ``outs`` folder (a matrix and ``spatial/``) or the run folder holding ``outs/``.
+
+    Returns
+    -------
+    pathlib.Path or None
+        The ``outs`` folder.
+    """
     p = Path(path)
     for cand in (p, p / "outs"):
         if cand.is_dir() and first_existing(cand, _MATRIX_NAMES) and (cand / "spatial").is_dir():
@@ -249,10 +260,23 @@ def read_10x_h5(path: PathLike, genome: str | None = None) -> tuple[sp.csr_matri
     Only features of type ``"Gene Expression"`` are kept. Gene symbols are made
     unique (``GENE``, ``GENE-1``, ...), as AnnData does.
 
+    Parameters
+    ----------
+    path
+        The ``.h5`` file.
+    genome
+        Genome group of a v2 file that holds several (default: the only one).
+
     Returns
     -------
     X, barcodes, gene_names, gene_ids
         ``X`` is CSR barcodes x genes (float32).
+
+    Raises
+    ------
+    MissingFileError, SlideError
+        The file is missing, is not HDF5, lacks the expected groups, or holds
+        several genomes and ``genome`` is None.
     """
     import h5py
 
@@ -310,7 +334,15 @@ def read_10x_mtx(folder: PathLike) -> tuple[sp.csr_matrix, list[str], list[str],
 
     Old Cell Ranger folders with ``genes.tsv`` instead of ``features.tsv`` work too.
 
-    Returns the same as :func:`read_10x_h5`.
+    Parameters
+    ----------
+    folder
+        The matrix folder (e.g. ``filtered_feature_bc_matrix/``).
+
+    Returns
+    -------
+    X, barcodes, gene_names, gene_ids
+        As :func:`read_10x_h5`.
     """
     import scipy.io
 
@@ -363,8 +395,22 @@ def _strings(values: np.ndarray) -> list[str]:
 def read_positions(spatial_dir: PathLike, slide: str | None = None) -> tuple[pd.DataFrame, Path]:
     """Tissue positions indexed by barcode, from whichever of the three Space Ranger files exists.
 
-    Returns the table (columns ``in_tissue, array_row, array_col, pxl_row_in_fullres,
-    pxl_col_in_fullres``) and the file it came from.
+    Parameters
+    ----------
+    spatial_dir
+        The ``spatial/`` folder of a Space Ranger ``outs``: ``tissue_positions.parquet``,
+        ``tissue_positions.csv`` (with header) or ``tissue_positions_list.csv`` (without).
+    slide
+        Slide id named in error messages and warnings.
+
+    Returns
+    -------
+    positions : pandas.DataFrame
+        Indexed by barcode, columns ``in_tissue, array_row, array_col,
+        pxl_row_in_fullres, pxl_col_in_fullres``; in-tissue spots with NaN
+        coordinates are dropped with a warning.
+    path : pathlib.Path
+        The file read.
     """
     spatial_dir = Path(spatial_dir)
     path = first_existing(spatial_dir, _POSITION_FILES)
