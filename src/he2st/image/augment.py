@@ -9,26 +9,26 @@ then applied batched on the tensor's device.
 Presets (``make_augment("<name>")``), from the methods' papers and code as
 summarised by Jiang et al. 2024 (paper 002, Table S1 and Supplementary 7.1):
 
-============  ================================================================
-``none``      identity
-``stnet``     ST-Net: horizontal and vertical flips (p = 0.5 each) and a
-              90-degree rotation (p = 0.5)
-``histogene`` HisToGene: colour jitter (brightness, contrast, saturation 0.5),
-              horizontal flip (p = 0.5), rotation by U(-180, 180) degrees
-``hist2st``   Hist2ST's self-distillation views: random grayscale (p = 0.1),
-              rotation by U(-90, 90) degrees, horizontal flip (p = 0.2). (Table
-              S1 of paper 002 also lists colour jitter; its text and Hist2ST's
-              code list exactly these three, which we follow.)
-``stimage``   STimage: one of flipping, cropping (rescale), noise, blur, grid
-              distortion, contrast, colour shift per image ("random one of",
-              Table S1). Vahadane normalisation and the 70 % tissue filter are
-              separate steps (:mod:`he2st.image.stain`, :func:`he2st.image.tissue_mask`).
-``deepspace`` DeepSpaCE: flipping, cropping, noise, blurring, distortion,
-              contrast and colour shift, each applied with p = 0.5 (our
-              probabilities: paper 002 names the operations only)
-``bleep``     BLEEP: horizontal and vertical flips (p = 0.5) and a rotation by
-              a random multiple of 90 degrees
-============  ================================================================
+=============  ================================================================
+``none``       identity
+``stnet``      ST-Net: horizontal and vertical flips (p = 0.5 each) and a
+               90-degree rotation (p = 0.5)
+``histogene``  HisToGene: colour jitter (brightness, contrast, saturation 0.5),
+               horizontal flip (p = 0.5), rotation by U(-180, 180) degrees
+``hist2st``    Hist2ST's self-distillation views: random grayscale (p = 0.1),
+               rotation by U(-90, 90) degrees, horizontal flip (p = 0.2). (Table
+               S1 of paper 002 also lists colour jitter; its text and Hist2ST's
+               code list exactly these three, which we follow.)
+``stimage``    STimage: one of flipping, cropping (rescale), noise, blur, grid
+               distortion, contrast, colour shift per image ("random one of",
+               Table S1). Vahadane normalisation and the 70 % tissue filter are
+               separate steps (:mod:`he2st.image.stain`, :func:`he2st.image.tissue_mask`).
+``deepspace``  DeepSpaCE: flipping, cropping, noise, blurring, distortion,
+               contrast and colour shift, each applied with p = 0.5 (our
+               probabilities: paper 002 names the operations only)
+``bleep``      BLEEP: horizontal and vertical flips (p = 0.5) and a rotation by
+               a random multiple of 90 degrees
+=============  ================================================================
 
 Rotations by arbitrary angles fill the uncovered corners with white (1.0),
 like the white padding of patches at the slide edge; torchvision's default is
