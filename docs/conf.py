@@ -11,7 +11,6 @@ per package listed in :data:`API_PACKAGES`, recursing into its submodules.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -44,23 +43,11 @@ API_PACKAGES = [
     "he2st.benchmark",
     "he2st.cli",
 ]
-# Packages of API_PACKAGES that the restructuring (issue 11) has not created yet. A
-# package named here is left out of the site while it cannot be imported; any other
-# package that cannot be imported fails the build. Empty this set once they exist.
-NOT_YET_PACKAGES = {
-    "he2st.pp",
-    "he2st.benchmark",
-}
 # ---------------------------------------------------------------------------------------
 
 
 def _api_packages() -> list[str]:
-    out = []
-    for name in API_PACKAGES:
-        if name in NOT_YET_PACKAGES and importlib.util.find_spec(name) is None:
-            continue
-        out.append(name)  # a missing package not in NOT_YET_PACKAGES fails in autosummary
-    return out
+    return list(API_PACKAGES)  # a package that cannot be imported fails in autosummary
 
 
 def _write_api_index() -> None:
