@@ -84,16 +84,21 @@ _PLUGIN = textwrap.dedent(
 )
 
 
+def _install(tmp_path, monkeypatch, module: str, source: str, entry: str) -> None:
+    """An installed distribution (module + dist-info with one ``he2st.methods`` entry point) on sys.path."""
+    (tmp_path / f"{module}.py").write_text(source)
+    dist = tmp_path / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[he2st.methods]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+
+
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
     """A package on sys.path that declares a method through the ``he2st.methods`` entry-point group."""
-    (tmp_path / "he2st_plugin_test.py").write_text(_PLUGIN)
-    dist = tmp_path / "he2st_plugin_test-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: he2st-plugin-test\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[he2st.methods]\nconstant_test = he2st_plugin_test:Constant\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+    _install(tmp_path, monkeypatch, "he2st_plugin_test", _PLUGIN, "constant_test = he2st_plugin_test:Constant")
     yield "constant_test"
     registry._REGISTRY.pop("constant_test", None)
     sys.modules.pop("he2st_plugin_test", None)
@@ -123,13 +128,7 @@ def test_entry_point_method_from_python_toml_and_cli(plugin, tmp_path) -> None:
 
 
 def test_entry_point_that_is_not_a_method(tmp_path, monkeypatch) -> None:
-    (tmp_path / "he2st_bad_plugin.py").write_text("X = 1\n")
-    dist = tmp_path / "he2st_bad_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: he2st-bad-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[he2st.methods]\nbad_test = he2st_bad_plugin:X\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    importlib.invalidate_caches()
+    _install(tmp_path, monkeypatch, "he2st_bad_plugin", "X = 1\n", "bad_test = he2st_bad_plugin:X")
     with pytest.raises(He2stInputError, match="not a he2st Method subclass"):
         registry.get_method_class("bad_test")
 

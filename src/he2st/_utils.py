@@ -193,6 +193,45 @@ def jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=json_default))
 
 
+def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Any, Any]:
+    """Module ``__getattr__`` and ``__dir__`` that import a public name's module on first use.
+
+    Packages use it so that importing them stays cheap (torch, pandas and scanpy
+    load only with the submodule that needs them)::
+
+        __getattr__, __dir__ = lazy_exports(__name__, {"run_benchmark": "run"})
+
+    Parameters
+    ----------
+    package
+        The package's ``__name__``.
+    exports
+        Public name -> module that defines it: a submodule name relative to
+        ``package``, or an absolute ``he2st.`` path.
+
+    Returns
+    -------
+    tuple
+        ``(__getattr__, __dir__)`` to assign at module level.
+    """
+    import importlib
+    import sys
+
+    def __getattr__(name: str) -> Any:
+        if name not in exports:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        where = exports[name]
+        module = importlib.import_module(where if where.startswith("he2st.") else f"{package}.{where}")
+        value = getattr(module, name)
+        setattr(sys.modules[package], name, value)  # later lookups skip __getattr__
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(exports) | set(vars(sys.modules[package])))
+
+    return __getattr__, __dir__
+
+
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks.
 

@@ -17,8 +17,7 @@ The run folder is read back with :func:`he2st.evaluate.read_run`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from he2st._utils import lazy_exports
 
 _EXPORTS = {
     "BenchmarkConfig": "config",
@@ -37,13 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"he2st.benchmark.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'he2st.benchmark' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

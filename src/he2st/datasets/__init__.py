@@ -11,8 +11,7 @@ builder module can be developed on its own::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from he2st._utils import lazy_exports
 
 #: Public name -> module (relative to this package) that defines it. A module must
 #: not share its name with a function it exports: importing ``he2st.datasets.X``
@@ -30,14 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module = importlib.import_module(f"he2st.datasets.{_EXPORTS[name]}")
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'he2st.datasets' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

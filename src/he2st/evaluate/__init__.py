@@ -12,9 +12,7 @@ Running a whole benchmark (every method on every fold, a run folder) is
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from he2st._utils import lazy_exports
 from he2st.evaluate.metrics import (
     SlideEvaluation,
     evaluate_slide,
@@ -68,9 +66,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'he2st.evaluate' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

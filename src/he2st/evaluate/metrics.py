@@ -475,10 +475,7 @@ def metrics_frame(ev: SlideEvaluation, **keys: Any) -> pd.DataFrame:
     pandas.DataFrame
         A copy of ``ev.metrics`` with the key columns.
     """
-    df = ev.metrics.copy()
-    for i, (k, v) in enumerate(keys.items()):
-        df.insert(i, k, v)
-    return df
+    return _with_keys(ev.metrics, keys)
 
 
 def per_gene_frame(ev: SlideEvaluation, **keys: Any) -> pd.DataFrame:
@@ -496,7 +493,11 @@ def per_gene_frame(ev: SlideEvaluation, **keys: Any) -> pd.DataFrame:
     pandas.DataFrame
         A copy of ``ev.per_gene`` with the key columns.
     """
-    df = ev.per_gene.copy()
+    return _with_keys(ev.per_gene, keys)
+
+
+def _with_keys(table: pd.DataFrame, keys: dict[str, Any]) -> pd.DataFrame:
+    df = table.copy()
     for i, (k, v) in enumerate(keys.items()):
         df.insert(i, k, v)
     return df
