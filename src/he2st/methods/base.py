@@ -35,9 +35,11 @@ CONFIG_FILE = "method.json"
 class Capabilities:
     """What a method needs and offers.
 
-    Shown by ``he2st methods`` and :func:`he2st.methods.method_info`; the
-    protocol refuses slides a method cannot use (``needs_labels``), and
-    :class:`~he2st.methods.ensemble.Ensemble` passes on ``uncertainty``.
+    Declarations for users and tools: ``he2st methods`` and
+    :func:`he2st.methods.method_info` show them, and
+    :class:`~he2st.methods.ensemble.Ensemble` takes its members'. They are not
+    enforced here: a method checks its own inputs (Hist2ST's ``regclass``
+    variant, for example, refuses training slides without labels).
 
     Attributes
     ----------
