@@ -15,7 +15,7 @@ start over) and ``benchmarks/results/her2st_loocv.json``; prints the table.
 
 Add a method by appending ``(label, method name, params)`` to :data:`METHODS`.
 
-    python benchmarks/her2st_loocv.py [--data PATH] [--out DIR] [--methods mean,ridge] [--quiet]
+    python benchmarks/her2st_loocv.py [--data PATH] [--out DIR] [--summary FILE] [--methods mean,ridge] [--quiet]
 
 ``--methods`` runs a subset of the labels of :data:`METHODS`; results of methods run
 before stay in the run folder and are reported too (the run folder is shared).
@@ -90,11 +90,12 @@ COLUMNS = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("mse", "ACG"), ("mae
 def main(argv: list[str] | None = None) -> int:
     from he2st._utils import atomic_write_json
     from he2st.datasets import her2st, her2st_panel
-    from he2st.benchmark.run import format_result, run_benchmark
+    from he2st.benchmark import run_benchmark
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="her2st folder (default: he2st.datasets' lookup)")
     ap.add_argument("--out", default=str(HERE / "results" / "her2st_loocv"))
+    ap.add_argument("--summary", default=str(HERE / "results" / "her2st_loocv.json"), help="summary JSON to write")
     ap.add_argument("--methods", default=None, help="comma-separated labels of METHODS to run (default: all)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -163,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         "folds_run": result.folds_run,
         "folds_resumed": result.folds_skipped,
     }
-    atomic_write_json(HERE / "results" / "her2st_loocv.json", summary)
-    print(format_result(result))
+    atomic_write_json(args.summary, summary)
+    print(result.format_table())
     print(f"ridge alpha per fold: {alphas}")
-    print(f"panel sizes: {panel_sizes}; {elapsed:.0f} s; summary: {HERE / 'results' / 'her2st_loocv.json'}")
+    print(f"panel sizes: {panel_sizes}; {elapsed:.0f} s; summary: {args.summary}")
     return 0
 
 
