@@ -95,8 +95,6 @@ def demo(
 
     \f
 
-    (``--help`` stops at the form feed above; what follows is for the API reference.)
-
     Parameters
     ----------
     out
@@ -139,8 +137,6 @@ def benchmark(
 ) -> None:
     """Run (or resume) a benchmark: every method on every fold, metrics, predictions and report.
     \f
-
-    (``--help`` stops at the form feed above; what follows is for the API reference.)
 
     Options left unset keep the value of the ``--config`` file, or else the
     default of :class:`he2st.benchmark.config.BenchmarkConfig`.
