@@ -92,6 +92,17 @@ def demo(
     Leave-one-slide-out over 4 synthetic slides with every fast method
     (he2st.benchmark.DEMO_METHODS) on color_stats features; also draws the
     spots over each slide. Finishes in well under 2 minutes on a laptop CPU.
+
+    \f
+
+    Parameters
+    ----------
+    out
+        ``--out``/``-o``: folder (default ``he2st-demo``) for the spot figures,
+        ``summary.json`` and the benchmark run folder (tables, predictions,
+        ``report.html``); a rerun resumes it.
+    seed
+        ``--seed``: seed of the synthetic cohort and of the methods (default 0).
     """
     from he2st.benchmark.demo import demo_config, format_demo, run_demo
     from he2st.benchmark.run import run_benchmark
@@ -124,7 +135,50 @@ def benchmark(
     save_models: bool = typer.Option(None, "--save-models/--no-save-models", help="Save each fitted model."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Hide progress bars and logs."),
 ) -> None:
-    """Run (or resume) a benchmark: every method on every fold, metrics, predictions and report."""
+    """Run (or resume) a benchmark: every method on every fold, metrics, predictions and report.
+    \f
+
+    Options left unset keep the value of the ``--config`` file, or else the
+    default of :class:`he2st.benchmark.config.BenchmarkConfig`.
+
+    Parameters
+    ----------
+    data
+        ``--data``: ``synthetic`` (default), ``her2st``, or a dataset path
+        (folder of h5ad files, HEST-1k, her2st root).
+    methods
+        ``--methods``: comma-separated method names (default ``mean,ridge,knn``).
+    split
+        ``--split``: ``loso`` (default), ``lopo``, ``kfold:K``, ``nested``, or a
+        ``.json``/``.toml`` split file.
+    out
+        ``--out``/``-o``: run folder (default ``he2st-run``); a rerun resumes it.
+    encoder
+        ``--encoder``: feature encoder of every method that has one.
+    weights
+        ``--weights``: encoder weights, ``imagenet`` or a local file.
+    patch_px
+        ``--patch-px``: patch side in image pixels of every method that has one
+        (default: each method's own; on the synthetic cohort, its spot pitch).
+    genes
+        ``--genes``: panel recipe, ``hvg:N`` (default ``hvg:1000``), ``all``, or a
+        gene-list file.
+    min_spots
+        ``--min-spots``: HVG filter, minimum training spots detecting a gene.
+    markers
+        ``--markers``: comma-separated marker genes, scored as PCC(markers).
+    n_top
+        ``--n-top``: size of the HEG/HVG gene sets (default 50).
+    config
+        ``--config``/``-c``: TOML run configuration; options given on the
+        command line override its keys.
+    seed
+        ``--seed``: seed of every method and of k-fold shuffling (default 0).
+    save_models
+        ``--save-models/--no-save-models``: save each fitted model.
+    quiet
+        ``--quiet``/``-q``: hide progress bars and logs.
+    """
     from he2st.benchmark.config import config_from_options
     from he2st.benchmark.run import run_benchmark
     from he2st.errors import He2stInputError

@@ -31,7 +31,21 @@ class RunConfigError(He2stInputError):
 
 @dataclass
 class MethodSpec:
-    """One method configuration of a run: registry name, result label, parameters."""
+    """One method configuration of a run: registry name, result label, parameters.
+
+    Built by :meth:`BenchmarkConfig.method_specs`.
+
+    Parameters
+    ----------
+    name
+        Registered method name.
+    label
+        Name of this configuration in the results (unique within a run).
+    params
+        Resolved method parameters (seed, run-wide and per-method overrides applied).
+    grid
+        ``{param: [values]}`` searched on the inner folds (split ``nested``).
+    """
 
     name: str
     label: str
@@ -47,7 +61,9 @@ class MethodSpec:
 class BenchmarkConfig:
     """Everything a benchmark run depends on.
 
-    Attributes
+    Each parameter is kept as the attribute of the same name.
+
+    Parameters
     ----------
     out
         Run folder.
@@ -118,7 +134,25 @@ class BenchmarkConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> BenchmarkConfig:
-        """Build from a mapping; unknown keys raise :class:`RunConfigError` naming them."""
+        """Build from a mapping; unknown keys raise :class:`RunConfigError` naming them.
+
+        Parameters
+        ----------
+        d
+            ``{field: value}``; keys are the fields of :class:`BenchmarkConfig`.
+        where
+            Where the mapping came from, for error messages (e.g. a file name).
+
+        Returns
+        -------
+        BenchmarkConfig
+            The configuration, checked.
+
+        Raises
+        ------
+        RunConfigError
+            On an unknown key or an invalid value (see :meth:`check`).
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -25,6 +25,21 @@ def demo_config(out: str | os.PathLike = "he2st-demo", seed: int = 0, **override
     every method of :data:`DEMO_METHODS`, ``color_stats`` features, all 50 genes.
 
     HEG/HVG use the top 10 genes (not 50: with a 50-gene panel they would equal ACG).
+
+    Parameters
+    ----------
+    out
+        Run folder.
+    seed
+        Seed of the synthetic cohort, of the methods and of k-fold shuffling.
+    **overrides
+        Other :class:`~he2st.benchmark.config.BenchmarkConfig` fields, replacing
+        the demo's values.
+
+    Returns
+    -------
+    BenchmarkConfig
+        The demo configuration, checked.
     """
     d: dict[str, Any] = {
         "out": str(out),
@@ -47,6 +62,21 @@ def run_demo(out: str | os.PathLike, *, seed: int = 0) -> dict[str, Any]:
 
     Writes ``<out>/spots_<slide>.png`` (regions over the H&E image) per slide and
     ``<out>/summary.json``, each atomically.
+
+    Parameters
+    ----------
+    out
+        Output folder (created if needed).
+    seed
+        Seed of the synthetic cohort.
+
+    Returns
+    -------
+    dict
+        ``cohort``, ``seed``, ``n_slides``, ``n_spots``, ``patch_px``, ``slides``
+        (per slide: id, patient, spots, genes, median UMI, label counts, image,
+        patch array shape, mean tissue fraction, figure path), ``seconds`` and
+        ``summary_file`` (the path of ``summary.json``, not written into it).
     """
     import matplotlib
 

@@ -21,7 +21,30 @@ RUN_VERSION = 1
 
 
 def check_or_write_config(out: Path, config: BenchmarkConfig, folds: list[Fold], cohort: Any) -> None:
-    """Write config.json, or check that an existing run used the same configuration."""
+    """Write config.json, or check that an existing run used the same configuration.
+
+    A new ``config.json`` records the resolved configuration, its fingerprint,
+    the method specs, the folds, the cohort, the seeds, package versions and the
+    git commit. When one exists with the same fingerprint and folds, the methods
+    of this invocation are added to it.
+
+    Parameters
+    ----------
+    out
+        The run folder.
+    config
+        The run's configuration.
+    folds
+        The folds of the run.
+    cohort
+        The cohort (its name, slide ids, patients and spot counts are recorded).
+
+    Raises
+    ------
+    RunConfigError
+        When the existing ``config.json`` is not valid JSON, or records other
+        run-wide settings (see :meth:`BenchmarkConfig.fingerprint`) or other folds.
+    """
     fp = config.fingerprint()
     fold_list = [f.to_dict() for f in folds]
     path = out / CONFIG_FILE

@@ -185,7 +185,31 @@ def _run(config: BenchmarkConfig, cohort: Any) -> RunResult:
 
 
 def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds: Sequence[str] | None = None) -> RunResult:
-    """Collect the per-(method, fold) results of a run folder into its CSV tables."""
+    """Collect the per-(method, fold) results of a run folder into its CSV tables.
+
+    Writes ``metrics.csv``, ``per_gene.csv``, ``summary.csv``, ``wilcoxon.csv``
+    (paired tests between methods, with two methods or more) and ``top_genes.csv``.
+
+    Parameters
+    ----------
+    out
+        The run folder.
+    labels
+        Method labels to keep, in the row order wanted (default: every method
+        with a result).
+    folds
+        Fold names to keep, in the row order wanted (default: every fold).
+
+    Returns
+    -------
+    RunResult
+        The tables just written (``config``, ``folds`` and ``report`` left empty).
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        When the folder holds no finished (method, fold) result.
+    """
     out = Path(out)
     metrics, per_gene = [], []
     for d in fold_records(out):

@@ -109,7 +109,24 @@ def choose_panel(
 
 @dataclass
 class SlidePrediction:
-    """Predictions of one test slide, on the fold's panel and normalised scale."""
+    """Predictions of one test slide, on the fold's panel and normalised scale.
+
+    Parameters
+    ----------
+    slide_id
+        Id of the test slide.
+    predicted
+        Predicted values, ``(n_spots, n_panel_genes)``, on the normalised scale
+        of the method's target normaliser.
+    observed
+        Observed values on the same panel and scale; the columns of panel genes
+        missing from the slide are NaN.
+    uncertainty
+        Per-value predictive uncertainty with the shape of ``predicted``, or
+        None when the method gives none.
+    missing_genes
+        Panel genes absent from the slide (left out of its metrics).
+    """
 
     slide_id: str
     predicted: np.ndarray
@@ -120,7 +137,34 @@ class SlidePrediction:
 
 @dataclass
 class FoldOutcome:
-    """What :func:`run_fold` returns for one (method, fold)."""
+    """What :func:`run_fold` returns for one (method, fold).
+
+    Parameters
+    ----------
+    method
+        Name of the method configuration (the ``label`` of :func:`run_fold`).
+    fold
+        Name of the fold.
+    panel
+        The gene panel chosen on the fold's training slides
+        (:class:`he2st.pp.genes.GenePanel`).
+    model
+        The fitted method instance.
+    predictions
+        One :class:`SlidePrediction` per test slide.
+    metrics
+        Long metrics table of every test slide, with ``method``, ``fold`` and
+        ``test_slide`` columns in front.
+    per_gene
+        Per-gene table of every test slide, with the same key columns.
+    params
+        The fitted model's parameters (after grid selection, if any).
+    selection
+        Record of the grid search (see :func:`select_params`); empty without a grid.
+    timings
+        Seconds spent in ``select_s`` (grid search), ``fit_s`` and ``predict_s``
+        (prediction and scoring).
+    """
 
     method: str
     fold: str
@@ -135,7 +179,25 @@ class FoldOutcome:
 
 
 def resolve_slides(cohort: Any, ids: Sequence[str]) -> list[Any]:
-    """Slides of ``cohort`` by id, with an error naming a missing one."""
+    """Slides of ``cohort`` by id, with an error naming a missing one.
+
+    Parameters
+    ----------
+    cohort
+        Anything indexable by slide id (a :class:`he2st.data.Cohort`).
+    ids
+        Slide ids, in the order wanted.
+
+    Returns
+    -------
+    list
+        The slides, in the order of ``ids``.
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        When an id is not in the cohort.
+    """
     out = []
     for i in ids:
         try:
@@ -154,7 +216,28 @@ def fit_on(
     min_spots: int | None = None,
     markers: Sequence[str] | None = None,
 ) -> tuple[Any, Any]:
-    """Choose the panel on ``train`` and fit a new method instance; returns (panel, model)."""
+    """Choose the panel on ``train`` and fit a new method instance; returns (panel, model).
+
+    Parameters
+    ----------
+    method_name
+        Registered method name (see :func:`he2st.methods.create_method`).
+    params
+        Parameters of the method.
+    train
+        Training slides: the panel is chosen on them and the method fitted on them.
+    val
+        Validation slides, passed to ``fit`` as ``val_slides`` (None when empty).
+    genes, min_spots, markers
+        Panel recipe, see :func:`choose_panel`.
+
+    Returns
+    -------
+    panel : he2st.pp.genes.GenePanel
+        The panel chosen on ``train``.
+    model : he2st.methods.base.Method
+        A new, fitted method instance.
+    """
     from he2st.methods import create_method
 
     panel = choose_panel(train, genes, min_spots=min_spots, markers=markers)
@@ -164,7 +247,27 @@ def fit_on(
 
 
 def predict_slide(model: Any, slide: Any) -> SlidePrediction:
-    """Predict one test slide and put its observed values on the model's panel and scale."""
+    """Predict one test slide and put its observed values on the model's panel and scale.
+
+    Parameters
+    ----------
+    model
+        A fitted method.
+    slide
+        The test slide.
+
+    Returns
+    -------
+    SlidePrediction
+        Predictions, observed values (NaN columns for panel genes the slide
+        lacks) and uncertainty, if the method gives one.
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        When the predictions (or the uncertainty) have the wrong shape, or the
+        predictions hold NaN or inf.
+    """
     sid = meta(slide).slide_id
     genes = list(model.genes)
     present = set(map(str, slide.var_names))
@@ -198,7 +301,36 @@ def score_prediction(
     labels: Sequence[Any] | None = None,
     seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Metrics (long) and per-gene table of one slide; genes missing from the slide are left out."""
+    """Metrics (long) and per-gene table of one slide; genes missing from the slide are left out.
+
+    Parameters
+    ----------
+    p
+        The slide's predictions (:func:`predict_slide`).
+    genes
+        The panel genes, in the column order of ``p.predicted``.
+    markers
+        Marker genes scored as their own gene set (those present in the slide).
+    n_top
+        Size of the HEG/HVG sets.
+    labels
+        Spot labels (``obs["label"]``); with two classes or more, ARI and NMI
+        rows (k-means clusters of the predictions against the labels) are added.
+    seed
+        Seed of the k-means clustering.
+
+    Returns
+    -------
+    metrics : pandas.DataFrame
+        Long table ``metric, gene_set, value, n_genes, n_nan``.
+    per_gene : pandas.DataFrame
+        One row per scored gene.
+
+    Raises
+    ------
+    he2st.errors.GenePanelError
+        When the slide has none of the panel genes.
+    """
     keep = [i for i, g in enumerate(genes) if g not in set(p.missing_genes)]
     if not keep:
         raise GenePanelError(f"slide {p.slide_id!r} has none of the {len(genes)} panel genes")
@@ -258,6 +390,13 @@ def run_fold(
         Optional ``{param: [values]}`` searched on ``fold.inner``.
     clustering
         Add ARI/NMI rows for test slides with ``obs["label"]``.
+
+    Returns
+    -------
+    FoldOutcome
+        Panel, fitted model, predictions, metrics and per-gene tables (keyed by
+        ``method``, ``fold`` and ``test_slide``), parameters, grid-search record
+        and timings.
     """
     label = label or method_name
     t0 = time.perf_counter()
@@ -321,6 +460,37 @@ def select_params(
 
     The score of a candidate is the mean PCC(ACG) over the inner folds' test
     slides (NaN slides ignored); ties go to the first candidate in grid order.
+
+    Parameters
+    ----------
+    method_name
+        Registered method name.
+    params
+        Fixed parameters; each candidate's values override them.
+    grid
+        ``{param: [values]}``; candidates are every combination, in grid order.
+    cohort
+        The cohort holding every slide the inner folds name.
+    inner
+        The inner folds; each chooses its own panel from its own training slides.
+    genes, min_spots, markers
+        Panel recipe, see :func:`choose_panel`.
+    n_top
+        Size of the HEG/HVG sets.
+
+    Returns
+    -------
+    best : dict
+        The best candidate's parameter values (the first candidate when no
+        score is finite).
+    record : dict
+        ``grid``, ``candidates`` (each with its ``params`` and
+        ``inner_pcc_acg``), ``best`` and ``inner_folds``.
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        When a grid entry is not a non-empty list of values.
     """
     keys = list(grid)
     for k in keys:

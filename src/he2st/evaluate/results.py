@@ -37,7 +37,10 @@ TABLE_METRICS: tuple[tuple[str, str], ...] = (("pcc", "ACG"), ("pcc", "HEG"), ("
 class RunResult:
     """Tables of a finished (or partly finished) run.
 
-    Attributes
+    Built by :func:`read_run` (or returned by :func:`he2st.benchmark.run_benchmark`);
+    each parameter is kept as the attribute of the same name.
+
+    Parameters
     ----------
     out
         The run folder.

@@ -213,7 +213,25 @@ def common_genes(slides: Sequence[Any]) -> list[str]:
 
 
 def detected_spots(slides: Sequence[Any], genes: Sequence[str]) -> np.ndarray:
-    """Number of spots with a count > 0 for each gene, summed over the slides."""
+    """Number of spots with a count > 0 for each gene, summed over the slides.
+
+    Parameters
+    ----------
+    slides
+        Slide AnnDatas; ``.X`` is read (dense or sparse).
+    genes
+        Genes to count; every one must be present in every slide.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 ``(n_genes,)``: spots where each gene is detected, over all slides.
+
+    Raises
+    ------
+    GenePanelError
+        When a gene is missing from a slide.
+    """
     import scipy.sparse as sp
 
     total = np.zeros(len(genes), dtype=np.int64)

@@ -95,6 +95,11 @@ class Normalizer:
             Panel genes (a list or anything with ``.genes``).
         fill_missing
             Treat panel genes absent from a slide as zero counts instead of failing.
+
+        Returns
+        -------
+        Normalizer
+            ``self``, fitted.
         """
         slides = list(slides)
         if not slides:
@@ -133,6 +138,11 @@ class Normalizer:
             Panel genes absent from the slide are treated as zero counts
             (zero values for ``raw``) instead of raising.
 
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``(n_spots, n_genes)`` on the normaliser's scale.
+
         Raises
         ------
         GenePanelError
@@ -158,7 +168,29 @@ class Normalizer:
 
         The log methods have no learned scaling; for them this returns a
         float32 copy of ``values`` unchanged (their scale already is the base
-        scale). ``genes`` names the columns of ``values`` (default: fitted genes).
+        scale).
+
+        Parameters
+        ----------
+        values
+            Values on this normaliser's scale, genes in the last axis.
+        genes
+            The genes of the columns of ``values`` (default: the fitted genes);
+            for ``minmax`` they must be among the fitted genes.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 values of the same shape on the ``cpm_log1p`` scale (for
+            ``minmax``), or an unchanged float32 copy (other methods).
+
+        Raises
+        ------
+        He2stInputError
+            ``minmax``: the number of columns differs from the number of genes,
+            or the normaliser is not fitted.
+        GenePanelError
+            ``minmax`` is asked for a gene it was not fitted on.
         """
         values = np.asarray(values)
         if self.method != "minmax":

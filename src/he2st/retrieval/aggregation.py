@@ -25,7 +25,20 @@ AGGREGATIONS = ("mean", "inverse_square", "softmax")
 
 
 def similarity_from_distance(distances: np.ndarray, metric: str) -> np.ndarray:
-    """Similarity used by the softmax scheme (higher is nearer)."""
+    """Similarity used by the softmax scheme (higher is nearer).
+
+    Parameters
+    ----------
+    distances
+        Distances in the metric's convention (``1 - cos`` for cosine).
+    metric
+        ``"cosine"``, ``"l2"`` or ``"l1"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``cos`` for cosine, ``-d^2`` for L2, ``-d`` for L1 (float64 for L2 and L1).
+    """
     if metric == "cosine":
         return 1.0 - distances
     if metric == "l2":
@@ -37,6 +50,26 @@ def neighbor_weights(neighbors: Neighbors, scheme: str = "mean", temperature: fl
     """Row-normalised ``(n_queries, k)`` float64 weights of the retrieved neighbours.
 
     Missing neighbours (index -1) get weight 0.
+
+    Parameters
+    ----------
+    neighbors
+        Output of a search.
+    scheme
+        ``"mean"``, ``"inverse_square"`` or ``"softmax"`` (see the module docstring).
+    temperature
+        Softmax temperature (positive; ``"softmax"`` only).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_queries, k)`` float64 weights; each row sums to 1.
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        On an unknown scheme, a non-positive temperature, or a query without
+        any neighbour.
     """
     if scheme not in AGGREGATIONS:
         raise He2stInputError(f"unknown aggregation {scheme!r}; use one of {AGGREGATIONS}")

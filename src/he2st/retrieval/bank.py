@@ -44,7 +44,20 @@ class BankLeakageError(He2stInputError):
 
 @dataclass(frozen=True)
 class BankSlide:
-    """Provenance of one slide's block of rows."""
+    """Provenance of one slide's block of rows.
+
+    Parameters
+    ----------
+    slide_id
+        Id of the slide.
+    patient
+        Patient of the slide.
+    origin
+        ``"train"`` (a training slide with image and expression) or
+        ``"reference"`` (an expression-only slide).
+    start, stop
+        The slide's rows are ``start:stop`` of the bank.
+    """
 
     slide_id: str
     patient: str
@@ -113,7 +126,30 @@ class ReferenceBank:
     @classmethod
     def from_blocks(cls, blocks: Iterable[tuple[np.ndarray, np.ndarray, str, str, str]], metric: str = "cosine",
                     genes: Sequence[str] | None = None) -> ReferenceBank:
-        """Concatenate ``(embeddings, values, slide_id, patient, origin)`` blocks."""
+        """Concatenate ``(embeddings, values, slide_id, patient, origin)`` blocks.
+
+        Parameters
+        ----------
+        blocks
+            One tuple per slide: ``(n_i, dim)`` embeddings, ``(n_i, n_genes)``
+            expression, slide id, patient and origin (``"train"`` or
+            ``"reference"``); rows are stored in block order.
+        metric
+            Retrieval metric: ``"cosine"``, ``"l2"`` or ``"l1"``.
+        genes
+            Column names of the expression.
+
+        Returns
+        -------
+        ReferenceBank
+            The bank, with float32 arrays and no index yet.
+
+        Raises
+        ------
+        he2st.errors.He2stInputError
+            When there are no blocks, a block's embeddings and expression differ
+            in rows, or embeddings hold NaN or inf.
+        """
         embs, vals, slides, pos = [], [], [], 0
         for emb, val, slide_id, patient, origin in blocks:
             emb = np.asarray(emb, dtype=np.float32)
@@ -151,7 +187,23 @@ class ReferenceBank:
         return any(s.slide_id == str(slide_id) for s in self.slides)
 
     def rows_of(self, slide_ids: Iterable[str] = (), patients: Iterable[str] = (), origins: Iterable[str] | None = None) -> np.ndarray:
-        """Row ids of the given slides and/or patients (optionally only of some origins)."""
+        """Row ids of the given slides and/or patients (optionally only of some origins).
+
+        Parameters
+        ----------
+        slide_ids
+            Slides whose rows are wanted.
+        patients
+            Patients whose slides' rows are wanted.
+        origins
+            Keep only slides of these origins (default: every origin).
+
+        Returns
+        -------
+        numpy.ndarray
+            int64 row ids, in bank order (empty when nothing matches); usable
+            as the ``exclude`` of :meth:`search`.
+        """
         slide_ids, patients = {str(s) for s in slide_ids}, {str(p) for p in patients}
         origins = set(origins) if origins is not None else set(ORIGINS)
         parts = [np.arange(s.start, s.stop) for s in self.slides
@@ -159,7 +211,20 @@ class ReferenceBank:
         return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
     def check_not_in_bank(self, slide_id: str, what: str = "query") -> None:
-        """Raise :class:`BankLeakageError` if ``slide_id`` contributed rows to the bank."""
+        """Raise :class:`BankLeakageError` if ``slide_id`` contributed rows to the bank.
+
+        Parameters
+        ----------
+        slide_id
+            The query slide.
+        what
+            What is being done with it, for the error message.
+
+        Raises
+        ------
+        BankLeakageError
+            When the slide is in the bank.
+        """
         if self.contains_slide(slide_id):
             raise BankLeakageError(
                 f"slide {slide_id!r} is in the reference bank ({what} would retrieve its own spots); "
@@ -173,6 +238,23 @@ class ReferenceBank:
         return self.index
 
     def search(self, queries: Any, k: int, exclude: Any = None) -> Neighbors:
+        """The ``k`` nearest bank rows of each query (an exact index is built if none is).
+
+        Parameters
+        ----------
+        queries
+            ``(n_queries, dim)`` embeddings.
+        k
+            Number of neighbours; capped at the number of eligible rows.
+        exclude
+            Bank rows that must not be returned: row ids (e.g. from
+            :meth:`rows_of`) or a boolean mask of length ``n``.
+
+        Returns
+        -------
+        Neighbors
+            ``(n_queries, k)`` row ids and distances, nearest first.
+        """
         if self.index is None:
             self.build_index("exact")
         assert self.index is not None
@@ -182,7 +264,26 @@ class ReferenceBank:
                 exclude: Any = None) -> tuple[np.ndarray, Neighbors]:
         """Retrieve ``k`` neighbours per query and aggregate their ``values``.
 
-        Returns the ``(n_queries, n_genes)`` prediction and the neighbours.
+        Parameters
+        ----------
+        queries
+            ``(n_queries, dim)`` embeddings.
+        k
+            Number of neighbours per query.
+        aggregation
+            ``"mean"``, ``"inverse_square"`` or ``"softmax"``
+            (see :mod:`he2st.retrieval.aggregation`).
+        temperature
+            Softmax temperature (``"softmax"`` only).
+        exclude
+            Bank rows that must not be retrieved (see :meth:`search`).
+
+        Returns
+        -------
+        prediction : numpy.ndarray
+            ``(n_queries, n_genes)`` float32 weighted average of the neighbours' values.
+        neighbors : Neighbors
+            The retrieved rows and their distances.
         """
         nb = self.search(queries, k, exclude=exclude)
         return aggregate(self.values, nb, aggregation, temperature), nb
@@ -222,7 +323,27 @@ class ReferenceBank:
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> ReferenceBank:
-        """Load a saved bank; with ``mmap`` the arrays stay on disk and are read on demand."""
+        """Load a saved bank; with ``mmap`` the arrays stay on disk and are read on demand.
+
+        Parameters
+        ----------
+        path
+            Directory written by :meth:`save`.
+        mmap
+            Memory-map the arrays (and a faiss IVF index) instead of reading them.
+
+        Returns
+        -------
+        ReferenceBank
+            The bank with its saved index restored (an exact index is rebuilt;
+            none when none was saved).
+
+        Raises
+        ------
+        he2st.errors.He2stInputError
+            When the directory is not a saved bank or its arrays do not match
+            ``bank.json``.
+        """
         path = Path(path)
         meta_file = path / "bank.json"
         if not meta_file.is_file():
@@ -278,6 +399,22 @@ class ReferenceBank:
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict[str, Any], prefix: str = "bank.") -> ReferenceBank:
+        """Rebuild a bank from :meth:`state_arrays` and :meth:`state_meta`.
+
+        Parameters
+        ----------
+        arrays
+            Arrays of a method's state (may hold other keys).
+        meta
+            The JSON of :meth:`state_meta`.
+        prefix
+            Key prefix the arrays were written with.
+
+        Returns
+        -------
+        ReferenceBank
+            The bank with its index restored (an exact index is rebuilt).
+        """
         bank = cls(np.asarray(arrays[prefix + "embeddings"]), np.asarray(arrays[prefix + "values"]),
                    [BankSlide(**s) for s in meta["slides"]], meta["metric"], meta.get("genes"))
         info = meta.get("index")
