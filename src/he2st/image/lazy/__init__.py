@@ -34,4 +34,5 @@ from he2st.image.lazy.formats import image_size
 from he2st.image.lazy.image import LazyImage, open_image
 from he2st.image.lazy.pixels import ImageConversionWarning
 
-__all__ = ["ImageConversionWarning", "LazyImage", "clear_image_cache", "image_size", "open_image"]
+# No ``__all__``: :mod:`he2st.image` is the public face of these names (a second
+# re-export would document each object twice).
