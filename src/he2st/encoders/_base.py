@@ -40,7 +40,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class EncoderInfo:
     """What an encoder expects and returns.
 
-    Attributes
+    Parameters
     ----------
     name
         Registry name.

@@ -180,7 +180,16 @@ def _lite0_imagenet_path() -> Path:
 
 
 class EfficientNetLite(Encoder):
-    """timm ``tf_efficientnet_lite0``; reads timm keys or efficientnet_pytorch (``_conv_stem``...) keys."""
+    """timm ``tf_efficientnet_lite0``; reads timm keys or efficientnet_pytorch (``_conv_stem``...) keys.
+
+    Parameters
+    ----------
+    info
+        What the encoder expects and returns (:class:`~he2st.encoders.EncoderInfo`).
+    model
+        The network (randomly initialised; weights are loaded by
+        :func:`~he2st.encoders.create_encoder`).
+    """
 
     optional_keys = (r"classifier\.",)
 
@@ -309,7 +318,16 @@ class _ConvMixerNet(nn.Module):
 
 
 class ConvMixer(Encoder):
-    """Hist2ST's image branch: patch-embedding conv, ConvMixer blocks, 1x1 channel reduction, flatten."""
+    """Hist2ST's image branch: patch-embedding conv, ConvMixer blocks, 1x1 channel reduction, flatten.
+
+    Parameters
+    ----------
+    info
+        What the encoder expects and returns (:class:`~he2st.encoders.EncoderInfo`).
+    model
+        The network (randomly initialised; weights are loaded by
+        :func:`~he2st.encoders.create_encoder`).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, dim)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""

@@ -182,7 +182,18 @@ def h_optimus_0(**kw: Any) -> Encoder:
 
 
 class Phikon(TimmViT):
-    """Phikon's iBOT ViT-B/16; reads timm keys or Hugging Face ``ViTModel`` keys."""
+    """Phikon's iBOT ViT-B/16; reads timm keys or Hugging Face ``ViTModel`` keys.
+
+    Parameters
+    ----------
+    info
+        What the encoder expects and returns (:class:`~he2st.encoders.EncoderInfo`).
+    model
+        The network (randomly initialised; weights are loaded by
+        :func:`~he2st.encoders.create_encoder`).
+    pool
+        ``"cls"`` (the class token) or ``"mean"`` (mean of the patch tokens).
+    """
 
     ignored_keys = (r"head\.", r"pooler\.", r"classifier\.")
 
@@ -296,7 +307,16 @@ class _ConchVisual(nn.Module):
 
 
 class Conch(Encoder):
-    """CONCH's vision tower; features = ``encode_image(proj_contrast=False, normalize=False)`` (512-d)."""
+    """CONCH's vision tower; features = ``encode_image(proj_contrast=False, normalize=False)`` (512-d).
+
+    Parameters
+    ----------
+    info
+        What the encoder expects and returns (:class:`~he2st.encoders.EncoderInfo`).
+    model
+        The network (randomly initialised; weights are loaded by
+        :func:`~he2st.encoders.create_encoder`).
+    """
 
     # The captioning pooler and the text towers are not part of the image features.
     ignored_keys = (r"attn_pool_caption\.", r"ln_caption\.")
@@ -382,7 +402,16 @@ class _ConvStem(nn.Module):
 
 
 class CTransPath(Encoder):
-    """Swin-T with a conv stem; reads the released ``ctranspath.pth`` (old timm Swin layout)."""
+    """Swin-T with a conv stem; reads the released ``ctranspath.pth`` (old timm Swin layout).
+
+    Parameters
+    ----------
+    info
+        What the encoder expects and returns (:class:`~he2st.encoders.EncoderInfo`).
+    model
+        The network (randomly initialised; weights are loaded by
+        :func:`~he2st.encoders.create_encoder`).
+    """
 
     ignored_keys = (r"head\.",)
 

@@ -596,8 +596,16 @@ PRESETS: dict[str, Callable[[], list[Op]]] = {
 class Augment:
     """A composed augmentation: ``aug(x)`` applies its operations in order.
 
-    Create with :func:`make_augment`. Attributes: ``ops`` (the operations),
-    ``name`` (preset name or ``"custom"``), ``generator`` (None: torch's global RNG).
+    Create with :func:`make_augment`.
+
+    Parameters
+    ----------
+    ops
+        The operations, applied in order.
+    name
+        Preset name, or ``"custom"``.
+    seed
+        Seed of the augmentation's own random generator (None: torch's global RNG).
     """
 
     def __init__(self, ops: Sequence[Op], name: str = "custom", seed: int | None = None) -> None:

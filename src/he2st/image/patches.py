@@ -33,7 +33,7 @@ THUMBNAIL_SIDE = 1024
 class Patches:
     """Patches of one slide, in the slide's spot order.
 
-    Attributes
+    Parameters
     ----------
     images
         ``uint8 (n, size_px, size_px, 3)``, row ``i`` centred on ``obs_names[i]``

@@ -25,7 +25,7 @@ class ImageConversionWarning(UserWarning):
 class PixelSpec:
     """How to turn a backend's raw pixels into uint8 RGB.
 
-    Attributes
+    Parameters
     ----------
     channels
         1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA).
