@@ -192,7 +192,7 @@ class Phikon(TimmViT):
         The network (randomly initialised; weights are loaded by
         :func:`~he2st.encoders.create_encoder`).
     pool
-        ``"cls"`` (the class token) or ``"mean"`` (mean of the patch tokens).
+        ``"cls"`` (the class token) or ``"cls+mean"`` (class token and mean patch token).
     """
 
     ignored_keys = (r"head\.", r"pooler\.", r"classifier\.")
