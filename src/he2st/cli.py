@@ -84,7 +84,7 @@ def info(
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("he2st-demo"), "--out", "-o", help="Folder for the figures and summary.json."),
+    out: Path = typer.Option(Path("he2st-demo"), "--out", "-o", help="Folder for the figures, summary.json, the run folder and report.html."),
     seed: int = typer.Option(0, help="Seed of the synthetic cohort."),
 ) -> None:
     """Run the full benchmark protocol on the synthetic cohort and write an HTML report.
@@ -222,7 +222,7 @@ def _format_method(info: dict[str, Any]) -> str:
     lines = [
         f"{info['name']} ({info['family']}): {info['summary']}",
         f"paper: {info['paper'] or 'he2st'}",
-        f"class: {info['module']}",
+        f"class: {info['class']}",
         f"capabilities: {caps}",
         "defaults:",
     ]

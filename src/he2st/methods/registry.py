@@ -194,7 +194,7 @@ def method_info(name: str) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``name``, ``family``, ``paper``, ``module``, ``summary`` (first docstring
+        ``name``, ``family``, ``paper``, ``module``, ``class``, ``summary`` (first docstring
         line), ``defaults`` (common and paper defaults) and ``capabilities``.
     """
     cls = get_method_class(name)
@@ -204,6 +204,7 @@ def method_info(name: str) -> dict[str, Any]:
         "family": cls.family,
         "paper": cls.paper,
         "module": cls.__module__,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
         "summary": doc[0] if doc else "",
         "defaults": {**cls.common_defaults, **cls.defaults},
         "capabilities": asdict(cls.capabilities),
