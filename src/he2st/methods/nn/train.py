@@ -18,10 +18,14 @@ import torch
 from torch import nn
 
 from he2st._utils import is_quiet
+from he2st.errors import He2stInputError
 
 #: How an encoder-based method treats its image encoder: features from the cache with only
 #: the heads trained (``"frozen"``, the CPU default) or trained end to end (``"finetune"``).
 MODES = ("frozen", "finetune")
+
+#: How :func:`inner_split` holds out validation rows.
+VAL_SPLITS = ("auto", "slide", "spot")
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -30,6 +34,47 @@ def set_seed(seed: int) -> torch.Generator:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def inner_split(
+    slide_index: np.ndarray, n_slides: int, how: str, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation row indices of an inner validation split.
+
+    Parameters
+    ----------
+    slide_index
+        Slide number (0..n_slides-1) of each training row.
+    n_slides
+        Number of training slides.
+    how
+        ``"slide"``, ``"spot"`` or ``"auto"`` (slide with >= 3 slides, else spot).
+    fraction
+        Share held out; 0 gives no validation rows.
+    seed
+        Seed of the random choice.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        Training rows and validation rows (int64, ascending).
+    """
+    n = len(slide_index)
+    if fraction <= 0:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if how == "auto":
+        how = "slide" if n_slides >= 3 else "spot"
+    val = np.zeros(n, dtype=bool)
+    if how == "slide":
+        if n_slides < 2:
+            raise He2stInputError("val_split='slide' needs at least 2 training slides; use 'spot' or pass val_slides")
+        k = min(n_slides - 1, max(1, int(round(fraction * n_slides))))
+        val = np.isin(slide_index, rng.choice(n_slides, size=k, replace=False))
+    else:
+        k = min(n - 1, max(1, int(round(fraction * n))))
+        val[rng.choice(n, size=k, replace=False)] = True
+    return np.flatnonzero(~val), np.flatnonzero(val)
 
 
 def default_device(device: str = "auto") -> torch.device:
