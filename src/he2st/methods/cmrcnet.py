@@ -7,12 +7,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from he2st.errors import He2stInputError
 from he2st.methods.base import Capabilities
 from he2st.methods.registry import register_method
-from he2st.methods.nn.heads import SNN, MultiHeadAttention, ProjectionHead, TransformerBlock
+from he2st.methods.nn.attention import MultiHeadAttention, TransformerBlock, attend
+from he2st.methods.nn.heads import SNN, ProjectionHead
 from he2st.methods.nn.losses import RECONSTRUCTION, contrastive_loss, reconstruction_loss
 from he2st.methods.families.contrastive import CONTRASTIVE_DEFAULTS, ContrastiveRetrieval, RetrievalNet
 
@@ -50,16 +50,9 @@ class ResidualCrossAttention(nn.Module):
         self.v_context = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        h = self.heads
+        """``(B, N, dim)`` fused features of image tokens ``x`` guided by context tokens ``y`` ``(B, M, dim)``."""
         q, k = self.fc_q(x), self.fc_k(y)
-        v1, v2 = self.v_image(q), self.v_context(k)
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(t.shape[0], t.shape[1], h, d // h).transpose(1, 2)
-
-        att = F.scaled_dot_product_attention(split(q), split(k), split(v2))
-        return v1 + att.transpose(1, 2).reshape(b, n, d)
+        return self.v_image(q) + attend(q, k, self.v_context(k), self.heads)
 
 
 class FusionBlock(nn.Module):
