@@ -133,6 +133,17 @@ class RetrievalNet(nn.Module):
     :meth:`embed_expression` (``(B, n_genes)`` expression and ``(B, 2)``
     positions -> ``(B, D)``; the batch is a "sentence" for mclSTExp) and
     :meth:`loss`.
+
+    Parameters
+    ----------
+    feature_dim
+        Width of the encoder output (size of the frozen-feature ``shift``/``scale``).
+    backbone
+        Finetuning image encoder, or None in frozen mode.
+    tokens
+        Feed the backbone's tokens instead of its pooled features.
+    mean, std
+        Pixel normalisation of the backbone.
     """
 
     def __init__(self, feature_dim: int, backbone: nn.Module | None = None, tokens: bool = False,
@@ -157,11 +168,39 @@ class RetrievalNet(nn.Module):
 
     @abc.abstractmethod
     def embed_expression(self, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Expression ``(B, G)`` (+ positions ``(B, 2)``) -> ``(B, D)`` expression embedding."""
+        """Expression embedding of a batch.
+
+        Parameters
+        ----------
+        expr
+            ``(B, n_genes)`` normalised expression.
+        pos
+            ``(B, 2)`` spot positions (used by mclSTExp).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, D)``.
+        """
 
     @abc.abstractmethod
     def loss(self, feats: torch.Tensor, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Training loss of a batch."""
+        """Training loss of a batch.
+
+        Parameters
+        ----------
+        feats
+            Encoder output of the batch (:meth:`image_input`).
+        expr
+            ``(B, n_genes)`` normalised expression.
+        pos
+            ``(B, 2)`` spot positions.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss.
+        """
 
 
 class ContrastiveRetrieval(Method):

@@ -40,7 +40,7 @@ _LOCAL_CHUNK = 256
 class LocalNeighbors:
     """Neighbour lists for local attention and a spatially coherent order of the spots.
 
-    Attributes
+    Parameters
     ----------
     index
         ``(n, m)`` int64 neighbour indices, -1 where a spot has fewer than ``m``.
@@ -184,7 +184,22 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 neighbors: LocalNeighbors | torch.Tensor | None = None) -> torch.Tensor:
-        """Attended tokens, the shape of ``x``; see the class docstring for the arguments."""
+        """Attended tokens.
+
+        Parameters
+        ----------
+        x
+            Query tokens ``(B, N, dim)`` or ``(N, dim)``.
+        context
+            Key/value tokens ``(B, M, context_dim)`` (None: self-attention).
+        neighbors
+            Local neighbour lists of the tokens of one slide (None: global attention).
+
+        Returns
+        -------
+        torch.Tensor
+            The shape of ``x``.
+        """
         if x.dim() == 2:
             ctx = None if context is None else context.unsqueeze(0)
             return MultiHeadAttention.forward(self, x.unsqueeze(0), ctx, neighbors).squeeze(0)
@@ -278,7 +293,20 @@ class TransformerBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, neighbors: LocalNeighbors | torch.Tensor | None = None) -> torch.Tensor:
-        """The block's output, the shape of ``x``; ``neighbors`` switches to local attention."""
+        """The block's output.
+
+        Parameters
+        ----------
+        x
+            Tokens ``(B, N, dim)`` or ``(N, dim)``.
+        neighbors
+            Local neighbour lists (None: global attention).
+
+        Returns
+        -------
+        torch.Tensor
+            The shape of ``x``.
+        """
         x = x + self.attn(self.norm1(x), neighbors=neighbors)
         return x + self.mlp(self.norm2(x))
 

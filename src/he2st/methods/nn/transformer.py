@@ -102,7 +102,20 @@ class SpotAttention(MultiHeadAttention):
         super().__init__(dim, heads, dim_head, dropout=dropout, fused=True, explicit=explicit)
 
     def forward(self, x: torch.Tensor, neighbors: LocalNeighbors | torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        """``x``: ``(n, dim)``; ``neighbors``: local neighbour lists (a tensor ``(n, m)``, -1 = none) or None (global)."""
+        """Attended spot tokens.
+
+        Parameters
+        ----------
+        x
+            ``(n, dim)`` tokens of one slide.
+        neighbors
+            Local neighbour lists (a tensor ``(n, m)``, -1 = none) or None (global).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, dim)``.
+        """
         return super().forward(x, neighbors=neighbors)
 
 
@@ -151,7 +164,20 @@ class SpotTransformer(nn.Module):
         return self.attention in ("knn", "radius")
 
     def forward(self, x: torch.Tensor, neighbors: LocalNeighbors | torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: ``(n, dim)`` tokens of one slide; returns ``(n, dim)``."""
+        """Encoded spot tokens.
+
+        Parameters
+        ----------
+        x
+            ``(n, dim)`` tokens of one slide.
+        neighbors
+            Local neighbour lists (required for ``"knn"``/``"radius"`` attention).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, dim)``.
+        """
         if self.local and neighbors is None:
             raise He2stInputError(f"attention={self.attention!r} needs neighbour lists (attention_neighbors)")
         if not self.local:
