@@ -9,6 +9,7 @@ from he2st.pp.normalize import Normalizer
 from he2st.errors import He2stInputError
 from he2st.evaluate.metrics import evaluate_slide
 from he2st.methods import create_method, load_method
+from he2st.methods.baselines import _features
 
 FEAT = {"encoder": "color_stats", "weights": None, "patch_px": 32}
 
@@ -108,3 +109,24 @@ def test_validation_slides_are_pooled(cohort, genes) -> None:
 def test_unknown_parameter_rejected() -> None:
     with pytest.raises(He2stInputError, match="unknown parameter"):
         create_method("ridge", n_pcs=3)
+
+
+def _sorted_neighbours(bank: np.ndarray, queries: np.ndarray, metric: str, k: int) -> np.ndarray:
+    """Reference k-NN (the baseline's former search): every distance computed, stable-sorted."""
+    if metric == "cosine":
+        score = -(queries @ bank.T)
+    else:
+        score = (queries * queries).sum(1)[:, None] - 2 * queries @ bank.T + (bank * bank).sum(1)[None, :]
+    return np.argsort(score, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_knn_index_matches_full_sort(cohort, genes, metric, k) -> None:
+    # The baseline searches with he2st.retrieval's exact index; it must retrieve what sorting
+    # every query-bank distance retrieves, and so predict the same average.
+    m = create_method("knn", **FEAT, k=k, metric=metric).fit(cohort[:2], genes)
+    queries = m._embed(_features(m, cohort[2])).astype(np.float32)
+    ref = _sorted_neighbours(m.bank_features_, queries, metric, k)
+    np.testing.assert_array_equal(m.neighbours(cohort[2]), ref)
+    np.testing.assert_allclose(m.predict(cohort[2]), m.bank_targets_[ref].mean(axis=1), atol=1e-5)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from he2st.methods.nn.heads import SNN, MultiHeadAttention, ProjectionHead, TransformerBlock
+from he2st.methods.nn.attention import MultiHeadAttention, TransformerBlock
+from he2st.methods.nn.heads import SNN, ProjectionHead
 from he2st.methods.nn.losses import contrastive_loss, reconstruction_loss, soft_targets
 from he2st.methods.nn.position import (
     LearnablePositionEncoding,

@@ -8,7 +8,8 @@ import torch
 
 from he2st.errors import He2stInputError
 from he2st.methods import create_method, load_method
-from he2st.methods.families.spot import inner_split, to_unit
+from he2st.methods.nn.inputs import to_unit
+from he2st.methods.nn.train import inner_split
 from _helpers import mean_pcc
 
 FAST = dict(encoder="color_stats", weights=None, patch_px=32, tta=False, lr=1e-3, epochs=12)

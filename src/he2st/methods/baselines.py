@@ -42,26 +42,11 @@ _FEATURE_DEFAULTS: dict[str, Any] = {
 
 def _features(method: Method, slide: Any) -> np.ndarray:
     """Frozen features of a slide with the method's encoder settings (cached by he2st.encoders)."""
-    from he2st.encoders import get_features
+    from he2st.methods.nn.inputs import encoder_inputs
 
     p = method.params
-    x = get_features(
-        slide,
-        encoder=p["encoder"],
-        weights=p["weights"],
-        patch_px=p["patch_px"],
-        tta=p["tta"],
-        stain=getattr(method, "stain_", None),
-    )
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] != slide.n_obs:
-        raise He2stInputError(
-            f"slide {meta(slide).slide_id!r}: encoder {p['encoder']!r} returned features of shape {x.shape} "
-            f"for {slide.n_obs} spots"
-        )
-    if not np.isfinite(x).all():
-        raise He2stInputError(f"slide {meta(slide).slide_id!r}: encoder {p['encoder']!r} returned NaN/inf features")
-    return x
+    return encoder_inputs(slide, p["encoder"], p["weights"], p["patch_px"], tta=p["tta"],
+                          stain=getattr(method, "stain_", None), dtype=np.float64)
 
 
 def _fit_stain(method: Method, slides: Sequence[Any]) -> None:
@@ -389,8 +374,10 @@ class KNNRetrieval(Method):
 
     Features are standardised with the training spots' mean and sd (per
     dimension), then compared by cosine similarity (``metric="cosine"``) or
-    Euclidean distance (``metric="euclidean"``). Ties are broken by bank order
-    (training slide order, then spot order), so predictions are deterministic.
+    Euclidean distance (``metric="euclidean"``), searched exactly by
+    :func:`he2st.retrieval.build_index` (``kind="exact"``). Neighbours at equal
+    distance are listed in bank order (training slide order, then spot order),
+    so predictions are deterministic.
     The bank holds the training (and validation) spots only; its provenance
     (slide and spot id of every row) is kept in ``bank_slides_``/``bank_obs_``.
 
@@ -404,7 +391,12 @@ class KNNRetrieval(Method):
     capabilities = Capabilities(frozen_features=True)
     defaults: dict[str, Any] = {**_FEATURE_DEFAULTS, "k": 50, "metric": "cosine"}
 
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self._index: Any = None
+
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
+        self._index = None
         if self.params["metric"] not in ("cosine", "euclidean"):
             raise He2stInputError(f"knn: metric must be 'cosine' or 'euclidean', got {self.params['metric']!r}")
         if int(self.params["k"]) < 1:
@@ -430,21 +422,37 @@ class KNNRetrieval(Method):
         return Z
 
     def neighbours(self, slide: Any, k: int | None = None) -> np.ndarray:
-        """Bank rows of the ``k`` nearest training spots of each spot, nearest first."""
+        """Bank rows of the ``k`` nearest training spots of each spot, nearest first.
+
+        Parameters
+        ----------
+        slide
+            The query slide.
+        k
+            Number of neighbours (default: the ``k`` parameter), capped at the bank size.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_spots, k)`` int64 bank rows; equal distances in bank order.
+        """
         self._check_fitted()
         k = int(min(k or self.params["k"], len(self.bank_targets_)))
         Q = self._embed(_features(self, slide)).astype(np.float32)
-        B = self.bank_features_
-        out = np.empty((len(Q), k), dtype=np.int64)
-        for start in range(0, len(Q), 1024):
-            q = Q[start : start + 1024]
-            if self.params["metric"] == "cosine":
-                score = -(q @ B.T)
-            else:
-                score = (q * q).sum(1)[:, None] - 2 * q @ B.T + (B * B).sum(1)[None, :]
-            # Stable sort: equal scores keep bank order (deterministic ties).
-            out[start : start + len(q)] = np.argsort(score, axis=1, kind="stable")[:, :k]
-        return out
+        found = self._bank_index().search(Q, k)
+        # Equal distances in bank order, so that the ranking is deterministic (the index sorts
+        # by distance only).
+        order = np.lexsort((found.indices, found.distances), axis=1)
+        return np.take_along_axis(found.indices, order, axis=1)
+
+    def _bank_index(self) -> Any:
+        """Exact search index over the bank (built on first use, dropped when the bank changes)."""
+        if self._index is None:
+            from he2st.retrieval import build_index
+
+            metric = "cosine" if self.params["metric"] == "cosine" else "l2"
+            self._index = build_index(self.bank_features_, metric=metric, kind="exact")
+        return self._index
 
     def predict(self, slide: Any) -> np.ndarray:
         idx = self.neighbours(slide)
@@ -465,6 +473,7 @@ class KNNRetrieval(Method):
         self.bank_features_ = state["bank_features"]
         self.bank_targets_ = state["bank_targets"]
         self.bank_slide_index_ = state["bank_slide_index"]
+        self._index = None
 
     def get_extra(self) -> dict[str, Any]:
         return {"bank_slides": self.bank_slides_, "bank_obs": self.bank_obs_, **_stain_state(self)}

@@ -7,12 +7,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from he2st.errors import He2stInputError
 from he2st.methods.base import Capabilities
 from he2st.methods.registry import register_method
-from he2st.methods.nn.heads import SNN, MultiHeadAttention, ProjectionHead, TransformerBlock
+from he2st.methods.nn.attention import MultiHeadAttention, TransformerBlock, attend
+from he2st.methods.nn.heads import SNN, ProjectionHead
 from he2st.methods.nn.losses import RECONSTRUCTION, contrastive_loss, reconstruction_loss
 from he2st.methods.families.contrastive import CONTRASTIVE_DEFAULTS, ContrastiveRetrieval, RetrievalNet
 
@@ -20,7 +20,22 @@ RECON_TARGETS = ("image", "expression")
 
 
 def mask_features(x: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Zero a random ``rate`` fraction of the *elements* of ``x`` (CMRCNet masks feature pixels, not tokens)."""
+    """Zero a random ``rate`` fraction of the *elements* of ``x`` (CMRCNet masks feature pixels, not tokens).
+
+    Parameters
+    ----------
+    x
+        Features of any shape.
+    rate
+        Share of elements zeroed, in ``[0, 1)``.
+    generator
+        CPU generator of the mask (None: the global one, on ``x``'s device).
+
+    Returns
+    -------
+    torch.Tensor
+        ``x`` with the masked elements zeroed (``x`` itself when ``rate`` is 0).
+    """
     if not 0 <= rate < 1:
         raise ValueError(f"mask rate must be in [0, 1), got {rate}")
     if rate == 0:
@@ -37,6 +52,15 @@ class ResidualCrossAttention(nn.Module):
     per head: a value taken from the *image* features is added to the
     attention-weighted gene values, so the fused features never depend on
     the (noisy) expression alone.
+
+    Parameters
+    ----------
+    dim
+        Token width (divisible by ``heads``).
+    heads
+        Attention heads.
+    dropout
+        Dropout inside the query and key maps.
     """
 
     def __init__(self, dim: int, heads: int = 8, dropout: float = 0.25) -> None:
@@ -50,20 +74,38 @@ class ResidualCrossAttention(nn.Module):
         self.v_context = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        h = self.heads
+        """Fused features of image tokens guided by context tokens.
+
+        Parameters
+        ----------
+        x
+            ``(B, N, dim)`` image tokens (queries and the residual value).
+        y
+            ``(B, M, dim)`` context tokens (keys and attended values).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, N, dim)``.
+        """
         q, k = self.fc_q(x), self.fc_k(y)
-        v1, v2 = self.v_image(q), self.v_context(k)
-
-        def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(t.shape[0], t.shape[1], h, d // h).transpose(1, 2)
-
-        att = F.scaled_dot_product_attention(split(q), split(k), split(v2))
-        return v1 + att.transpose(1, 2).reshape(b, n, d)
+        return self.v_image(q) + attend(q, k, self.v_context(k), self.heads)
 
 
 class FusionBlock(nn.Module):
-    """Transformer block on the image tokens, then ``x + ResidualCrossAttention(x, context)``."""
+    """Transformer block on the image tokens, then ``x + ResidualCrossAttention(x, context)``.
+
+    Parameters
+    ----------
+    dim
+        Token width.
+    heads
+        Attention heads of both attentions.
+    mlp_ratio
+        MLP hidden width over ``dim``.
+    dropout
+        Dropout of the Transformer block.
+    """
 
     def __init__(self, dim: int, heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.1) -> None:
         super().__init__()
@@ -71,12 +113,45 @@ class FusionBlock(nn.Module):
         self.cross = ResidualCrossAttention(dim, heads=heads)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Fused tokens.
+
+        Parameters
+        ----------
+        x
+            ``(B, N, dim)`` tokens.
+        context
+            ``(B, M, dim)`` context tokens of the other modality.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, N, dim)``.
+        """
         x = self.block(x)
         return x + self.cross(x, context)
 
 
 class CMRCNetNet(RetrievalNet):
-    """Token-mean image projection, expression projection, and the cross-modal reconstruction branch."""
+    """Token-mean image projection, expression projection, and the cross-modal reconstruction branch.
+
+    Parameters
+    ----------
+    feature_dim, n_genes
+        Token width of the image encoder and number of genes.
+    embed_dim, dropout
+        Width and dropout of the two projection heads.
+    temperature, lam
+        Contrastive loss settings (:func:`he2st.methods.nn.losses.contrastive_loss`).
+    reconstruction, mask_rate, recon_loss, recon_target, recon_dim
+        The reconstruction branch: on/off, masked share, loss, masked modality
+        and latent width (equal to ``embed_dim``).
+    gene_tokens, snn_dropout
+        Expression tokens made by the SNN, and its dropout.
+    cross_heads, fusion_heads, fusion_blocks, fusion_dropout
+        First cross-attention heads, and the fusion blocks' heads, number and dropout.
+    backbone, mean, std
+        Finetuning backbone and its pixel normalisation (see :class:`RetrievalNet`).
+    """
 
     def __init__(self, feature_dim: int, n_genes: int, *, embed_dim: int, dropout: float, temperature: float,
                  lam: float, reconstruction: bool, mask_rate: float, recon_loss: str, recon_target: str,
@@ -107,7 +182,20 @@ class CMRCNetNet(RetrievalNet):
         return self.spot_projection(expr)
 
     def reconstruct(self, tokens: torch.Tensor, expr: torch.Tensor) -> torch.Tensor:
-        """``(B, recon_dim)`` reconstruction of the masked modality, guided by the other one."""
+        """Reconstruction of the masked modality, guided by the other one.
+
+        Parameters
+        ----------
+        tokens
+            ``(B, T, feature_dim)`` image tokens.
+        expr
+            ``(B, n_genes)`` expression.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, recon_dim)``.
+        """
         img = self.image_latent(tokens)  # (B, T, 256)
         gene = self.gene_snn(expr).view(expr.shape[0], self.gene_tokens, self.recon_dim)  # (B, 8, 256)
         if self.recon_target == "image":

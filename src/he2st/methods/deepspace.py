@@ -10,43 +10,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from he2st.data.slide import meta
-from he2st.errors import He2stInputError
 from he2st.methods.registry import register_method
 from he2st.methods.families.spot import SPOT_DEFAULTS, SpotRegressor
+from he2st.pp.normalize import MinMaxScaler
 
-
-class MinMaxScaler:
-    """Per-gene min-max scaling fitted on training values, inverted exactly.
-
-    ``transform(y) = (y - min) / span`` with ``span = max - min`` (1 for a gene
-    constant on the training data, so both directions stay exact).
-    ``inverse_transform(transform(y)) == y`` up to float rounding.
-    """
-
-    def __init__(self) -> None:
-        self.min_: np.ndarray | None = None
-        self.span_: np.ndarray | None = None
-
-    def fit(self, values: list[np.ndarray] | np.ndarray) -> MinMaxScaler:
-        arrays = values if isinstance(values, list) else [values]
-        lo = np.min([np.asarray(a, dtype=np.float64).min(axis=0) for a in arrays], axis=0)
-        hi = np.max([np.asarray(a, dtype=np.float64).max(axis=0) for a in arrays], axis=0)
-        span = hi - lo
-        self.min_, self.span_ = lo, np.where(span > 0, span, 1.0)
-        return self
-
-    def _check(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.min_ is None or self.span_ is None:
-            raise He2stInputError("MinMaxScaler is not fitted")
-        return self.min_, self.span_
-
-    def transform(self, values: np.ndarray) -> np.ndarray:
-        lo, span = self._check()
-        return ((np.asarray(values, dtype=np.float64) - lo) / span).astype(np.float32)
-
-    def inverse_transform(self, values: np.ndarray) -> np.ndarray:
-        lo, span = self._check()
-        return (np.asarray(values, dtype=np.float64) * span + lo).astype(np.float32)
+__all__ = ["DeepSpaCE", "MinMaxScaler"]
 
 
 @register_method("deepspace")

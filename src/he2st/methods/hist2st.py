@@ -15,7 +15,8 @@ from he2st.errors import He2stInputError, SlideError
 from he2st.methods.base import Capabilities
 from he2st.methods.registry import register_method
 from he2st.methods.nn.likelihoods import ZINBHead, zinb_nll
-from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor, to_unit
+from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor
+from he2st.methods.nn.inputs import encoder_inputs, to_unit
 from he2st.methods.nn.transformer import SpotTransformer
 
 __all__ = ["MISSING_LABELS", "Hist2ST", "Hist2STNet"]
@@ -340,12 +341,9 @@ class Hist2ST(SlideRegressor):
         return sorted(classes)
 
     def _features(self, slide: Any) -> np.ndarray:
-        from he2st.encoders import get_features
-
+        """Frozen features ``(n, d)`` float32 of a slide, checked for shape and NaN/inf."""
         p = self.params
-        return np.asarray(
-            get_features(slide, encoder=p["encoder"], weights=p["weights"], patch_px=int(p["patch_px"])), dtype=np.float32
-        )
+        return encoder_inputs(slide, p["encoder"], p["weights"], int(p["patch_px"]))
 
     def _slide_inputs(self, slide: Any, train: bool) -> np.ndarray:
         if self.frozen:

@@ -17,8 +17,8 @@ from he2st.methods.families.slide import (
     SlideBatch,
     SlideData,
     SlideRegressor,
-    to_unit,
 )
+from he2st.methods.nn.inputs import to_unit
 from he2st.methods.nn.transformer import SpotTransformer
 
 __all__ = ["HisToGene", "HisToGeneNet"]

@@ -11,7 +11,8 @@ from torch import nn
 from he2st.errors import He2stInputError
 from he2st.methods.base import Capabilities
 from he2st.methods.registry import register_method
-from he2st.methods.nn.heads import ProjectionHead, TransformerBlock
+from he2st.methods.nn.attention import TransformerBlock
+from he2st.methods.nn.heads import ProjectionHead
 from he2st.methods.nn.losses import TARGETS, contrastive_loss
 from he2st.methods.nn.position import POSITION_ENCODINGS, make_position_encoding
 from he2st.methods.families.contrastive import CONTRASTIVE_DEFAULTS, ContrastiveRetrieval, RetrievalNet

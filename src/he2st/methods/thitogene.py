@@ -11,7 +11,8 @@ from torch.nn import functional as F
 from he2st.methods.registry import register_method
 from he2st.methods.nn.capsules import EfficientCapsNet
 from he2st.methods.nn.dynconv import ODConv2d
-from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor, to_unit
+from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor
+from he2st.methods.nn.inputs import to_unit
 from he2st.methods.nn.transformer import SpotTransformer
 
 __all__ = ["THItoGene", "THItoGeneNet", "stem_stride"]

@@ -27,7 +27,7 @@ A spot whose total is zero gets zeros (not NaN) under ``cpm_log1p`` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,105 @@ METHODS = ("cpm_log1p", "log1p", "raw", "minmax")
 
 #: Scale factor of counts-per-million.
 CPM_SCALE = 1e6
+
+
+def value_range(values: Iterable[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column float64 minimum and maximum of one array or of several, scanned one at a time.
+
+    Parameters
+    ----------
+    values
+        An ``(n, genes)`` array, or an iterable of them (e.g. one per slide).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        Minimum and maximum of every column.
+    """
+    arrays = [values] if isinstance(values, np.ndarray) else values
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    for a in arrays:
+        a = np.asarray(a, dtype=np.float64)
+        lo = a.min(axis=0) if lo is None else np.minimum(lo, a.min(axis=0))
+        hi = a.max(axis=0) if hi is None else np.maximum(hi, a.max(axis=0))
+    if lo is None or hi is None:
+        raise He2stInputError("a min-max range needs at least one array of training values")
+    return lo, hi
+
+
+class MinMaxScaler:
+    """Per-gene min-max scaling fitted on training values, inverted exactly.
+
+    ``transform(y) = (y - min) / span`` with ``span = max - min`` (1 for a gene
+    constant on the training data, so both directions stay exact). Values
+    outside the training range are not clipped. ``inverse_transform(transform(y))
+    == y`` up to float rounding. The arithmetic runs in float64 and returns
+    float32. :class:`Normalizer` (``"minmax"``) and DeepSpaCE's target scaling
+    both use it.
+
+    Attributes
+    ----------
+    min_, span_
+        Per-gene float64 minimum and span (None before ``fit``).
+    """
+
+    def __init__(self) -> None:
+        self.min_: np.ndarray | None = None
+        self.span_: np.ndarray | None = None
+
+    @classmethod
+    def from_range(cls, lo: np.ndarray, hi: np.ndarray) -> MinMaxScaler:
+        """A scaler with the given per-gene minimum and maximum.
+
+        Parameters
+        ----------
+        lo, hi
+            Per-gene minimum and maximum of the training values.
+
+        Returns
+        -------
+        MinMaxScaler
+            The fitted scaler.
+        """
+        out = cls()
+        lo = np.asarray(lo, dtype=np.float64)
+        span = np.asarray(hi, dtype=np.float64) - lo
+        # A gene constant on the training data has no range; 1 keeps transform and inverse exact.
+        out.min_, out.span_ = lo, np.where(span > 0, span, 1.0)
+        return out
+
+    def fit(self, values: Iterable[np.ndarray] | np.ndarray) -> MinMaxScaler:
+        """Fit on training values: one ``(n, genes)`` array or several (e.g. one per slide).
+
+        Parameters
+        ----------
+        values
+            Training values; arrays are scanned one at a time.
+
+        Returns
+        -------
+        MinMaxScaler
+            ``self``.
+        """
+        fitted = MinMaxScaler.from_range(*value_range(values))
+        self.min_, self.span_ = fitted.min_, fitted.span_
+        return self
+
+    def _check(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.min_ is None or self.span_ is None:
+            raise He2stInputError("MinMaxScaler is not fitted")
+        return self.min_, self.span_
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        """Scaled float32 values ``(values - min) / span``."""
+        lo, span = self._check()
+        return ((np.asarray(values, dtype=np.float64) - lo) / span).astype(np.float32)
+
+    def inverse_transform(self, values: np.ndarray) -> np.ndarray:
+        """Values back on the training scale, float32 ``values * span + min``."""
+        lo, span = self._check()
+        return (np.asarray(values, dtype=np.float64) * span + lo).astype(np.float32)
 
 
 class Normalizer:
@@ -110,13 +209,7 @@ class Normalizer:
                 require_counts(s, f"{self.method} normalisation")
         self.genes_ = genes
         if self.method == "minmax":
-            lo = np.full(len(genes), np.inf)
-            hi = np.full(len(genes), -np.inf)
-            for s in slides:
-                v = _cpm_log1p(s, genes, fill_missing)
-                lo = np.minimum(lo, v.min(axis=0))
-                hi = np.maximum(hi, v.max(axis=0))
-            self.min_, self.max_ = lo, hi
+            self.min_, self.max_ = value_range(_cpm_log1p(s, genes, fill_missing) for s in slides)
         else:
             # Check the panel against every training slide now, not at the first transform.
             for s in slides:
@@ -160,8 +253,7 @@ class Normalizer:
         values = _cpm_log1p(slide, genes, fill_missing)
         if self.method == "cpm_log1p":
             return values
-        lo, span = self._scaling(genes)
-        return ((values - lo) / span).astype(np.float32)
+        return self._scaling(genes).transform(values)
 
     def inverse_transform(self, values: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:
         """Undo the per-gene scaling of ``minmax`` (back to the ``cpm_log1p`` scale).
@@ -198,8 +290,7 @@ class Normalizer:
         genes = self._resolve_genes(genes)
         if values.shape[-1] != len(genes):
             raise He2stInputError(f"inverse_transform: values have {values.shape[-1]} columns for {len(genes)} genes")
-        lo, span = self._scaling(genes)
-        return (values.astype(np.float64) * span + lo).astype(np.float32)
+        return self._scaling(genes).inverse_transform(values)
 
     def _resolve_genes(self, genes: Sequence[str] | None) -> list[str]:
         if genes is not None:
@@ -208,7 +299,7 @@ class Normalizer:
             raise He2stInputError(f"Normalizer({self.method!r}): pass genes or call fit() first")
         return list(self.genes_)
 
-    def _scaling(self, genes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _scaling(self, genes: list[str]) -> MinMaxScaler:
         if self.min_ is None or self.max_ is None or self.genes_ is None:
             raise He2stInputError("Normalizer('minmax') is not fitted: call fit(train_slides, genes) first")
         pos = {g: i for i, g in enumerate(self.genes_)}
@@ -216,11 +307,7 @@ class Normalizer:
         if unknown:
             raise GenePanelError(f"minmax normaliser was not fitted on genes {unknown[:10]}")
         idx = np.array([pos[g] for g in genes], dtype=np.int64)
-        lo = self.min_[idx]
-        span = self.max_[idx] - lo
-        # A gene constant on the training slides has no range; use 1 so transform and inverse stay exact.
-        span = np.where(span > 0, span, 1.0)
-        return lo, span
+        return MinMaxScaler.from_range(self.min_[idx], self.max_[idx])
 
     # -- persistence ------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
@@ -343,4 +430,4 @@ def _cpm_log1p(slide: Any, genes: list[str], fill_missing: bool) -> np.ndarray:
     return np.log1p(cpm).astype(np.float32)
 
 
-__all__ = ["CPM_SCALE", "METHODS", "Normalizer", "normalize"]
+__all__ = ["CPM_SCALE", "METHODS", "MinMaxScaler", "Normalizer", "normalize", "value_range"]

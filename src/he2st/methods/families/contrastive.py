@@ -65,11 +65,14 @@ from torch import nn
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st.methods.base import Capabilities, Method
+from he2st.methods.nn.inputs import image_inputs, make_augmenter, to_unit, unit_batch
 from he2st.methods.nn.train import (
     MODES,
+    VAL_SPLITS,
     History,
     default_device,
     fit_module,
+    inner_split,
     load_module_state,
     minibatches,
     module_state,
@@ -130,6 +133,17 @@ class RetrievalNet(nn.Module):
     :meth:`embed_expression` (``(B, n_genes)`` expression and ``(B, 2)``
     positions -> ``(B, D)``; the batch is a "sentence" for mclSTExp) and
     :meth:`loss`.
+
+    Parameters
+    ----------
+    feature_dim
+        Width of the encoder output (size of the frozen-feature ``shift``/``scale``).
+    backbone
+        Finetuning image encoder, or None in frozen mode.
+    tokens
+        Feed the backbone's tokens instead of its pooled features.
+    mean, std
+        Pixel normalisation of the backbone.
     """
 
     def __init__(self, feature_dim: int, backbone: nn.Module | None = None, tokens: bool = False,
@@ -154,11 +168,39 @@ class RetrievalNet(nn.Module):
 
     @abc.abstractmethod
     def embed_expression(self, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Expression ``(B, G)`` (+ positions ``(B, 2)``) -> ``(B, D)`` expression embedding."""
+        """Expression embedding of a batch.
+
+        Parameters
+        ----------
+        expr
+            ``(B, n_genes)`` normalised expression.
+        pos
+            ``(B, 2)`` spot positions (used by mclSTExp).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, D)``.
+        """
 
     @abc.abstractmethod
     def loss(self, feats: torch.Tensor, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Training loss of a batch."""
+        """Training loss of a batch.
+
+        Parameters
+        ----------
+        feats
+            Encoder output of the batch (:meth:`image_input`).
+        expr
+            ``(B, n_genes)`` normalised expression.
+        pos
+            ``(B, 2)`` spot positions.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar loss.
+        """
 
 
 class ContrastiveRetrieval(Method):
@@ -212,7 +254,7 @@ class ContrastiveRetrieval(Method):
         one_of("search_backend", BACKENDS)
         one_of("on_bank_overlap", OVERLAP)
         one_of("exclude_test_patient", ("auto", True, False))
-        one_of("val_split", ("auto", "slide", "spot"))
+        one_of("val_split", VAL_SPLITS)
         for key in ("epochs", "batch_size", "top_k", "embed_dim"):
             if int(p[key]) < 1:
                 raise He2stInputError(f"method {self.name!r}: {key} must be >= 1, got {p[key]!r}")
@@ -235,53 +277,16 @@ class ContrastiveRetrieval(Method):
     def _image_inputs(self, slide: Any) -> np.ndarray:
         """Frozen features ``(n, d)`` / tokens ``(n, T, D)``, or uint8 patches in finetune mode."""
         p = self.params
-        sid = meta(slide).slide_id
-        if p["mode"] == "frozen":
-            if self.input_kind == "tokens":
-                from he2st.encoders import get_tokens
-
-                x = np.asarray(get_tokens(slide, p["encoder"], weights=p["weights"], patch_px=int(p["patch_px"])))
-                ok_ndim = 3
-            else:
-                from he2st.encoders import get_features
-
-                x = np.asarray(get_features(slide, encoder=p["encoder"], weights=p["weights"],
-                                            patch_px=int(p["patch_px"])), dtype=np.float32)
-                ok_ndim = 2
-            if x.ndim != ok_ndim or x.shape[0] != slide.n_obs:
-                raise He2stInputError(
-                    f"slide {sid!r}: encoder {p['encoder']!r} gave {self.input_kind} of shape {x.shape} "
-                    f"for {slide.n_obs} spots"
-                )
-            if not np.isfinite(x).all():
-                raise He2stInputError(f"slide {sid!r}: encoder {p['encoder']!r} returned NaN/inf {self.input_kind}")
-            want = self._net_spec.get("feature_dim")
-            if want is not None and x.shape[-1] != want:
-                raise He2stInputError(
-                    f"slide {sid!r}: {self.input_kind} have {x.shape[-1]} dimensions, the model was trained on {want}"
-                )
-            return x
-        from he2st.image import extract_patches
-        from he2st.methods.families.spot import resize_uint8
-
-        images = np.asarray(extract_patches(slide, size_px=int(p["patch_px"])).images)
-        return resize_uint8(images, self._input_px())
-
-    def _input_px(self) -> int:
-        p = self.params
-        if p["input_px"] is not None:
-            return int(p["input_px"])
-        from he2st.encoders import create_encoder
-
-        return int(create_encoder(p["encoder"], device="meta").info.input_size)
+        return image_inputs(
+            slide, p["mode"], p["encoder"], p["weights"], int(p["patch_px"]), input_px=p["input_px"],
+            tokens=self.input_kind == "tokens", dim=self._net_spec.get("feature_dim") if p["mode"] == "frozen" else None,
+        )
 
     def _augmenter(self) -> Any:
-        aug = self.params["augment"]
-        if self.params["mode"] != "finetune" or aug is None or aug == "none":
+        """The training augmentation (finetune mode only; None otherwise)."""
+        if self.params["mode"] != "finetune":
             return None
-        from he2st.image.augment import make_augment
-
-        return make_augment(aug, seed=int(self.params["seed"]))
+        return make_augmenter(self.params["augment"], seed=int(self.params["seed"]))
 
     def _backbone(self) -> tuple[nn.Module, int, Sequence[float], Sequence[float]]:
         from he2st.encoders import create_encoder
@@ -335,8 +340,6 @@ class ContrastiveRetrieval(Method):
 
     # -- fitting ---------------------------------------------------------------------
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
-        from he2st.methods.families.spot import inner_split
-
         p = self.params
         gen = set_seed(int(p["seed"]))
         device = default_device(p["device"])
@@ -373,11 +376,7 @@ class ContrastiveRetrieval(Method):
         def batch_inputs(rows: torch.Tensor, train: bool) -> torch.Tensor:
             x = Xt[rows]
             if not frozen:
-                from he2st.methods.families.spot import to_unit
-
-                x = to_unit(x)
-                if train and augment is not None:
-                    x = augment(x)
+                x = unit_batch(x, augment if train else None)
             return net.image_input(x.to(device))
 
         def loss_fn(rows: torch.Tensor) -> torch.Tensor:
@@ -467,8 +466,6 @@ class ContrastiveRetrieval(Method):
         for i in range(0, len(x), bs):
             xb = torch.from_numpy(np.array(x[i : i + bs]))  # a copy: cached tokens are read-only memmaps
             if not frozen:
-                from he2st.methods.families.spot import to_unit
-
                 xb = to_unit(xb)
             out.append(net.embed_image(net.image_input(xb.to(dev))).float().cpu().numpy())
         return np.concatenate(out).astype(np.float32)

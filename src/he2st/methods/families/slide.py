@@ -79,7 +79,7 @@ from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st.methods.base import Capabilities, Method
 from he2st.methods.nn.graphs import grid_positions, knn_graph
-from he2st.methods.families.spot import to_unit
+from he2st.methods.nn.inputs import make_augmenter
 from he2st.methods.nn.train import (
     default_device,
     fit_module,
@@ -99,7 +99,7 @@ from he2st.methods.nn.windows import (
     use_windows,
 )
 
-__all__ = ["SLIDE_DEFAULTS", "SlideBatch", "SlideData", "SlideRegressor", "make_augmenter", "to_unit"]
+__all__ = ["SLIDE_DEFAULTS", "SlideBatch", "SlideData", "SlideRegressor"]
 
 #: Keys every :class:`SlideRegressor` understands; subclasses give their paper's values in ``defaults``.
 SLIDE_DEFAULTS: dict[str, Any] = {
@@ -418,11 +418,3 @@ class SlideRegressor(Method):
         self.dims_ = dict(extra.get("dims", {}))
         self.history_ = dict(extra.get("history", {}))
 
-
-def make_augmenter(preset: str | None, seed: int | None = None) -> Any:
-    """The augmentation callable of a preset (private generator seeded by ``seed``), or None for ``"none"``/None."""
-    if preset in (None, "none"):
-        return None
-    from he2st.image.augment import make_augment
-
-    return make_augment(preset, seed=seed)

@@ -44,7 +44,6 @@ kept (early stopping after ``patience`` epochs without improvement when
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,18 +54,19 @@ from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st._utils import jsonable
 from he2st.methods.base import Capabilities, Method
+from he2st.methods.nn.inputs import BackboneModel, FeatureModel, image_inputs, make_augmenter, to_unit, unit_batch
 from he2st.methods.nn.train import (
     MODES,
+    VAL_SPLITS,
     History,
     default_device,
     fit_module,
+    inner_split,
     load_module_state,
     minibatches,
     module_state,
     set_seed,
 )
-
-VAL_SPLITS = ("auto", "slide", "spot")
 
 #: Keys every :class:`SpotRegressor` understands; subclasses give their paper's values in ``defaults``.
 SPOT_DEFAULTS: dict[str, Any] = {
@@ -92,94 +92,6 @@ SPOT_DEFAULTS: dict[str, Any] = {
     "stain_fit_spots": 64,
     "device": "auto",
 }
-
-
-# -- models -------------------------------------------------------------------------
-
-
-class FeatureModel(nn.Module):
-    """A head on standardised frozen features: ``head((x - shift) / scale)``."""
-
-    def __init__(self, head: nn.Module, in_dim: int) -> None:
-        super().__init__()
-        self.head = head
-        self.register_buffer("shift", torch.zeros(in_dim))
-        self.register_buffer("scale", torch.ones(in_dim))
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.head((x - self.shift) / self.scale)
-
-
-class BackboneModel(nn.Module):
-    """Backbone + head on ``[0, 1]`` RGB batches ``(B, 3, S, S)``; the encoder's normalisation is inside."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.head(self.backbone((x - self.mean) / self.std))
-
-
-# -- helpers ----------------------------------------------------------------------------
-
-
-def inner_split(
-    slide_index: np.ndarray, n_slides: int, how: str, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation row indices of an inner validation split.
-
-    Parameters
-    ----------
-    slide_index
-        Slide number (0..n_slides-1) of each training row.
-    n_slides
-        Number of training slides.
-    how
-        ``"slide"``, ``"spot"`` or ``"auto"`` (slide with >= 3 slides, else spot).
-    fraction
-        Share held out; 0 gives no validation rows.
-    seed
-        Seed of the random choice.
-    """
-    n = len(slide_index)
-    if fraction <= 0:
-        return np.arange(n), np.zeros(0, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    if how == "auto":
-        how = "slide" if n_slides >= 3 else "spot"
-    val = np.zeros(n, dtype=bool)
-    if how == "slide":
-        if n_slides < 2:
-            raise He2stInputError("val_split='slide' needs at least 2 training slides; use 'spot' or pass val_slides")
-        k = min(n_slides - 1, max(1, int(round(fraction * n_slides))))
-        val = np.isin(slide_index, rng.choice(n_slides, size=k, replace=False))
-    else:
-        k = min(n - 1, max(1, int(round(fraction * n))))
-        val[rng.choice(n, size=k, replace=False)] = True
-    return np.flatnonzero(~val), np.flatnonzero(val)
-
-
-def resize_uint8(images: np.ndarray, size: int, chunk: int = 256) -> np.ndarray:
-    """Resize uint8 ``(n, h, w, 3)`` patches to ``(n, size, size, 3)`` (bilinear, antialiased)."""
-    from torch.nn import functional as F
-
-    if images.shape[1] == size and images.shape[2] == size:
-        return np.array(images, dtype=np.uint8)  # a writable copy (cached patches are read-only maps)
-    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
-    for i in range(0, len(images), chunk):
-        x = torch.from_numpy(np.array(images[i : i + chunk], dtype=np.uint8)).permute(0, 3, 1, 2).float()
-        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[i : i + chunk] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return out
-
-
-def to_unit(x_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(B, S, S, 3)`` -> float ``(B, 3, S, S)`` in ``[0, 1]``."""
-    return x_uint8.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 # -- the base class -------------------------------------------------------------------------
@@ -337,7 +249,7 @@ class SpotRegressor(Method):
         for m in range(int(p["n_models"])):
             gen = set_seed(int(p["seed"]) + m)
             model = self._build_model(seed=int(p["seed"]) + m)
-            augment = None if frozen else self._augmenter(seed=int(p["seed"]) + m)
+            augment = None if frozen else make_augmenter(p["augment"], seed=int(p["seed"]) + m)
             if frozen and p["standardize"]:
                 Xtr = X[tr].astype(np.float64)
                 sd = Xtr.std(axis=0)
@@ -349,9 +261,7 @@ class SpotRegressor(Method):
             def batch_out(rows: torch.Tensor, train: bool, model: nn.Module = model, augment: Any = augment) -> Any:
                 x = Xt[rows].to(device)
                 if not frozen:
-                    x = to_unit(x)
-                    if train and augment is not None:
-                        x = augment(x)
+                    x = unit_batch(x, augment if train else None)
                 return model(x)
 
             def loss_fn(rows: torch.Tensor, batch_out: Any = batch_out) -> torch.Tensor:
@@ -400,14 +310,6 @@ class SpotRegressor(Method):
         info = backbone.info
         return BackboneModel(backbone, self._make_head(int(info.dim)), info.mean, info.std)
 
-    def _augmenter(self, seed: int) -> Any:
-        aug = self.params["augment"]
-        if aug is None or aug == "none":
-            return None
-        from he2st.image.augment import make_augment
-
-        return make_augment(aug, seed=seed)
-
     # -- data ------------------------------------------------------------------------------
     def _patches(self, slide: Any) -> Any:
         """Patches of a slide at this method's patch size (memoised during ``fit``)."""
@@ -421,46 +323,15 @@ class SpotRegressor(Method):
         self._patch_memo[key] = patches
         return patches
 
-    def _input_px(self) -> int:
-        p = self.params
-        if p["input_px"] is not None:
-            return int(p["input_px"])
-        from he2st.encoders import create_encoder
-
-        return int(create_encoder(p["encoder"], device="meta").info.input_size)
-
     def _inputs(self, slide: Any) -> np.ndarray:
         """Frozen features ``(n, d)`` float32, or patches ``(n, S, S, 3)`` uint8 in finetune mode."""
         p = self.params
-        sid = meta(slide).slide_id
-        if p["mode"] == "frozen":
-            from he2st.encoders import get_features
-
-            x = get_features(
-                slide,
-                encoder=p["encoder"],
-                weights=p["weights"],
-                patch_px=self._patch_px(slide),
-                tta=bool(p["tta"]),
-                stain=self.stain_,
-            )
-            x = np.asarray(x, dtype=np.float32)
-            if x.ndim != 2 or x.shape[0] != slide.n_obs:
-                raise He2stInputError(
-                    f"slide {sid!r}: encoder {p['encoder']!r} gave features of shape {x.shape} for {slide.n_obs} spots"
-                )
-            if self.in_dim_ is not None and x.shape[1] != self.in_dim_:
-                raise He2stInputError(
-                    f"slide {sid!r}: features have {x.shape[1]} dimensions, the model was trained on {self.in_dim_}"
-                )
-        else:
-            images = np.asarray(self._patches(slide).images)
-            if self.stain_ is not None:
-                images = self.stain_.transform(images)
-            x = resize_uint8(images, self._input_px())
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
-            raise He2stInputError(f"slide {sid!r}: encoder {p['encoder']!r} returned NaN/inf features")
-        return x
+        frozen = p["mode"] == "frozen"
+        return image_inputs(
+            slide, p["mode"], p["encoder"], p["weights"], self._patch_px(slide), input_px=p["input_px"],
+            tta=bool(p["tta"]), stain=self.stain_, dim=self.in_dim_ if frozen else None,
+            patches=None if frozen else self._patches(slide),
+        )
 
     def _fit_stain(self, slides: list[Any]) -> Any:
         """Stain normaliser fitted on patches of the TRAINING slides only (None when ``stain`` is unset)."""
@@ -564,13 +435,4 @@ class SpotRegressor(Method):
             self.stain_ = StainNormalizer.from_state(extra["stain"])
 
 
-__all__ = [
-    "MODES",
-    "SPOT_DEFAULTS",
-    "BackboneModel",
-    "FeatureModel",
-    "SpotRegressor",
-    "inner_split",
-    "resize_uint8",
-    "to_unit",
-]
+__all__ = ["MODES", "SPOT_DEFAULTS", "SpotRegressor"]

@@ -18,10 +18,14 @@ import torch
 from torch import nn
 
 from he2st._utils import is_quiet
+from he2st.errors import He2stInputError
 
 #: How an encoder-based method treats its image encoder: features from the cache with only
 #: the heads trained (``"frozen"``, the CPU default) or trained end to end (``"finetune"``).
 MODES = ("frozen", "finetune")
+
+#: How :func:`inner_split` holds out validation rows.
+VAL_SPLITS = ("auto", "slide", "spot")
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -32,6 +36,47 @@ def set_seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def inner_split(
+    slide_index: np.ndarray, n_slides: int, how: str, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation row indices of an inner validation split.
+
+    Parameters
+    ----------
+    slide_index
+        Slide number (0..n_slides-1) of each training row.
+    n_slides
+        Number of training slides.
+    how
+        ``"slide"``, ``"spot"`` or ``"auto"`` (slide with >= 3 slides, else spot).
+    fraction
+        Share held out; 0 gives no validation rows.
+    seed
+        Seed of the random choice.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        Training rows and validation rows (int64, ascending).
+    """
+    n = len(slide_index)
+    if fraction <= 0:
+        return np.arange(n), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    if how == "auto":
+        how = "slide" if n_slides >= 3 else "spot"
+    val = np.zeros(n, dtype=bool)
+    if how == "slide":
+        if n_slides < 2:
+            raise He2stInputError("val_split='slide' needs at least 2 training slides; use 'spot' or pass val_slides")
+        k = min(n_slides - 1, max(1, int(round(fraction * n_slides))))
+        val = np.isin(slide_index, rng.choice(n_slides, size=k, replace=False))
+    else:
+        k = min(n - 1, max(1, int(round(fraction * n))))
+        val[rng.choice(n, size=k, replace=False)] = True
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
 def default_device(device: str = "auto") -> torch.device:
     """``"auto"`` picks CUDA when available, else the CPU."""
     if device == "auto":
@@ -40,7 +85,24 @@ def default_device(device: str = "auto") -> torch.device:
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator | None = None, shuffle: bool = True) -> Iterator[torch.Tensor]:
-    """Yield index tensors covering ``range(n)`` in batches (shuffled with ``generator``)."""
+    """Yield index tensors covering ``range(n)`` in batches (shuffled with ``generator``).
+
+    Parameters
+    ----------
+    n
+        Number of rows.
+    batch_size
+        Rows per batch (the last batch may be smaller).
+    generator
+        Torch generator of the shuffle (None: the global one).
+    shuffle
+        Shuffle the rows; False gives them in order.
+
+    Returns
+    -------
+    Iterator[torch.Tensor]
+        int64 row indices of each batch.
+    """
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
@@ -48,7 +110,15 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator | None = Non
 
 @dataclass
 class History:
-    """Losses per epoch and the epoch whose weights were kept."""
+    """Losses per epoch and the epoch whose weights were kept.
+
+    Parameters
+    ----------
+    train, val
+        Mean training and validation loss of every epoch.
+    best_epoch
+        Epoch whose weights were kept (-1 before training).
+    """
 
     train: list[float] = field(default_factory=list)
     val: list[float] = field(default_factory=list)
@@ -59,7 +129,22 @@ class History:
 
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """Optimiser by name: ``adamw``, ``adam`` or ``sgd`` (with momentum)."""
+    """Optimiser by name: ``adamw``, ``adam`` or ``sgd`` (with momentum).
+
+    Parameters
+    ----------
+    params
+        Parameters to optimise.
+    name
+        ``"adamw"``, ``"adam"`` or ``"sgd"``.
+    lr, weight_decay, momentum
+        Learning rate, weight decay and SGD momentum.
+
+    Returns
+    -------
+    torch.optim.Optimizer
+        The optimiser.
+    """
     params = [p for p in params if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -92,6 +177,30 @@ def fit_module(
     weights of the best epoch are restored at the end (early stopping after
     ``patience`` epochs without improvement, when given). Without validation
     the final weights are kept.
+
+    Parameters
+    ----------
+    model
+        The module to train (in place).
+    loss_fn
+        Training loss of one batch.
+    train_batches
+        ``train_batches(epoch)`` yields the batches of an epoch.
+    epochs, lr, optimizer, weight_decay, momentum
+        Epochs and optimiser settings (see :func:`make_optimizer`).
+    val_batches, val_loss_fn
+        Validation batches and their loss (default ``loss_fn``).
+    patience
+        Early stopping after this many epochs without improvement (None: never).
+    grad_clip
+        Maximum gradient norm (None: no clipping).
+    description
+        Label of the progress bar.
+
+    Returns
+    -------
+    History
+        Losses per epoch and the kept epoch.
     """
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, momentum)
     history = History()
@@ -134,7 +243,22 @@ def fit_module(
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loss_fn: Callable[[Any], torch.Tensor], batches: Iterable[Any]) -> float:
-    """Mean loss over ``batches`` in eval mode."""
+    """Mean loss over ``batches`` in eval mode.
+
+    Parameters
+    ----------
+    model
+        The module (put in eval mode).
+    loss_fn
+        Loss of one batch.
+    batches
+        The batches.
+
+    Returns
+    -------
+    float
+        Mean of the batch losses.
+    """
     model.eval()
     vals = [float(loss_fn(b)) for b in batches]
     return float(np.mean(vals)) if vals else float("nan")
@@ -149,7 +273,20 @@ def _epoch_iter(epochs: int, description: str) -> Iterable[int]:
 
 
 def module_state(module: nn.Module, prefix: str = "model.") -> dict[str, np.ndarray]:
-    """A module's state dict as float32/int numpy arrays with ``prefix`` on every key."""
+    """A module's state dict as float32/int numpy arrays with ``prefix`` on every key.
+
+    Parameters
+    ----------
+    module
+        The module.
+    prefix
+        Prefix of every key.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        Arrays for :meth:`he2st.methods.Method.get_state`.
+    """
     out = {}
     for k, v in module.state_dict().items():
         t = v.detach().cpu()
@@ -160,7 +297,17 @@ def module_state(module: nn.Module, prefix: str = "model.") -> dict[str, np.ndar
 
 
 def load_module_state(module: nn.Module, state: dict[str, np.ndarray], prefix: str = "model.") -> None:
-    """Load arrays saved by :func:`module_state` (strict: every key must match)."""
+    """Load arrays saved by :func:`module_state` (strict: every key must match).
+
+    Parameters
+    ----------
+    module
+        The module to load into.
+    state
+        Saved arrays (other prefixes are ignored).
+    prefix
+        The prefix they were saved with.
+    """
     sub = {k[len(prefix) :]: torch.from_numpy(np.asarray(v)) for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = module.load_state_dict(sub, strict=False)
     if missing or unexpected:
@@ -169,6 +316,21 @@ def load_module_state(module: nn.Module, state: dict[str, np.ndarray], prefix: s
 
 @torch.no_grad()
 def predict_batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
-    """Apply ``fn`` to ``x`` in batches without gradients; return a float32 array."""
+    """Apply ``fn`` to ``x`` in batches without gradients.
+
+    Parameters
+    ----------
+    fn
+        Function of a batch.
+    x
+        Inputs, batched along the first axis.
+    batch_size
+        Rows per call.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 outputs, concatenated.
+    """
     outs = [fn(x[i : i + batch_size]).float().cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(outs).numpy().astype(np.float32)

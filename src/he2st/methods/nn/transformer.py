@@ -26,47 +26,16 @@ offered:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
 from he2st.errors import He2stInputError
+from he2st.methods.nn.attention import LocalNeighbors, MultiHeadAttention, TransformerBlock
 
 __all__ = ["ATTENTION_MODES", "LocalNeighbors", "SpotAttention", "SpotTransformer", "attention_neighbors", "count_parameters"]
 
 ATTENTION_MODES = ("full", "full_explicit", "knn", "radius")
-
-# Queries per chunk of local attention (spatially coherent, see LocalNeighbors).
-_LOCAL_CHUNK = 256
-
-
-@dataclass
-class LocalNeighbors:
-    """Neighbour lists for local attention and a spatially coherent order of the spots.
-
-    Attributes
-    ----------
-    index
-        ``(n, m)`` int64 neighbour indices, -1 where a spot has fewer than ``m``.
-    order
-        A permutation of the spots in which consecutive spots are spatial
-        neighbours (row-major over square tiles), so that a chunk of queries
-        shares most of its keys.
-    """
-
-    index: torch.Tensor
-    order: torch.Tensor
-
-    def to(self, device: torch.device | str) -> LocalNeighbors:
-        return LocalNeighbors(self.index.to(device), self.order.to(device))
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.index.shape
 
 
 def attention_neighbors(
@@ -111,8 +80,11 @@ def attention_neighbors(
     return LocalNeighbors(torch.from_numpy(np.ascontiguousarray(idx)), torch.from_numpy(order.astype(np.int64)))
 
 
-class SpotAttention(nn.Module):
-    """Multi-head self-attention over the spots of one slide.
+class SpotAttention(MultiHeadAttention):
+    """Multi-head self-attention over the spots of one slide (the spot Transformer's layout).
+
+    A :class:`~he2st.methods.nn.attention.MultiHeadAttention` with one fused,
+    bias-free query/key/value projection, called as ``forward(x, neighbors)``.
 
     Parameters
     ----------
@@ -127,90 +99,24 @@ class SpotAttention(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, explicit: bool = False) -> None:
-        super().__init__()
-        inner = heads * dim_head
-        self.heads, self.dim_head, self.explicit = heads, dim_head, explicit
-        self.scale = dim_head**-0.5
-        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+        super().__init__(dim, heads, dim_head, dropout=dropout, fused=True, explicit=explicit)
 
-    def forward(self, x: torch.Tensor, neighbors: LocalNeighbors | torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: ``(n, dim)``; ``neighbors``: local neighbour lists (a tensor ``(n, m)``, -1 = none) or None (global)."""
-        n = x.shape[0]
-        q, k, v = self.to_qkv(x).view(n, 3, self.heads, self.dim_head).unbind(1)  # (n, h, d) each
-        if neighbors is None:
-            out = self._global(q, k, v)
-        else:
-            if isinstance(neighbors, torch.Tensor):
-                neighbors = LocalNeighbors(neighbors, torch.arange(n))
-            out = self._local(q, k, v, neighbors.to(x.device))
-        return self.to_out(out.reshape(n, self.heads * self.dim_head))
+    def forward(self, x: torch.Tensor, neighbors: LocalNeighbors | torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Attended spot tokens.
 
-    def _global(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, h, n, d)
-        if self.explicit:
-            attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-            out = torch.matmul(attn, v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return out.squeeze(0).transpose(0, 1)  # (n, h, d)
+        Parameters
+        ----------
+        x
+            ``(n, dim)`` tokens of one slide.
+        neighbors
+            Local neighbour lists (a tensor ``(n, m)``, -1 = none) or None (global).
 
-    def _local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nbr: LocalNeighbors) -> torch.Tensor:
-        n, m = nbr.index.shape
-        if m == 0:
-            raise He2stInputError("local attention got empty neighbour lists")
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        # Row gathers from the strided views of the fused projection are slow.
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        outs = []
-        for s in range(0, n, _LOCAL_CHUNK):
-            rows = nbr.order[s : s + _LOCAL_CHUNK]
-            idx = nbr.index[rows]
-            # The chunk's queries attend within the union of their neighbours;
-            # the mask keeps each query to its own neighbours.
-            keys, pos = torch.unique(idx.clamp(min=0), return_inverse=True)
-            valid = idx >= 0
-            mask = torch.zeros(len(rows), len(keys), dtype=torch.bool, device=q.device)
-            r = torch.arange(len(rows), device=q.device).unsqueeze(1).expand_as(idx)
-            mask[r[valid], pos[valid]] = True
-            args = (q[rows], k, v, keys, mask, self.scale)
-            outs.append(checkpoint(_local_chunk, *args, use_reentrant=False) if grad else _local_chunk(*args))
-        out = torch.empty_like(q)
-        return out.index_copy(0, nbr.order, torch.cat(outs))
-
-
-def _local_chunk(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Queries ``q`` (c, h, d) attend to ``k``/``v`` rows ``keys`` where ``mask`` (c, K) allows."""
-    kk = k[keys].transpose(0, 1).unsqueeze(0)  # (1, h, K, d)
-    vv = v[keys].transpose(0, 1).unsqueeze(0)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), kk, vv, attn_mask=mask, scale=scale)
-    return out.squeeze(0).transpose(0, 1)
-
-
-class _FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class _Block(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, dropout: float, explicit: bool) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = SpotAttention(dim, heads, dim_head, dropout, explicit=explicit)
-        self.norm2 = nn.LayerNorm(dim)
-        self.ff = _FeedForward(dim, mlp_dim, dropout)
-
-    def forward(self, x: torch.Tensor, neighbors: LocalNeighbors | torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), neighbors)
-        return x + self.ff(self.norm2(x))
+        Returns
+        -------
+        torch.Tensor
+            ``(n, dim)``.
+        """
+        return super().forward(x, neighbors=neighbors)
 
 
 class SpotTransformer(nn.Module):
@@ -249,7 +155,8 @@ class SpotTransformer(nn.Module):
         self.attention = attention
         explicit = attention == "full_explicit"
         self.blocks = nn.ModuleList(
-            [_Block(dim, heads, dim_head, mlp_dim or dim, dropout, explicit) for _ in range(depth)]
+            [TransformerBlock(dim, heads, dim_head, mlp_dim or dim, dropout=dropout, fused=True, explicit=explicit)
+             for _ in range(depth)]
         )
 
     @property
@@ -257,7 +164,20 @@ class SpotTransformer(nn.Module):
         return self.attention in ("knn", "radius")
 
     def forward(self, x: torch.Tensor, neighbors: LocalNeighbors | torch.Tensor | None = None) -> torch.Tensor:
-        """``x``: ``(n, dim)`` tokens of one slide; returns ``(n, dim)``."""
+        """Encoded spot tokens.
+
+        Parameters
+        ----------
+        x
+            ``(n, dim)`` tokens of one slide.
+        neighbors
+            Local neighbour lists (required for ``"knn"``/``"radius"`` attention).
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, dim)``.
+        """
         if self.local and neighbors is None:
             raise He2stInputError(f"attention={self.attention!r} needs neighbour lists (attention_neighbors)")
         if not self.local:
