@@ -41,7 +41,7 @@ class Capabilities:
     enforced here: a method checks its own inputs (Hist2ST's ``regclass``
     variant, for example, refuses training slides without labels).
 
-    Attributes
+    Parameters
     ----------
     needs_tokens
         Uses patch tokens (ViT tokens or CNN feature-map cells), not one vector.
@@ -118,6 +118,11 @@ class Method(abc.ABC):
             A :class:`he2st.pp.genes.GenePanel` or a list of gene symbols.
         val_slides
             Optional validation slides (early stopping, model selection).
+
+        Returns
+        -------
+        Method
+            ``self``, fitted (``genes`` and ``normalizer_`` set).
         """
         from he2st.pp.normalize import Normalizer
 

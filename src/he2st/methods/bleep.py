@@ -16,7 +16,19 @@ from he2st.methods.families.contrastive import CONTRASTIVE_DEFAULTS, Contrastive
 
 
 class BleepNet(RetrievalNet):
-    """Image projection and expression projection (both :class:`ProjectionHead`) and the CLIP loss."""
+    """Image projection and expression projection (both :class:`ProjectionHead`) and the CLIP loss.
+
+    Parameters
+    ----------
+    feature_dim, n_genes
+        Width of the image features and number of genes.
+    embed_dim, dropout
+        Width and dropout of the two projection heads.
+    temperature, lam, targets
+        Contrastive loss settings (:func:`he2st.methods.nn.losses.contrastive_loss`).
+    backbone, mean, std
+        Finetuning backbone and its pixel normalisation (see :class:`RetrievalNet`).
+    """
 
     def __init__(self, feature_dim: int, n_genes: int, *, embed_dim: int, dropout: float, temperature: float,
                  lam: float, targets: str, backbone: nn.Module | None = None,

@@ -133,7 +133,29 @@ class Hist2STNet(nn.Module):
     def embed(
         self, x: torch.Tensor, positions: torch.Tensor, edge_index: torch.Tensor, neighbors: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Spot representations ``(n, dim)`` after the spatial modules."""
+        """Spot representations ``(n, dim)`` after the spatial modules.
+
+        Parameters
+        ----------
+        x
+            ``(n, 3, S, S)`` patches scaled to [0, 1] (with an image encoder)
+            or ``(n, feature_dim)`` frozen features.
+        positions
+            ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
+            ``[0, n_pos)``.
+        edge_index
+            ``(2, E)`` int64 spot graph (row 0 source, row 1 target).
+        neighbors
+            Local attention neighbour lists (``LocalNeighbors`` or an
+            ``(n, m)`` tensor, -1 = none), or None for global attention;
+            unused by the GAT variant.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, dim)`` spot representations (GraphSAGE outputs mixed by the
+            jumping-knowledge LSTM, or the last GAT layer's).
+        """
         h = self.dropout(self.features(x)) + self.x_embed(positions[:, 0]) + self.y_embed(positions[:, 1])
         if self.gat is not None:
             for i, layer in enumerate(self.gat):
@@ -152,7 +174,28 @@ class Hist2STNet(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, edge_index: torch.Tensor, neighbors: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Mean expression ``(n, n_genes)``."""
+        """Mean expression ``(n, n_genes)``.
+
+        Parameters
+        ----------
+        x
+            ``(n, 3, S, S)`` patches scaled to [0, 1] (with an image encoder)
+            or ``(n, feature_dim)`` frozen features.
+        positions
+            ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
+            ``[0, n_pos)``.
+        edge_index
+            ``(2, E)`` int64 spot graph (row 0 source, row 1 target).
+        neighbors
+            Local attention neighbour lists (``LocalNeighbors`` or an
+            ``(n, m)`` tensor, -1 = none), or None for global attention;
+            unused by the GAT variant.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, n_genes)`` predicted expression (normalised scale).
+        """
         return self.gene_head(self.embed(x, positions, edge_index, neighbors))
 
 
@@ -185,7 +228,7 @@ class Hist2ST(SlideRegressor):
     - Adam, learning rate 1e-5, 350 epochs, one slide per step.
 
     Variants (Jiang et al. 2024, Suppl. 7.1)
-    -----------------------------------------
+    ----------------------------------------
     ``regclass=True``
         A 4-layer MLP on the same spot features classifies the spot label
         (``obs["label"]``); loss ``+ gamma * CE``. Labels such as
@@ -448,6 +491,21 @@ class Hist2ST(SlideRegressor):
 
         The training loss is ``mse + zinb_weight * zinb + distill_weight *
         distill + gamma * ce`` (terms that are switched off are absent).
+
+        Parameters
+        ----------
+        model
+            The :class:`Hist2STNet` being trained.
+        batch
+            One slide or window, with ``targets`` and the extras its terms
+            need (``counts`` and ``size_factors`` for ZINB, ``views`` for
+            distillation on frozen features, ``labels`` for regclass).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Scalar terms: ``mse`` always; ``zinb``, ``distill`` and ``ce`` when
+            the ZINB head, self-distillation and the classifier are on.
         """
         p = self.params
         x = self._inputs(batch)

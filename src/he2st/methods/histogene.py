@@ -72,7 +72,24 @@ class HisToGeneNet(nn.Module):
         return self.x_embed(positions[:, 0]) + self.y_embed(positions[:, 1])
 
     def forward(self, images: torch.Tensor, positions: torch.Tensor, neighbors: torch.Tensor | None = None) -> torch.Tensor:
-        """``images``: float ``(n, 3, S, S)`` in [0, 1] -> ``(n, n_genes)``."""
+        """``images``: float ``(n, 3, S, S)`` in [0, 1] -> ``(n, n_genes)``.
+
+        Parameters
+        ----------
+        images
+            ``(n, 3, S, S)`` float patches in [0, 1], ``S = patch_px``.
+        positions
+            ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
+            ``[0, n_pos)``.
+        neighbors
+            Local attention neighbour lists (``LocalNeighbors`` or an
+            ``(n, m)`` tensor, -1 = none), or None for global attention.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, n_genes)`` predicted expression (normalised scale).
+        """
         x = self.patch_embedding(images.flatten(1)) + self.position_embedding(positions)
         return self.gene_head(self.transformer(self.emb_dropout(x), neighbors))
 

@@ -19,7 +19,26 @@ from he2st.methods.families.contrastive import CONTRASTIVE_DEFAULTS, Contrastive
 
 
 class MclSTExpNet(RetrievalNet):
-    """Image projection; spot encoder = (expression + position) -> Transformer over the batch -> projection."""
+    """Image projection; spot encoder = (expression + position) -> Transformer over the batch -> projection.
+
+    Parameters
+    ----------
+    feature_dim, n_genes
+        Width of the image features and number of genes.
+    embed_dim, dropout
+        Width and dropout of the two projection heads.
+    temperature, lam, targets
+        Contrastive loss settings (:func:`he2st.methods.nn.losses.contrastive_loss`).
+    position, max_positions
+        Position encoding added to the expression
+        (:func:`he2st.methods.nn.position.make_position_encoding`) and the
+        rows of its learnable tables.
+    layers, heads, head_dim
+        Transformer blocks of the spot encoder (width ``n_genes``), their
+        heads and head width.
+    backbone, mean, std
+        Finetuning backbone and its pixel normalisation (see :class:`RetrievalNet`).
+    """
 
     def __init__(self, feature_dim: int, n_genes: int, *, embed_dim: int, dropout: float, temperature: float,
                  lam: float, targets: str, position: str, max_positions: int, layers: int, heads: int,

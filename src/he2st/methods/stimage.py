@@ -31,6 +31,25 @@ def exact_log1p_moments(
     (almost) all of its mass there (``mu + 10 sd <= max_count``); elsewhere the
     counts are large and the delta method (``f(mu)``, ``f'(mu)**2 Var X``) is
     accurate and used instead.
+
+    Parameters
+    ----------
+    mu
+        NB means (any shape).
+    theta
+        NB inverse dispersions, of the shape of ``mu``.
+    k
+        Scale inside the logarithm (``log1p(k X)``).
+    max_count
+        Largest count summed exactly.
+    chunk
+        Elements summed at once (bounds memory to ``chunk * (max_count + 1)``).
+
+    Returns
+    -------
+    mean, var
+        float64 arrays of the shape of ``mu``: mean and variance of
+        ``log1p(k X)``.
     """
     from he2st.methods.nn.likelihoods import nb_log_prob
 

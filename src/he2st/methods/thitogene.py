@@ -84,7 +84,22 @@ class THItoGeneNet(nn.Module):
         self.gene_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, n_genes))
 
     def tokens(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Capsule tokens with position embeddings, ``(n, caps * route_dim)``."""
+        """Capsule tokens with position embeddings, ``(n, caps * route_dim)``.
+
+        Parameters
+        ----------
+        images
+            ``(n, 3, S, S)`` float patches in [0, 1], ``S = patch_px``.
+        positions
+            ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
+            ``[0, n_pos)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, caps * route_dim)`` flattened capsules, the spot's x and y
+            embeddings added to every capsule.
+        """
         caps = self.capsules(F.relu(self.stem(images)))  # (n, caps, route_dim)
         pos = self.x_embed(positions[:, 0]) + self.y_embed(positions[:, 1])
         return (caps + pos.unsqueeze(1)).flatten(1)
@@ -92,7 +107,27 @@ class THItoGeneNet(nn.Module):
     def forward(
         self, images: torch.Tensor, positions: torch.Tensor, edge_index: torch.Tensor, neighbors: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``images``: float ``(n, 3, S, S)`` in [0, 1] -> ``(n, n_genes)``."""
+        """``images``: float ``(n, 3, S, S)`` in [0, 1] -> ``(n, n_genes)``.
+
+        Parameters
+        ----------
+        images
+            ``(n, 3, S, S)`` float patches in [0, 1], ``S = patch_px``.
+        positions
+            ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
+            ``[0, n_pos)``.
+        edge_index
+            ``(2, E)`` int64 spot graph (row 0 source, row 1 target) of the GAT
+            layer.
+        neighbors
+            Local attention neighbour lists (``LocalNeighbors`` or an
+            ``(n, m)`` tensor, -1 = none), or None for global attention.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, n_genes)`` predicted expression (normalised scale).
+        """
         h = self.vit(self.tokens(images, positions), neighbors)
         return self.gene_head(F.elu(self.gat(h, edge_index)))
 

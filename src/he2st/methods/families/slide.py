@@ -132,6 +132,22 @@ class SlideData:
     ``inputs`` are uint8 patches ``(n, S, S, 3)`` or float32 features ``(n, d)``;
     ``extras`` holds method-specific arrays (raw counts, labels, augmented
     views), each with the spots on its first axis.
+
+    Parameters
+    ----------
+    slide_id
+        Identifier of the slide (keys the cache of spot graphs).
+    inputs
+        ``(n, S, S, 3)`` uint8 patches or ``(n, d)`` float32 features.
+    coords
+        ``(n, 2)`` float64 spot centres in full-resolution pixels.
+    grid
+        ``(n, 2)`` int64 array coordinates ``(array_col, array_row)``.
+    targets
+        ``(n, n_genes)`` float32 expression on the fitted panel and scale
+        (training only; None otherwise).
+    extras
+        Method-specific per-spot arrays, spots on the first axis.
     """
 
     slide_id: str
@@ -148,7 +164,27 @@ class SlideData:
 
 @dataclass
 class SlideBatch:
-    """Torch tensors of one slide or window, ready for a model."""
+    """Torch tensors of one slide or window, ready for a model.
+
+    Parameters
+    ----------
+    slide_id
+        Identifier of the slide.
+    inputs
+        ``(n, S, S, 3)`` uint8 patches or ``(n, d)`` float32 features.
+    positions
+        ``(n, 2)`` int64 position indices for the x/y embedding tables
+        (:func:`he2st.methods.nn.graphs.grid_positions`).
+    edge_index
+        ``(2, E)`` int64 k-nearest-neighbour spot graph (row 0 source, row 1
+        target) over the batch's spots.
+    neighbors
+        Attention neighbour lists, or None for full attention.
+    targets
+        ``(n, n_genes)`` float32 expression, or None when not training.
+    extras
+        Method-specific per-spot tensors, spots on the first axis.
+    """
 
     slide_id: str
     inputs: torch.Tensor
@@ -258,7 +294,21 @@ class SlideRegressor(Method):
 
     # -- data -------------------------------------------------------------------------
     def slide_data(self, slide: Any, train: bool = False) -> SlideData:
-        """Assemble the arrays of one slide (targets and extras only when ``train``)."""
+        """Assemble the arrays of one slide (targets and extras only when ``train``).
+
+        Parameters
+        ----------
+        slide
+            Slide (AnnData) with ``obs["array_col"]``, ``obs["array_row"]`` and
+            ``obsm["spatial"]``; with counts for the panel when ``train``.
+        train
+            Also fill ``targets`` (normalised expression) and ``extras``.
+
+        Returns
+        -------
+        SlideData
+            The slide's per-spot arrays.
+        """
         m = meta(slide)
         grid = np.stack(
             [np.asarray(slide.obs["array_col"], dtype=np.int64), np.asarray(slide.obs["array_row"], dtype=np.int64)], axis=1
@@ -300,7 +350,24 @@ class SlideRegressor(Method):
         return out
 
     def make_batch(self, data: SlideData, idx: np.ndarray | None = None, device: torch.device | str = "cpu") -> SlideBatch:
-        """Tensors of the spots ``idx`` (all when None) of a slide."""
+        """Tensors of the spots ``idx`` (all when None) of a slide.
+
+        Parameters
+        ----------
+        data
+            The slide's arrays (:meth:`slide_data`).
+        idx
+            Indices of the spots to include (a window), or None for all.
+        device
+            Device the tensors are moved to.
+
+        Returns
+        -------
+        SlideBatch
+            Inputs, targets and extras of the spots ``idx``, with their
+            positions, spot graph and attention neighbours computed on that
+            subset (indices local to it).
+        """
         if idx is None:
             idx = np.arange(data.n)
         idx = np.asarray(idx, dtype=np.int64)

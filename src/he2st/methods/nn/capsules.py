@@ -19,13 +19,38 @@ __all__ = ["AttentionRouting", "EfficientCapsNet", "squash"]
 
 
 def squash(s: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
-    """Efficient-CapsNet's squash: ``(1 - 1/exp(|s|)) * s / |s|`` along the last axis."""
+    """Efficient-CapsNet's squash: ``(1 - 1/exp(|s|)) * s / |s|`` along the last axis.
+
+    Parameters
+    ----------
+    s
+        Capsule vectors, ``(..., d)``.
+    eps
+        Added to the norm in the denominator (a zero vector stays zero).
+
+    Returns
+    -------
+    torch.Tensor
+        Squashed capsules of the shape of ``s``, each of norm below 1.
+    """
     norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
     return (1.0 - torch.exp(-norm)) * s / (norm + eps)
 
 
 class AttentionRouting(nn.Module):
-    """Route ``n_in`` capsules of ``d_in`` dims to ``n_out`` capsules of ``d_out`` dims."""
+    """Route ``n_in`` capsules of ``d_in`` dims to ``n_out`` capsules of ``d_out`` dims.
+
+    Parameters
+    ----------
+    n_in
+        Input (primary) capsules.
+    d_in
+        Width of each input capsule.
+    n_out
+        Output capsules.
+    d_out
+        Width of each output capsule.
+    """
 
     def __init__(self, n_in: int, d_in: int, n_out: int, d_out: int) -> None:
         super().__init__()

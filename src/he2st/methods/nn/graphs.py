@@ -145,6 +145,12 @@ def knn_graph(
         ``"Grid"`` pruning keeps neighbours within 2 array units.
     self_loops
         Add an edge from every spot to itself.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2, E)`` int64 edge index, row 0 the source (neighbour) and row 1 the
+        target (spot), unique and sorted by target then source.
     """
     coords = _check_coords(coords)
     n = len(coords)
@@ -164,6 +170,26 @@ def radius_neighbors(
 
     Neighbours are sorted by distance (ties by index); ``max_neighbors`` keeps
     only the nearest ones, bounding memory on dense slides.
+
+    Parameters
+    ----------
+    coords
+        ``(n, d)`` spot coordinates.
+    radius
+        Neighbourhood radius, in the units of ``coords`` (must be positive);
+        distances equal to it up to a relative ``1e-6`` count as inside.
+    include_self
+        Keep the spot itself as its own first neighbour.
+    max_neighbors
+        Keep at most this many (the nearest) neighbours per spot; ``None``
+        keeps all.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, m)`` int64 neighbour indices, nearest first (the spot itself
+        first when ``include_self``), with ``m`` the largest neighbour count
+        and shorter rows padded with -1.
     """
     coords = _check_coords(coords)
     if not radius > 0:
@@ -191,7 +217,23 @@ def radius_neighbors(
 
 
 def radius_graph(coords: np.ndarray, radius: float, *, self_loops: bool = False) -> np.ndarray:
-    """Edges between all spots closer than ``radius`` (symmetric by construction)."""
+    """Edges between all spots closer than ``radius`` (symmetric by construction).
+
+    Parameters
+    ----------
+    coords
+        ``(n, d)`` spot coordinates.
+    radius
+        Neighbourhood radius, in the units of ``coords`` (must be positive).
+    self_loops
+        Add an edge from every spot to itself.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2, E)`` int64 edge index (row 0 source, row 1 target), unique and
+        sorted by target then source.
+    """
     nbr = radius_neighbors(coords, radius, include_self=False)
     n = len(nbr)
     tgt = np.repeat(np.arange(n, dtype=np.int64), nbr.shape[1])
@@ -217,7 +259,21 @@ def _finish_edges(src: np.ndarray, tgt: np.ndarray, n: int, symmetric: bool, sel
 
 
 def to_dense_adjacency(edge_index: np.ndarray, n: int) -> np.ndarray:
-    """Boolean ``(n, n)`` adjacency with ``A[target, source] = True`` (small graphs, tests)."""
+    """Boolean ``(n, n)`` adjacency with ``A[target, source] = True`` (small graphs, tests).
+
+    Parameters
+    ----------
+    edge_index
+        ``(2, E)`` integer edge index, row 0 the source and row 1 the target.
+    n
+        Number of nodes.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, n)`` boolean adjacency matrix, ``A[target, source]`` set for
+        every edge.
+    """
     adj = np.zeros((n, n), dtype=bool)
     edge_index = np.asarray(edge_index)
     adj[edge_index[1], edge_index[0]] = True
@@ -243,6 +299,12 @@ def grid_positions(grid: np.ndarray, n_pos: int) -> np.ndarray:
         ``(n, 2)`` integer grid coordinates ``(x, y)`` = ``(array_col, array_row)``.
     n_pos
         Rows of each embedding table.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, 2)`` int64 position indices in ``[0, n_pos)``, one column per
+        axis.
     """
     grid = np.asarray(grid)
     if grid.ndim != 2 or grid.shape[1] != 2:

@@ -49,6 +49,15 @@ class SNN(nn.Module):
 
     Weights are drawn from ``N(0, 1/in_dim)`` (LeCun normal), the
     initialisation SELU's self-normalising property assumes.
+
+    Parameters
+    ----------
+    in_dim
+        Input width.
+    out_dim
+        Output width.
+    dropout
+        AlphaDropout rate.
     """
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.25) -> None:

@@ -28,12 +28,40 @@ RECONSTRUCTION = ("mse", "cosine")
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-row ``-sum_j targets_ij * log_softmax(logits)_ij`` (shape ``(B,)``)."""
+    """Per-row ``-sum_j targets_ij * log_softmax(logits)_ij`` (shape ``(B,)``).
+
+    Parameters
+    ----------
+    logits
+        ``(B, C)`` unnormalised scores.
+    targets
+        ``(B, C)`` target probabilities (rows summing to 1).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B,)`` cross-entropy of each row.
+    """
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)
 
 
 def hard_targets(n: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Identity targets: spot ``i`` matches image ``i`` only."""
+    """Identity targets: spot ``i`` matches image ``i`` only.
+
+    Parameters
+    ----------
+    n
+        Batch size.
+    device
+        Device of the result (None: the default device).
+    dtype
+        Floating dtype of the result.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, n)`` identity matrix.
+    """
     return torch.eye(n, device=device, dtype=dtype)
 
 
@@ -42,6 +70,20 @@ def soft_targets(image: torch.Tensor, expression: torch.Tensor, temperature: flo
 
     Note the temperature *multiplies* here while it divides the logits, as in
     BLEEP's code; with the default ``tau = 1`` both are the identity.
+
+    Parameters
+    ----------
+    image
+        ``(B, D)`` image embeddings.
+    expression
+        ``(B, D)`` expression embeddings, row ``i`` paired with image row ``i``.
+    temperature
+        ``tau``, multiplying the mean similarity before the softmax.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, B)`` row-stochastic target matrix.
     """
     sim = (image @ image.T + expression @ expression.T) / 2.0
     return F.softmax(sim * temperature, dim=-1)
@@ -89,7 +131,22 @@ def contrastive_loss(
 
 
 def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """``"mse"``: mean squared error; ``"cosine"``: mean ``1 - cos(prediction, target)`` over rows."""
+    """``"mse"``: mean squared error; ``"cosine"``: mean ``1 - cos(prediction, target)`` over rows.
+
+    Parameters
+    ----------
+    prediction
+        ``(B, D)`` reconstructed features.
+    target
+        ``(B, D)`` features to reconstruct.
+    kind
+        ``"mse"`` or ``"cosine"``.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar loss.
+    """
     if kind == "mse":
         return F.mse_loss(prediction, target)
     if kind == "cosine":

@@ -39,7 +39,16 @@ class NoPositionEncoding(nn.Module):
 
 
 class LearnablePositionEncoding(nn.Module):
-    """``W_x[x] + W_y[y]`` with two ``(max_positions, dim)`` tables (N(0, 1) init)."""
+    """``W_x[x] + W_y[y]`` with two ``(max_positions, dim)`` tables (N(0, 1) init).
+
+    Parameters
+    ----------
+    dim
+        Encoding width.
+    max_positions
+        Rows of each table; coordinates must lie in ``[0, max_positions)``
+        (mclSTExp: 65536).
+    """
 
     def __init__(self, dim: int, max_positions: int = 65536) -> None:
         super().__init__()
@@ -48,6 +57,18 @@ class LearnablePositionEncoding(nn.Module):
         self.y_embed = nn.Embedding(self.max_positions, dim)
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        """Encode spot positions.
+
+        Parameters
+        ----------
+        pos
+            ``(B, 2)`` integer ``(x, y)`` coordinates in ``[0, max_positions)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, dim)`` encodings ``W_x[x] + W_y[y]``.
+        """
         pos = pos.long()
         if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= self.max_positions):
             raise ValueError(
@@ -58,7 +79,20 @@ class LearnablePositionEncoding(nn.Module):
 
 
 def sinusoidal_1d(pos: torch.Tensor, dim: int) -> torch.Tensor:
-    """``(B,) -> (B, dim)``: channel ``2i`` is ``sin(p w_i)``, ``2i+1`` is ``cos(p w_i)``, ``w_i = 10000^(-2i/dim)``."""
+    """``(B,) -> (B, dim)``: channel ``2i`` is ``sin(p w_i)``, ``2i+1`` is ``cos(p w_i)``, ``w_i = 10000^(-2i/dim)``.
+
+    Parameters
+    ----------
+    pos
+        ``(B,)`` positions (cast to float32).
+    dim
+        Encoding width (an odd ``dim`` ends with a sine channel).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, dim)`` float32 encodings, on ``pos``'s device.
+    """
     i = torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32)
     w = torch.exp(-math.log(10000.0) * i / dim)
     ang = pos.float()[:, None] * w[None, :]
@@ -101,7 +135,22 @@ class NaivePositionEncoding(nn.Module):
 
 
 def make_position_encoding(kind: str, dim: int, max_positions: int = 65536) -> nn.Module:
-    """Position encoding by name (see module docstring)."""
+    """Position encoding by name (see module docstring).
+
+    Parameters
+    ----------
+    kind
+        One of ``"none"``, ``"sinusoidal"``, ``"naive"``, ``"learnable"``.
+    dim
+        Encoding width.
+    max_positions
+        Rows of each table of the ``"learnable"`` encoding (ignored otherwise).
+
+    Returns
+    -------
+    torch.nn.Module
+        A module mapping ``(B, 2)`` coordinates to ``(B, dim)`` encodings.
+    """
     if kind == "learnable":
         return LearnablePositionEncoding(dim, max_positions)
     if kind == "sinusoidal":

@@ -35,7 +35,7 @@ _MIN_TAPER = 1e-3
 class Window:
     """Spots of one window and their blending weights.
 
-    Attributes
+    Parameters
     ----------
     index
         int64 indices of the window's spots in the slide.
@@ -56,6 +56,20 @@ def use_windows(n_spots: int, window_px: float | None, min_spots: int) -> bool:
 
     ``window_px=None`` never windows; otherwise slides with more than
     ``min_spots`` spots are windowed.
+
+    Parameters
+    ----------
+    n_spots
+        Spots of the slide.
+    window_px
+        Window side in pixels, or None (never window).
+    min_spots
+        Slides with at most this many spots are kept whole.
+
+    Returns
+    -------
+    bool
+        True when ``window_px`` is set and ``n_spots > min_spots``.
     """
     return window_px is not None and n_spots > min_spots
 
@@ -102,8 +116,19 @@ def _tiles(coords: np.ndarray, window_px: float, stride_px: float) -> list[tuple
 def training_windows(coords: np.ndarray, window_px: float) -> list[np.ndarray]:
     """Non-overlapping ``window_px`` squares; every spot lies in exactly one.
 
-    Returns the spot indices of each non-empty window (the benchmark paper's
-    4000 x 4000 px training instances).
+    Parameters
+    ----------
+    coords
+        ``(n, 2)`` spot centres in pixels.
+    window_px
+        Window side in pixels (positive).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        The int64 spot indices of each non-empty window (the benchmark paper's
+        4000 x 4000 px training instances), row of windows by row; empty for
+        an empty slide.
     """
     coords = _check(coords, window_px)
     if len(coords) == 0:
@@ -153,7 +178,24 @@ def prediction_windows(coords: np.ndarray, window_px: float, overlap: float = 0.
 
 
 def blend(n_spots: int, windows: Sequence[Window], predictions: Sequence[np.ndarray]) -> np.ndarray:
-    """Weighted sum of per-window predictions into one ``(n_spots, ...)`` array."""
+    """Weighted sum of per-window predictions into one ``(n_spots, ...)`` array.
+
+    Parameters
+    ----------
+    n_spots
+        Spots of the slide.
+    windows
+        The windows, as from :func:`prediction_windows`.
+    predictions
+        One array per window, ``(len(window.index), ...)``, in the order of
+        ``windows``; all with the same trailing shape.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_spots, ...)`` float32 blend, each spot's predictions weighted by
+        its window weights (``(n_spots, 0)`` when there are no windows).
+    """
     if len(windows) != len(predictions):
         raise ValueError(f"{len(windows)} windows but {len(predictions)} predictions")
     if not predictions:
