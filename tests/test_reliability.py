@@ -24,17 +24,6 @@ from he2st.errors import He2stInputError
 SYN = {"n_slides": 3, "n_spots": 60, "n_genes": 12, "patch_px": 32, "seed": 0}
 
 
-@pytest.fixture(scope="module")
-def _module_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("he2st-cache-reliability"))
-
-
-@pytest.fixture
-def syn_root(_module_cache, monkeypatch) -> str:
-    monkeypatch.setenv("HE2ST_CACHE", _module_cache)
-    return str(Path(_module_cache) / "synthetic")
-
-
 def _config(out, syn_root, **kw) -> dict:
     d = {
         "out": str(out),
@@ -365,7 +354,7 @@ def test_killed_at_random_points_then_resumed_gives_identical_tables(tmp_path, s
     # Each write sleeps between writing and renaming, so kills land inside writes too.
     env = {**os.environ, "HE2ST_ATOMIC_DELAY_S": "0.05"}
     rng = random.Random(13)
-    t0 = time.time()
+    t0, kills = time.time(), 0
     for _ in range(4):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None and not (out / "he2st.lock").is_file() and time.time() - t0 < 50:
@@ -375,6 +364,8 @@ def test_killed_at_random_points_then_resumed_gives_identical_tables(tmp_path, s
             break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        kills += 1
+    assert kills >= 2  # the run was really interrupted, more than once
     done = subprocess.run(cmd, env=env, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     for name in ("metrics.csv", "summary.csv"):

@@ -14,12 +14,21 @@ fields of :class:`BenchmarkConfig`.
 Run folder
 ----------
 ``config.json``
-    The resolved configuration, package versions, seeds and git commit.
+    The resolved configuration, package versions, seeds and git commit. It is
+    written only once every option has been checked (methods and their
+    parameters, genes, data, split), so a refused run leaves nothing behind.
+``he2st.lock``
+    Held (an OS lock, :mod:`he2st.benchmark.lock`) by the one process writing
+    the folder; a second writer is refused, naming the holder. A lock left by a
+    killed run is taken over. Temporary files of interrupted writes
+    (``.<name>.<random>.tmp``) are never read as results and are removed when a
+    run starts.
 ``folds/<method>/<fold>.json``
     Written atomically when a (method, fold) pair is done: its metrics,
     per-gene scores, panel, resolved method spec and timings. A rerun skips
     every pair that has one, so an interrupted run loses at most the pair in
-    progress. Methods may be added to a run folder later (only their pairs
+    progress. Fold and slide ids that are not safe file names are sanitised and
+    get a short hash of the id, so two ids never share a file. Methods may be added to a run folder later (only their pairs
     run); changing a method's settings, or a run-wide setting (data, split,
     genes, seed...), is refused.
 ``predictions/<method>/<test_slide>.h5ad``
