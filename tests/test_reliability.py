@@ -102,7 +102,7 @@ def test_second_writer_is_refused_and_a_dead_holder_is_taken_over(tmp_path, syn_
     # the dead holder's lock is taken over, with a message
     again = CliRunner().invoke(app, ["benchmark", "--config", str(_toml(tmp_path / "m.toml", syn_root)), "--out", str(out)])
     assert again.exit_code == 0, again.output
-    assert f"taking over the lock" in again.output and f"pid {first.pid}" in again.output
+    assert "taking over the lock" in again.output and f"pid {first.pid}" in again.output
 
 
 def test_lock_is_released_and_out_is_checked(tmp_path) -> None:
