@@ -22,6 +22,22 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("HE2ST_QUIET", "1")
 
 
+@pytest.fixture(scope="module")
+def _module_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("he2st-cache-module"))
+
+
+@pytest.fixture
+def syn_root(_module_cache: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Synthetic-cohort cache root shared by a module's tests.
+
+    One cache (synthetic images, colour-statistics features) per test module:
+    deterministic content, built once instead of per test.
+    """
+    monkeypatch.setenv("HE2ST_CACHE", _module_cache)
+    return str(Path(_module_cache) / "synthetic")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

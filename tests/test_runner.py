@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -18,19 +17,6 @@ import pytest
 from he2st.benchmark.run import BenchmarkConfig, RunConfigError, run_benchmark
 
 SYN = {"n_slides": 3, "n_spots": 120, "n_genes": 20, "patch_px": 32, "seed": 0}
-
-
-@pytest.fixture(scope="module")
-def _module_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("he2st-cache-runner"))
-
-
-@pytest.fixture
-def syn_root(_module_cache, monkeypatch) -> str:
-    # One cache (synthetic images, colour-statistics features) for the module's
-    # tests: deterministic content, built once instead of per test.
-    monkeypatch.setenv("HE2ST_CACHE", _module_cache)
-    return str(Path(_module_cache) / "synthetic")
 
 
 def _config(out, syn_root, **kw) -> dict:

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -17,20 +18,31 @@ T = TypeVar("T")
 PathLike = str | os.PathLike
 
 
+#: Marks the temporary files and folders of :func:`atomic_path` and :func:`atomic_dir`
+#: (``.<name>.<random>.tmp[<suffix>]``): a temporary file never ends like its target
+#: (``*.json``), so a reader that globs for results cannot take a half-written one.
+TEMP_MARK = ".tmp"
+# What a kill inside a write leaves: ``.<target>.<8 random>.tmp[.<ext>]``, and the names
+# he2st used before the marker (``.<target>.<8 random><target suffix>``).
+_TEMP_RE = re.compile(r"\..+\.[a-z0-9_]{8}(\.tmp(\.[A-Za-z0-9]+)?|\.[A-Za-z0-9]+)?")
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only on success.
 
     Readers of ``path`` never see a half-written file: either the old content or
-    the new one. The temporary file is removed if the block raises.
+    the new one. The temporary file is removed if the block raises; an
+    :class:`OSError` without a file name (e.g. a full disk) gets ``path`` as its
+    ``filename``, so the message says which file could not be written.
 
     Parameters
     ----------
     path
         Final path of the file; its parent folder is created if missing.
     suffix
-        Suffix of the temporary file (default: the suffix of ``path``, or ``.tmp``),
-        for writers that pick the format from the file name.
+        Suffix after the temporary marker (``.<name>.<random>.tmp<suffix>``), for
+        writers that pick the format from the file name; default none.
 
     Yields
     ------
@@ -39,19 +51,59 @@ def atomic_path(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp"
-    )
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK + (suffix or ""))
     # mkstemp creates the file 0600: give it the mode any other new file gets.
     os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _test_delay()
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _test_delay() -> None:
+    # Fault tests set HE2ST_ATOMIC_DELAY_S to widen the window between writing a
+    # temporary file and renaming it, so that a kill lands inside writes.
+    delay = os.environ.get("HE2ST_ATOMIC_DELAY_S")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
+def clean_temp_files(folder: PathLike) -> list[Path]:
+    """Remove the temporary files and folders that interrupted atomic writes left under ``folder``.
+
+    Only call it while no other process writes there (e.g. under a run-folder lock).
+
+    Parameters
+    ----------
+    folder
+        Folder searched recursively.
+
+    Returns
+    -------
+    list of Path
+        What was removed.
+    """
+    removed = []
+    for p in sorted(Path(folder).rglob(".*"), key=lambda q: len(q.parts), reverse=True):
+        if not _TEMP_RE.fullmatch(p.name) or not (p.is_file() or p.is_dir()):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager
@@ -73,7 +125,7 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_MARK))
     # mkdtemp creates the folder 0700: give it the mode any other new folder gets.
     os.chmod(tmp, 0o777 & ~current_umask())
     try:

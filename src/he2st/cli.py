@@ -10,6 +10,10 @@ function body, so ``he2st --help`` and ``import he2st`` stay fast.
     he2st encoders           registered image encoders
 
 ``--quiet`` (before the command) hides progress bars by setting ``HE2ST_QUIET=1``.
+
+Every failure prints one line, ``error: <file or option>: <problem>``, and exits
+with status 2 (130 when interrupted); ``he2st --debug <command>`` shows the full
+traceback instead.
 """
 
 from __future__ import annotations
@@ -20,7 +24,59 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
+from typer.core import TyperGroup
+
+#: Exit status of every failure (as click uses for bad options), and of an interrupt.
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+class _OneLineErrors(TyperGroup):
+    """Runs a command and turns any exception it raises into one ``error:`` line (unless ``--debug``)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            if ctx.params.get("debug"):
+                raise
+            typer.echo("error: interrupted", err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            typer.echo(error_line(exc), err=True)
+            raise typer.Exit(EXIT_ERROR) from None
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line the CLI prints for an exception: ``error: <file or option>: <problem>``.
+
+    Parameters
+    ----------
+    exc
+        What a command raised.
+
+    Returns
+    -------
+    str
+        The line; an unexpected exception (not bad input, not a file system
+        error) also says how to see its traceback.
+    """
+    from he2st.errors import He2stInputError
+
+    if isinstance(exc, He2stInputError):
+        text = str(exc)  # its message names the file, slide or option already
+    elif isinstance(exc, OSError):
+        problem = exc.strerror or str(exc) or type(exc).__name__
+        text = f"{exc.filename}: {problem}" if exc.filename is not None else problem
+    else:
+        text = f"{type(exc).__name__}: {exc} (unexpected; run with --debug for the traceback)"
+    return "error: " + " ".join(text.split())  # one line, whatever the message holds
+
 
 app = typer.Typer(
     name="he2st",
@@ -28,6 +84,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
 
 
@@ -45,16 +102,11 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(False, "--debug", help="On failure, show the full traceback instead of one line."),
 ) -> None:
     """he2st: H&E -> spatial transcriptomics toolkit."""
     if quiet:
         os.environ["HE2ST_QUIET"] = "1"
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    """Print a user-facing error (no traceback) and return the exit to raise."""
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=2)
 
 
 @app.command()
@@ -64,22 +116,17 @@ def info(
     ),
 ) -> None:
     """Print a summary of a slide or a cohort."""
-    from he2st.errors import He2stInputError
+    if path == "synthetic":
+        from he2st.datasets import synthetic
 
-    try:
-        if path == "synthetic":
-            from he2st.datasets import synthetic
+        obj: Any = synthetic()
+    else:
+        from he2st.datasets import read_any
 
-            obj: Any = synthetic()
-        else:
-            from he2st.datasets import read_any
+        obj = read_any(path)
+    from he2st.datasets import summarize
 
-            obj = read_any(path)
-        from he2st.datasets import summarize
-
-        typer.echo(summarize(obj))
-    except He2stInputError as exc:
-        raise _fail(exc) from None
+    typer.echo(summarize(obj))
 
 
 @app.command()
@@ -106,14 +153,10 @@ def demo(
     """
     from he2st.benchmark.demo import demo_config, format_demo, run_demo
     from he2st.benchmark.run import run_benchmark
-    from he2st.errors import He2stInputError
 
-    try:
-        summary = run_demo(out, seed=seed)
-        typer.echo(format_demo(summary))
-        result = run_benchmark(demo_config(out, seed=seed))
-    except He2stInputError as exc:
-        raise _fail(exc) from None
+    summary = run_demo(out, seed=seed)
+    typer.echo(format_demo(summary))
+    result = run_benchmark(demo_config(out, seed=seed))
     typer.echo(result.format_table())
 
 
@@ -181,19 +224,15 @@ def benchmark(
     """
     from he2st.benchmark.config import config_from_options
     from he2st.benchmark.run import run_benchmark
-    from he2st.errors import He2stInputError
 
     if quiet:
         os.environ["HE2ST_QUIET"] = "1"
-    try:
-        cfg = config_from_options(
-            config, data=data, methods=methods, split=split, out=out, encoder=encoder, weights=weights, patch_px=patch_px,
-            genes=genes, min_spots=min_spots, markers=markers, n_top=n_top, seed=seed,
-            save_models=save_models, quiet=quiet or None,
-        )
-        result = run_benchmark(cfg)
-    except He2stInputError as exc:
-        raise _fail(exc) from None
+    cfg = config_from_options(
+        config, data=data, methods=methods, split=split, out=out, encoder=encoder, weights=weights, patch_px=patch_px,
+        genes=genes, min_spots=min_spots, markers=markers, n_top=n_top, seed=seed,
+        save_models=save_models, quiet=quiet or None,
+    )
+    result = run_benchmark(cfg)
     typer.echo(result.format_table())
 
 
@@ -202,16 +241,12 @@ def methods(
     name: str = typer.Argument(None, help="Show one method's defaults and capabilities."),
 ) -> None:
     """List the registered methods (built-in and from other packages), or show one."""
-    from he2st.errors import He2stInputError
     from he2st.methods import list_methods, method_info
 
-    try:
-        if name is not None:
-            typer.echo(_format_method(method_info(name)))
-            return
-        rows = [method_info(n) for n in list_methods()]
-    except He2stInputError as exc:
-        raise _fail(exc) from None
+    if name is not None:
+        typer.echo(_format_method(method_info(name)))
+        return
+    rows = [method_info(n) for n in list_methods()]
     typer.echo(f"{'name':<12} {'family':<12} {'paper':<34} summary")
     for r in rows:
         typer.echo(f"{r['name']:<12} {r['family']:<12} {r['paper'][:34]:<34} {r['summary']}")

@@ -18,6 +18,7 @@ from typing import Any
 
 from he2st.errors import He2stInputError
 from he2st.evaluate.metrics import N_TOP
+from he2st.methods.base import param_type_mismatch
 
 #: Fast methods the demo runs. Later issues append their method names here.
 DEMO_METHODS: list[str] = ["mean", "ridge", "knn"]
@@ -162,12 +163,30 @@ class BenchmarkConfig:
         return cfg
 
     def check(self, where: str = "config") -> None:
-        if not isinstance(self.methods, list) or not self.methods:
-            raise RunConfigError(f"{where}: 'methods' must be a non-empty list")
-        if not isinstance(self.n_top, int) or self.n_top < 1:
-            raise RunConfigError(f"{where}: n_top must be a positive integer, got {self.n_top!r}")
-        if not isinstance(self.seed, int):
-            raise RunConfigError(f"{where}: seed must be an integer, got {self.seed!r}")
+        """Check every field's type and value, and resolve the method specs.
+
+        Parameters
+        ----------
+        where
+            Where the configuration came from, for error messages.
+
+        Raises
+        ------
+        RunConfigError
+            Naming the key at fault and what was expected.
+        """
+        for key, (ok, expected) in _FIELD_TYPES.items():
+            value = getattr(self, key)
+            if not ok(value):
+                raise RunConfigError(f"{where}: {key!r} must be {expected}, got {value!r}")
+        for key in ("method_params", "grid"):
+            for label, table in getattr(self, key).items():
+                if not isinstance(table, Mapping):
+                    raise RunConfigError(f"{where}: {key!r} of {label!r} must be a table of parameters, got {table!r}")
+        for label, table in self.grid.items():
+            for param, values in table.items():
+                if not isinstance(values, list) or not values:
+                    raise RunConfigError(f"{where}: 'grid' of {label!r}: {param!r} must be a non-empty list of values, got {values!r}")
         labels = [s.label for s in self.method_specs()]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
@@ -194,7 +213,10 @@ class BenchmarkConfig:
                 if unknown:
                     raise RunConfigError(f"methods[{i}]: unknown key(s) {sorted(unknown)}")
                 name, label = str(m["name"]), str(m.get("label", m["name"]))
-                params, grid = dict(m.get("params", {})), dict(m.get("grid", {}))
+                params, grid = m.get("params", {}), m.get("grid", {})
+                if not isinstance(params, Mapping) or not isinstance(grid, Mapping):
+                    raise RunConfigError(f"methods[{i}]: 'params' and 'grid' must be tables, got {params!r}, {grid!r}")
+                params, grid = dict(params), dict(grid)
             else:
                 raise RunConfigError(f"methods[{i}]: expected a method name or a table with 'name', got {m!r}")
             if not re.fullmatch(r"[A-Za-z0-9_.+-]+", label):
@@ -221,6 +243,14 @@ class BenchmarkConfig:
             unknown = sorted(set(resolved) - set(accepted))
             if unknown:
                 raise RunConfigError(f"method {label!r} ({name}): unknown parameter(s) {unknown}; known: {sorted(accepted)}")
+            candidates = [(k, v) for k, v in resolved.items()] + [(k, v) for k, vs in grid.items() for v in vs]
+            for key, value in candidates:
+                expected = param_type_mismatch(value, accepted.get(key))
+                if expected:
+                    raise RunConfigError(
+                        f"method {label!r} ({name}): parameter {key!r} must be {expected} "
+                        f"(like its default {accepted[key]!r}), got {value!r}"
+                    )
             specs.append(MethodSpec(name, label, resolved, grid))
         return specs
 
@@ -238,6 +268,47 @@ class BenchmarkConfig:
         for k in (*self._VOLATILE, "methods", "method_params", "grid", "encoder", "weights", "patch_px", "normalization"):
             d.pop(k, None)
         return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_str_list(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(g, str) for g in x)
+
+
+def _optional(check: Any) -> Any:
+    return lambda x: x is None or check(x)
+
+
+# Field -> (test, what is expected): TOML gives any type, and a wrong one would
+# otherwise surface as a TypeError deep in the run (or be silently misread).
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "out": (lambda x: isinstance(x, (str, os.PathLike)), "a folder path"),
+    "data": (lambda x: isinstance(x, (str, os.PathLike)), "a dataset name or path"),
+    "data_params": (lambda x: isinstance(x, Mapping), "a table of dataset arguments"),
+    "methods": (lambda x: isinstance(x, list) and len(x) > 0, "a non-empty list of method names or tables"),
+    "split": (lambda x: isinstance(x, (str, os.PathLike, Mapping, list)), "a split name or file"),
+    # str, a list of genes, or (Python API) a GenePanel / path.
+    "genes": (lambda x: isinstance(x, (str, os.PathLike)) or _is_str_list(x) or hasattr(x, "genes"),
+              "'hvg:N', 'all', a gene-list file or a list of gene names"),
+    "min_spots": (_optional(lambda x: _is_int(x) and x >= 0), "a non-negative integer"),
+    "markers": (_optional(_is_str_list), "a list of gene names"),
+    "n_top": (lambda x: _is_int(x) and x >= 1, "a positive integer"),
+    "encoder": (_optional(lambda x: isinstance(x, str)), "an encoder name"),
+    "weights": (_optional(lambda x: isinstance(x, (str, os.PathLike))), "'imagenet' or a weights file"),
+    "patch_px": (_optional(lambda x: _is_int(x) and x >= 1), "a positive integer (pixels)"),
+    "normalization": (_optional(lambda x: isinstance(x, str)), "a normalisation name"),
+    "method_params": (lambda x: isinstance(x, Mapping), "a table {method: {parameter: value}}"),
+    "grid": (lambda x: isinstance(x, Mapping), "a table {method: {parameter: [values]}}"),
+    "seed": (_is_int, "an integer"),
+    "save_models": (lambda x: isinstance(x, bool), "true or false"),
+    "clustering": (lambda x: isinstance(x, bool), "true or false"),
+    "report": (lambda x: isinstance(x, bool), "true or false"),
+    "quiet": (lambda x: isinstance(x, bool), "true or false"),
+    "name": (_optional(lambda x: isinstance(x, str)), "a run name"),
+}
 
 
 def _synthetic_patch_px() -> int:

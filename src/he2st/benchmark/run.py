@@ -14,12 +14,21 @@ fields of :class:`BenchmarkConfig`.
 Run folder
 ----------
 ``config.json``
-    The resolved configuration, package versions, seeds and git commit.
+    The resolved configuration, package versions, seeds and git commit. It is
+    written only once every option has been checked (methods and their
+    parameters, genes, data, split), so a refused run leaves nothing behind.
+``he2st.lock``
+    Held (an OS lock, :mod:`he2st.benchmark.lock`) by the one process writing
+    the folder; a second writer is refused, naming the holder. A lock left by a
+    killed run is taken over. Temporary files of interrupted writes
+    (``.<name>.<random>.tmp``) are never read as results and are removed when a
+    run starts.
 ``folds/<method>/<fold>.json``
     Written atomically when a (method, fold) pair is done: its metrics,
     per-gene scores, panel, resolved method spec and timings. A rerun skips
     every pair that has one, so an interrupted run loses at most the pair in
-    progress. Methods may be added to a run folder later (only their pairs
+    progress. Fold and slide ids that are not safe file names are sanitised and
+    get a short hash of the id, so two ids never share a file. Methods may be added to a run folder later (only their pairs
     run); changing a method's settings, or a run-wide setting (data, split,
     genes, seed...), is refused.
 ``predictions/<method>/<test_slide>.h5ad``
@@ -42,6 +51,7 @@ Run folder
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -53,8 +63,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from he2st._utils import atomic_path, atomic_write_json, jsonable, progress
+from he2st._utils import atomic_path, atomic_write_json, clean_temp_files, jsonable, progress
 from he2st.benchmark.config import BenchmarkConfig, MethodSpec, RunConfigError, load_config
+from he2st.benchmark.lock import run_lock
 from he2st.benchmark.provenance import check_or_write_config
 from he2st.datasets import load as load_cohort
 from he2st.errors import He2stInputError
@@ -115,13 +126,34 @@ def run_benchmark(config: BenchmarkConfig | Mapping[str, Any] | str | os.PathLik
 
 
 def _run(config: BenchmarkConfig, cohort: Any) -> RunResult:
-    from he2st.evaluate.protocol import run_fold
-
     out = Path(config.out)
+    # Everything is checked before the run folder is touched: a run refused here
+    # leaves no config.json behind to block the corrected rerun.
+    specs, cohort, folds = _validate(config, cohort)
+    with run_lock(out):
+        # Only one writer from here on: what an interrupted write left is stale.
+        clean_temp_files(out)
+        return _run_locked(config, out, specs, cohort, folds)
+
+
+def _validate(config: BenchmarkConfig, cohort: Any) -> tuple[list[MethodSpec], Any, list[Fold]]:
+    """Method specs, cohort and folds of a run, every option checked; nothing is written."""
+    from he2st.evaluate.protocol import check_gene_spec
+    from he2st.methods import create_method
+
     specs = config.method_specs()
+    check_gene_spec(config.genes)
+    for spec in specs:
+        create_method(spec.name, **spec.params)  # the method's own checks of its parameters
     if cohort is None:
         cohort = load_cohort(config.data, config.data_params)
     folds = make_splits(config.split, cohort, seed=config.seed)
+    return specs, cohort, folds
+
+
+def _run_locked(config: BenchmarkConfig, out: Path, specs: list[MethodSpec], cohort: Any, folds: list[Fold]) -> RunResult:
+    from he2st.evaluate.protocol import run_fold
+
     check_or_write_config(out, config, folds, cohort)
     tested = [s for f in folds for s in f.test]
     per_fold_files = len(set(tested)) < len(tested)
@@ -264,9 +296,16 @@ def _log(config: BenchmarkConfig, msg: str) -> None:
 
 
 def _safe(name: str) -> str:
-    """A file-name-safe version of a fold or slide id."""
-    s = re.sub(r"[^A-Za-z0-9_.+-]", "_", str(name))
-    return s if s not in ("", ".", "..") else f"_{s}_"
+    """A file-name-safe version of a fold or slide id, distinct for distinct ids.
+
+    An id that is already safe is kept; otherwise the readable sanitised name gets
+    a short hash of the original, so ``x/1`` and ``x_1`` never share a file.
+    """
+    name = str(name)
+    s = re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+    if s == name and s not in ("", ".", "..") and not s.startswith("."):
+        return s
+    return f"{s.lstrip('.') or '_'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def _marker(out: Path, label: str, fold: str) -> Path:
@@ -284,6 +323,12 @@ def _finished(out: Path, spec: MethodSpec, fold: Fold) -> bool:
         return False  # unreadable: run the pair again (the file is replaced atomically)
     if d.get("version") != _RESULT_VERSION or "metrics" not in d or "spec" not in d:
         return False
+    recorded = d.get("fold", {}).get("name")
+    if recorded != fold.name:
+        raise RunConfigError(
+            f"{path}: holds the result of fold {recorded!r}, not of fold {fold.name!r}; "
+            f"delete it to rerun fold {fold.name!r}"
+        )
     now = spec.record()
     if d["spec"] != now:
         old = d["spec"]

@@ -86,11 +86,7 @@ def choose_panel(
 
     slides = list(train_slides)
     if isinstance(genes, str) and genes.lower().startswith("hvg"):
-        _, _, n = genes.partition(":")
-        try:
-            n_top = int(n) if n else 1000
-        except ValueError:
-            raise He2stInputError(f"gene spec {genes!r}: expected hvg:N with an integer N") from None
+        n_top = _hvg_n(genes)
         if min_spots is None:
             n_spots = sum(s.n_obs for s in slides)
             min_spots = int(min(PUBLISHED_MIN_SPOTS, np.floor(MIN_SPOTS_FRACTION * n_spots)))
@@ -102,6 +98,41 @@ def choose_panel(
     if genes is None:
         raise He2stInputError("gene spec is None: use 'hvg:N', 'all', a list of genes or a file")
     return select_genes(slides, gene_list=genes, markers=markers)
+
+
+def check_gene_spec(genes: Any) -> None:
+    """Check a gene spec without reading any slide, so a run can refuse it before writing.
+
+    Parameters
+    ----------
+    genes
+        As :func:`choose_panel` takes it.
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        A malformed ``hvg:N``, None, or a gene list (file) that cannot be read.
+    """
+    from he2st.pp.genes import read_gene_list
+
+    if isinstance(genes, str) and genes.lower().startswith("hvg"):
+        _hvg_n(genes)
+    elif genes is None:
+        raise He2stInputError("gene spec is None: use 'hvg:N', 'all', a list of genes or a file")
+    elif not (isinstance(genes, str) and genes.lower() == "all"):
+        read_gene_list(genes)
+
+
+def _hvg_n(genes: str) -> int:
+    """N of an ``hvg:N`` gene spec (``hvg`` alone: 1000)."""
+    _, _, n = genes.partition(":")
+    try:
+        n_top = int(n) if n else 1000
+    except ValueError:
+        n_top = 0
+    if n_top < 1:
+        raise He2stInputError(f"gene spec {genes!r}: expected hvg:N with a positive integer N")
+    return n_top
 
 
 # -- one fold ------------------------------------------------------------------------

@@ -163,8 +163,22 @@ def fold_records(out: str | os.PathLike) -> list[dict[str, Any]]:
     -------
     list of dict
         One parsed ``folds/<method>/<fold>.json`` per finished pair.
+
+    Raises
+    ------
+    He2stInputError
+        A record is not valid JSON.
     """
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / FOLDS_DIR).glob("*/*.json"))]
+    records = []
+    for p in sorted((Path(out) / FOLDS_DIR).glob("*/*.json")):
+        # Hidden names are temporary files of interrupted writes, never results.
+        if p.name.startswith("."):
+            continue
+        try:
+            records.append(json.loads(p.read_text()))
+        except json.JSONDecodeError as exc:
+            raise He2stInputError(f"{p}: not a valid result record ({exc}); delete it to rerun that fold") from None
+    return records
 
 
 def _optional_csv(path: Path) -> pd.DataFrame:

@@ -68,6 +68,40 @@ class Capabilities:
     needs_labels: bool = False
 
 
+def param_type_mismatch(value: Any, default: Any) -> str | None:
+    """What a method parameter should be, when ``value`` is plainly of the wrong kind for ``default``.
+
+    Only kinds a parameter cannot reasonably switch are checked (a number given as a
+    string, a list as a scalar, a flag as text); None is always accepted (it turns an
+    option off), and a string default also accepts a flag (e.g. ``"auto"`` or True).
+
+    Parameters
+    ----------
+    value
+        The value given.
+    default
+        The method's default for the parameter.
+
+    Returns
+    -------
+    str or None
+        E.g. ``"a number"``; None when ``value`` fits.
+    """
+    if value is None or default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, (int, float)):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, (str, bool)) else "a string"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(value, (list, tuple)) else "a list"
+    if isinstance(default, dict):
+        return None if isinstance(value, dict) else "a table (mapping)"
+    return None
+
+
 class Method(abc.ABC):
     """Base class of every method.
 
@@ -100,6 +134,13 @@ class Method(abc.ABC):
                 f"method {self.name!r}: unknown parameter(s) {sorted(unknown)}; "
                 f"known: {sorted(merged)}"
             )
+        for key, value in params.items():
+            expected = param_type_mismatch(value, merged[key])
+            if expected:
+                raise He2stInputError(
+                    f"method {self.name!r}: parameter {key!r} must be {expected} (like its default "
+                    f"{merged[key]!r}), got {value!r}"
+                )
         merged.update(params)
         self.params: dict[str, Any] = merged
         self.genes: list[str] | None = None
