@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from he2st.errors import SlideError
 from he2st.io._common import (
+    READ_ERRORS,
     MissingFileError,
     PathLike,
     check_count_values,
@@ -319,6 +320,11 @@ def read_10x_h5(path: PathLike, genome: str | None = None) -> tuple[sp.csr_matri
                 None,
                 f"{str(path)!r} is not a 10x feature-barcode matrix (missing dataset {exc}); expected group 'matrix'",
             ) from exc
+        except SlideError:
+            raise
+        except (*READ_ERRORS, TypeError, IndexError, AttributeError) as exc:
+            # h5py raises OSError/ValueError on damaged chunks, scipy ValueError on inconsistent arrays.
+            raise SlideError(None, f"{str(path)!r} is a damaged 10x HDF5 matrix: {exc}") from exc
     if len(barcodes) != n_barcodes or len(names) != n_features:
         raise SlideError(None, f"{str(path)!r}: shape {(n_features, n_barcodes)} disagrees with feature/barcode lists")
     gex = np.array([t == "Gene Expression" for t in types])
@@ -357,11 +363,11 @@ def read_10x_mtx(folder: PathLike) -> tuple[sp.csr_matrix, list[str], list[str],
     try:
         with _open_maybe_gz(mtx, "rb") as fh:
             M = scipy.io.mmread(fh)
-    except (ValueError, OSError) as exc:
-        raise SlideError(None, f"{str(mtx)!r} is not a Matrix Market file: {exc}") from exc
-    X = sp.csr_matrix(M.T, dtype=np.float32)
-    barcodes = pd.read_csv(bcs, sep="\t", header=None, dtype=str)[0].tolist()
-    ftab = pd.read_csv(feats, sep="\t", header=None, dtype=str)
+        X = sp.csr_matrix(M.T, dtype=np.float32)
+    except (*READ_ERRORS, TypeError, IndexError) as exc:
+        raise SlideError(None, f"{str(mtx)!r} is not a readable Matrix Market file: {exc}") from exc
+    barcodes = _read_tsv(bcs)[0].tolist()
+    ftab = _read_tsv(feats)
     ids = ftab[0].tolist()
     names = ftab[1].tolist() if ftab.shape[1] > 1 else ids
     if X.shape != (len(barcodes), len(ids)):
@@ -377,6 +383,14 @@ def read_10x_mtx(folder: PathLike) -> tuple[sp.csr_matrix, list[str], list[str],
             names = [n for n, g in zip(names, gex, strict=True) if g]
             ids = [i for i, g in zip(ids, gex, strict=True) if g]
     return X.tocsr(), barcodes, make_unique(names), ids
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    """A header-less tab-separated table of strings (barcodes, features), errors naming the file."""
+    try:
+        return pd.read_csv(path, sep="\t", header=None, dtype=str)
+    except (*READ_ERRORS, pd.errors.EmptyDataError) as exc:
+        raise SlideError(None, f"cannot read {str(path)!r} as a tab-separated table: {exc}") from exc
 
 
 def _open_maybe_gz(path: Path, mode: str) -> Any:
@@ -434,7 +448,7 @@ def read_positions(spatial_dir: PathLike, slide: str | None = None) -> tuple[pd.
                         f"expected {len(POSITION_COLUMNS)}: {POSITION_COLUMNS}",
                     )
                 df.columns = POSITION_COLUMNS
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
+    except READ_ERRORS as exc:
         if isinstance(exc, SlideError):
             raise
         raise SlideError(slide, f"cannot read spot positions {str(path)!r}: {exc}") from exc
