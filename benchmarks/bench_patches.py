@@ -14,6 +14,15 @@ building, before the timed part):
                        (plus the 1/64 level for the tissue thumbnail) are decoded
 ``tiff40k_lazy_cold``  the same with the patch cache on (adds the sha256 of the file)
 ``tiff40k_lazy_warm``  the same again in a new process: a cache hit
+``jpeg20k_per_patch``  a generated 20000 x 20000 baseline JPEG (1.2 GB decoded, larger than
+                       the 512 MB image cache), 20 spots, patch cache off, with the path he2st
+                       had before issue 13: the whole JPEG decoded again for every patch
+``jpeg20k_disk_cold``  the same JPEG, 1000 spots, today's path: decoded once into a
+                       memory-mapped raw array under the he2st cache, then sliced per patch
+``jpeg20k_disk_warm``  the same in a new process: the decoded array is already on disk
+
+``--only-jpeg20k`` runs the three JPEG cases and merges their rows into the existing
+JSON (rows of other cases are kept).
 
 The 40k TIFF is written tile by tile from a generator (never held in memory)
 under a temporary folder and deleted afterwards. No naive case runs on it: a
@@ -153,6 +162,27 @@ def naive_patches(slide):
     return out
 
 
+def write_big_jpeg(path: Path) -> float:
+    """Write the 20k JPEG (the 40k geometry at half scale, built in bands); returns seconds."""
+    import imagecodecs
+    import numpy as np
+
+    t0 = time.perf_counter()
+    side = BIG // 2
+    arr = np.empty((side, side, 3), np.uint8)
+    for y in range(0, side, 1000):
+        arr[y : y + 1000] = _tile(2, y, 0, 1000, side)
+    path.write_bytes(imagecodecs.jpeg8_encode(arr, level=90))
+    return time.perf_counter() - t0
+
+
+def per_patch_decode() -> None:
+    """Restore the pre-issue-13 path: an image larger than the cache is decoded for every read."""
+    from he2st.image.lazy.pil import PilBackend
+
+    PilBackend.decoded = lambda self: self._decode()  # type: ignore[method-assign]
+
+
 def run_case(case: str, tiff: str | None) -> dict:
     import numpy as np
     import psutil
@@ -161,6 +191,15 @@ def run_case(case: str, tiff: str | None) -> dict:
 
     if case.startswith("her2st"):
         slides = her2st_slides()
+    elif case.startswith("jpeg20k"):
+        s = big_slide(Path(tiff))
+        n = 20 if case == "jpeg20k_per_patch" else N_BIG_SPOTS
+        s = s[:n].copy()
+        s.obsm["spatial"] = s.obsm["spatial"] / 2
+        s.uns["he2st"]["spot_diameter_px"] = 100.0
+        slides = [s]
+        if case == "jpeg20k_per_patch":
+            per_patch_decode()
     else:
         slides = [big_slide(Path(tiff))]
     rss_base = psutil.Process().memory_info().rss
@@ -172,7 +211,7 @@ def run_case(case: str, tiff: str | None) -> dict:
         if case == "her2st_naive":
             images = naive_patches(s)
         else:
-            cache = False if case == "tiff40k_lazy" else PatchCache()
+            cache = False if case in ("tiff40k_lazy", "jpeg20k_per_patch", "jpeg20k_disk_cold", "jpeg20k_disk_warm") else PatchCache()
             p = extract_patches(s, size_px=SIZE, cache=cache)
             images = p.images
             if cache:
@@ -212,9 +251,17 @@ def main() -> None:
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--tiff", help=argparse.SUPPRESS)
     ap.add_argument("--skip-big", action="store_true", help="only the her2st cases")
+    ap.add_argument("--only-jpeg20k", action="store_true", help="only the 20k JPEG cases, merged into the JSON")
+    ap.add_argument("--write-jpeg", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.write_jpeg:
+        write_big_jpeg(Path(args.write_jpeg))
+        return
     if args.case:
         print(json.dumps(run_case(args.case, args.tiff)))
+        return
+    if args.only_jpeg20k:
+        jpeg20k_main()
         return
 
     results: list[dict] = []
@@ -260,6 +307,37 @@ def main() -> None:
     for k, v in info.items():
         print(f"{k}: {v}")
     print(f"wrote {RESULTS}")
+
+
+def jpeg20k_main() -> None:
+    """The 20k JPEG cases; their rows replace same-named rows of the existing JSON."""
+    with tempfile.TemporaryDirectory(prefix="he2st-bench-jpeg-") as tmp:
+        tmp = Path(tmp)
+        jpg = tmp / "big.jpg"
+        # Written by a child: ru_maxrss survives fork+exec, so a parent that held the
+        # 1.2 GB array would hand that peak to every case it starts.
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--write-jpeg", str(jpg)], check=True)
+        info = {"jpeg_write_s": round(time.perf_counter() - t0, 1), "jpeg_file_mb": round(jpg.stat().st_size / 2**20, 1),
+                "jpeg_shape": [BIG // 2, BIG // 2, 3]}
+        rows = []
+        for case in ("jpeg20k_per_patch", "jpeg20k_disk_cold", "jpeg20k_disk_warm"):
+            rows.append(child(case, str(tmp / "cache_jpeg"), str(jpg)))
+            print(f"  {case}: {rows[-1]}", file=sys.stderr)
+    by = {r["case"]: r for r in rows}
+    info["jpeg20k_speedup_cold_vs_per_patch"] = round(by["jpeg20k_disk_cold"]["patches_per_s"] / by["jpeg20k_per_patch"]["patches_per_s"], 1)
+    info["jpeg20k_speedup_warm_vs_per_patch"] = round(by["jpeg20k_disk_warm"]["patches_per_s"] / by["jpeg20k_per_patch"]["patches_per_s"], 1)
+    out = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"benchmark": "bench_patches", "results": [], "info": {}}
+    out["results"] = [r for r in out["results"] if r["case"] not in by] + rows
+    out["info"].update(info)
+    out["jpeg20k_created"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    sys.path.insert(0, str(REPO / "src"))
+    from he2st._utils import atomic_write_json
+
+    atomic_write_json(RESULTS, out)
+    for r in rows:
+        print(r)
+    print(info)
 
 
 if __name__ == "__main__":

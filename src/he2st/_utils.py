@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -61,6 +62,7 @@ def atomic_path(path: PathLike, suffix: str | None = None) -> Iterator[Path]:
         _test_delay()
         os.replace(tmp_path, path)
     except OSError as exc:
+        _raise_if_disk_full(exc, path)
         if exc.filename is None:
             exc.filename = str(path)
         raise
@@ -106,6 +108,28 @@ def clean_temp_files(folder: PathLike) -> list[Path]:
     return removed
 
 
+def _raise_if_disk_full(exc: OSError, path: Path) -> None:
+    """Turn ENOSPC/EDQUOT while writing ``path`` into a :class:`~he2st.errors.DiskFullError` naming its folder."""
+    from he2st.errors import DiskFullError
+
+    if isinstance(exc, DiskFullError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return
+    folder = path.parent
+    cache = default_cache_dir()
+    if folder.resolve().is_relative_to(cache.resolve()):
+        hint = (
+            f"free space there, or point he2st's cache at a larger disk with HE2ST_CACHE=/path (now {str(cache)!r})"
+        )
+    else:
+        hint = "free space there or write to another disk"
+    err = DiskFullError(
+        f"no space left on the disk of {str(folder)!r} while writing {path.name!r} ({exc.strerror}); "
+        f"nothing partial was left behind: {hint}"
+    )
+    err.errno = exc.errno  # still reads as ENOSPC to code that checks
+    raise err from exc
+
+
 @contextlib.contextmanager
 def atomic_dir(path: PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; it replaces ``path`` only on success.
@@ -133,9 +157,36 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
+    except OSError as exc:
+        _raise_if_disk_full(exc, path)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def preallocate(path: PathLike) -> None:
+    """Reserve the disk blocks of a (sparse) file, e.g. a fresh ``open_memmap``.
+
+    A write through a memory map to a full disk kills the process with SIGBUS;
+    reserving the blocks first turns that into an ``OSError`` (ENOSPC) here,
+    which :func:`atomic_path` reports. File systems without ``fallocate`` skip it.
+
+    Parameters
+    ----------
+    path
+        The file, already at its final length.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def current_umask() -> int:

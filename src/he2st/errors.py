@@ -44,3 +44,10 @@ class GenePanelError(He2stInputError):
 
 class NotCountsError(He2stInputError):
     """A count-only operation was asked of a slide whose ``.X`` is not raw counts."""
+
+
+class DiskFullError(He2stInputError, OSError):
+    """A write ran out of disk space (or quota). The message names the folder and how to free it.
+
+    Derives from ``OSError`` too, so code that handles disk errors still catches it.
+    """

@@ -71,8 +71,11 @@ def read_state_dict(path: PathLike) -> dict[str, Any]:
                 f"weights file {str(p)!r} cannot be loaded with weights_only=True (it pickles code or "
                 f"custom objects): save a plain state dict, e.g. torch.save(model.state_dict(), path). ({exc})"
             ) from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise WeightsError(f"weights file {str(p)!r} is not a readable torch checkpoint: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - weights_only unpickler: KeyError, IndexError, ... on garbage
+            raise WeightsError(
+                f"weights file {str(p)!r} is not a readable torch checkpoint ({type(exc).__name__}: {exc}); "
+                "expected a state dict saved with torch.save or a .safetensors file"
+            ) from exc
     return _unwrap(sd, p)
 
 

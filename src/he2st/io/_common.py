@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,18 @@ from he2st.errors import He2stInputError, SlideError
 logger = logging.getLogger("he2st.io")
 
 PathLike = str | os.PathLike
+
+
+#: What reading a damaged table can raise: parse errors, bad text, and a truncated or
+#: corrupt gzip stream (``EOFError``, ``zlib.error``, ``gzip.BadGzipFile`` is an ``OSError``).
+READ_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    pd.errors.ParserError,
+    UnicodeDecodeError,
+    OSError,
+    EOFError,
+    zlib.error,
+)
 
 
 class MissingFileError(He2stInputError, FileNotFoundError):

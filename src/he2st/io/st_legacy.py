@@ -27,6 +27,7 @@ import pandas as pd
 
 from he2st.errors import SlideError
 from he2st.io._common import (
+    READ_ERRORS,
     PathLike,
     check_numeric_frame,
     fit_pitch,
@@ -198,7 +199,7 @@ def _read_counts(path: Path, sid: str) -> pd.DataFrame:
         raise SlideError(sid, f"counts file {str(path)!r} has duplicated gene columns: {list(dup_genes[:5])}")
     try:
         table = pd.read_csv(path, sep="\t", index_col=0)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+    except READ_ERRORS as exc:
         raise SlideError(sid, f"cannot parse counts file {str(path)!r} as a tab-separated table: {exc}") from exc
     if table.shape[0] == 0:
         raise SlideError(sid, f"counts file {str(path)!r} has no spots (empty slide)")
@@ -219,7 +220,7 @@ def _header(path: Path) -> list[str]:
     try:
         with opener(path, "rt") as fh:
             line = fh.readline()
-    except (OSError, UnicodeDecodeError) as exc:
+    except READ_ERRORS as exc:
         raise SlideError(None, f"cannot read counts file {str(path)!r}: {exc}") from exc
     return line.rstrip("\r\n").split("\t")
 
@@ -228,7 +229,7 @@ def _read_spot_table(path: Path, sid: str) -> tuple[pd.DataFrame, int, int]:
     """Spot table indexed by ``"XxY"``, selected rows only, NaN rows dropped (with a warning)."""
     try:
         df = pd.read_csv(path, sep="\t")
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+    except READ_ERRORS as exc:
         raise SlideError(sid, f"cannot parse spot file {str(path)!r} as a tab-separated table: {exc}") from exc
     missing = [c for c in _SPOT_COLUMNS if c not in df.columns]
     if missing:
@@ -285,7 +286,7 @@ def _join_labels(path: Path, spot_ids: pd.Index, sid: str) -> tuple[list[Any], s
     """Per-spot labels in ``spot_ids`` order (NaN where unlabelled) and a provenance note."""
     try:
         df = pd.read_csv(path, sep="\t")
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+    except READ_ERRORS as exc:
         raise SlideError(sid, f"cannot parse label file {str(path)!r} as a tab-separated table: {exc}") from exc
     missing = [c for c in ("x", "y", "label") if c not in df.columns]
     if missing:

@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from he2st.errors import SlideError
 from he2st.io._common import (
+    READ_ERRORS,
     MissingFileError,
     PathLike,
     check_count_values,
@@ -314,11 +315,17 @@ def read_10x_h5(path: PathLike, genome: str | None = None) -> tuple[sp.csr_matri
                 (grp["data"][()].astype(np.float32), grp["indices"][()], grp["indptr"][()]),
                 shape=(n_barcodes, n_features),
             )
+            X.check_format(full_check=True)  # damaged indices would crash sparsetools later (SIGSEGV)
         except KeyError as exc:
             raise SlideError(
                 None,
                 f"{str(path)!r} is not a 10x feature-barcode matrix (missing dataset {exc}); expected group 'matrix'",
             ) from exc
+        except SlideError:
+            raise
+        except (*READ_ERRORS, TypeError, IndexError, AttributeError) as exc:
+            # h5py raises OSError/ValueError on damaged chunks, scipy ValueError on inconsistent arrays.
+            raise SlideError(None, f"{str(path)!r} is a damaged 10x HDF5 matrix: {exc}") from exc
     if len(barcodes) != n_barcodes or len(names) != n_features:
         raise SlideError(None, f"{str(path)!r}: shape {(n_features, n_barcodes)} disagrees with feature/barcode lists")
     gex = np.array([t == "Gene Expression" for t in types])
@@ -344,8 +351,6 @@ def read_10x_mtx(folder: PathLike) -> tuple[sp.csr_matrix, list[str], list[str],
     X, barcodes, gene_names, gene_ids
         As :func:`read_10x_h5`.
     """
-    import scipy.io
-
     folder = require_dir(folder, "10x matrix folder")
     mtx = first_existing(folder, ("matrix.mtx.gz", "matrix.mtx"))
     bcs = first_existing(folder, ("barcodes.tsv.gz", "barcodes.tsv"))
@@ -355,13 +360,14 @@ def read_10x_mtx(folder: PathLike) -> tuple[sp.csr_matrix, list[str], list[str],
         if found is None:
             raise MissingFileError(f"10x matrix folder {str(folder)!r} has no {what}")
     try:
-        with _open_maybe_gz(mtx, "rb") as fh:
-            M = scipy.io.mmread(fh)
-    except (ValueError, OSError) as exc:
-        raise SlideError(None, f"{str(mtx)!r} is not a Matrix Market file: {exc}") from exc
-    X = sp.csr_matrix(M.T, dtype=np.float32)
-    barcodes = pd.read_csv(bcs, sep="\t", header=None, dtype=str)[0].tolist()
-    ftab = pd.read_csv(feats, sep="\t", header=None, dtype=str)
+        M = _read_mtx(mtx)
+        X = sp.csr_matrix(M.T, dtype=np.float32)
+    except SlideError:
+        raise
+    except (*READ_ERRORS, TypeError, IndexError) as exc:
+        raise SlideError(None, f"{str(mtx)!r} is not a readable Matrix Market file: {exc}") from exc
+    barcodes = _read_tsv(bcs)[0].tolist()
+    ftab = _read_tsv(feats)
     ids = ftab[0].tolist()
     names = ftab[1].tolist() if ftab.shape[1] > 1 else ids
     if X.shape != (len(barcodes), len(ids)):
@@ -377,6 +383,42 @@ def read_10x_mtx(folder: PathLike) -> tuple[sp.csr_matrix, list[str], list[str],
             names = [n for n, g in zip(names, gex, strict=True) if g]
             ids = [i for i, g in zip(ids, gex, strict=True) if g]
     return X.tocsr(), barcodes, make_unique(names), ids
+
+
+def _read_mtx(path: Path) -> sp.coo_matrix:
+    """A coordinate Matrix Market file (the 10x layout), parsed and bounds-checked here.
+
+    scipy's reader (fast_matrix_market) crashed the interpreter (SIGSEGV) on some
+    damaged files; this parser only uses pandas and checks every index.
+    """
+    with _open_maybe_gz(path, "rt") as fh:
+        banner = fh.readline().lower().split()
+        if banner[:3] != ["%%matrixmarket", "matrix", "coordinate"] or len(banner) < 5:
+            raise SlideError(None, f"{str(path)!r} is not a coordinate Matrix Market file (banner {banner[:5]})")
+        field = banner[3]
+        line = fh.readline()
+        while line.startswith("%"):
+            line = fh.readline()
+        n_rows, n_cols, nnz = (int(v) for v in line.split())
+        body = pd.read_csv(fh, sep=r"\s+", header=None, comment="%", dtype=np.float64) if nnz else pd.DataFrame()
+    n_fields = 2 if field == "pattern" else 3
+    if body.shape != (nnz, n_fields) and not (nnz == 0 and body.empty):
+        raise SlideError(None, f"{str(path)!r}: {body.shape[0]} x {body.shape[1]} entries, header says {nnz} x {n_fields}")
+    values = body.to_numpy() if nnz else np.zeros((0, n_fields))
+    rows, cols = values[:, 0] - 1, values[:, 1] - 1
+    data = values[:, 2] if n_fields == 3 else np.ones(len(values))
+    inside = (rows >= 0) & (rows < n_rows) & (cols >= 0) & (cols < n_cols) & (rows == np.round(rows)) & (cols == np.round(cols))
+    if not inside.all() or not np.isfinite(data).all():
+        raise SlideError(None, f"{str(path)!r}: entries outside the {n_rows} x {n_cols} matrix or not finite")
+    return sp.coo_matrix((data, (rows.astype(np.int64), cols.astype(np.int64))), shape=(n_rows, n_cols))
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    """A header-less tab-separated table of strings (barcodes, features), errors naming the file."""
+    try:
+        return pd.read_csv(path, sep="\t", header=None, dtype=str)
+    except (*READ_ERRORS, pd.errors.EmptyDataError) as exc:
+        raise SlideError(None, f"cannot read {str(path)!r} as a tab-separated table: {exc}") from exc
 
 
 def _open_maybe_gz(path: Path, mode: str) -> Any:
@@ -434,7 +476,7 @@ def read_positions(spatial_dir: PathLike, slide: str | None = None) -> tuple[pd.
                         f"expected {len(POSITION_COLUMNS)}: {POSITION_COLUMNS}",
                     )
                 df.columns = POSITION_COLUMNS
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
+    except READ_ERRORS as exc:
         if isinstance(exc, SlideError):
             raise
         raise SlideError(slide, f"cannot read spot positions {str(path)!r}: {exc}") from exc

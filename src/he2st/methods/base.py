@@ -236,26 +236,69 @@ class Method(abc.ABC):
 
     @classmethod
     def load(cls, path: str | Path) -> Method:
-        """Load a method saved with :meth:`save` (no code is executed from the files)."""
+        """Load a method saved with :meth:`save` (no code is executed from the files).
+
+        Parameters
+        ----------
+        path
+            The folder :meth:`save` wrote.
+
+        Returns
+        -------
+        Method
+            The fitted method.
+
+        Raises
+        ------
+        He2stInputError
+            The folder is not a saved method: ``method.json`` missing, not JSON, or
+            lacking keys; an unknown method; ``state.safetensors`` missing or damaged;
+            a state that does not fit the method. The message names the file.
+        """
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         from he2st.pp.normalize import Normalizer
 
         path = Path(path)
         cfg_file = path / CONFIG_FILE
-        if not cfg_file.exists():
-            raise He2stInputError(f"{path}: not a saved he2st method (no {CONFIG_FILE})")
-        config = json.loads(cfg_file.read_text())
+        if not cfg_file.is_file():
+            raise He2stInputError(f"{str(path)!r}: not a saved he2st method (no {CONFIG_FILE})")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise He2stInputError(f"{str(cfg_file)!r} is not valid JSON ({exc}); expected the file Method.save writes") from exc
+        missing = [k for k in ("method", "params", "genes", "normalizer") if not isinstance(config, dict) or k not in config]
+        if missing:
+            raise He2stInputError(f"{str(cfg_file)!r} lacks keys {missing}; expected the file Method.save writes")
         from he2st.methods.registry import get_method_class
 
-        klass = get_method_class(config["method"]) if cls is Method else cls
-        if klass.name != config["method"]:
-            raise He2stInputError(f"{path} holds method {config['method']!r}, not {klass.name!r}")
-        obj = klass(**config["params"])
-        obj.genes = list(config["genes"])
-        obj.normalizer_ = Normalizer.from_state(config["normalizer"])
-        obj.set_extra(config.get("extra", {}))
-        obj.set_state(load_file(str(path / STATE_FILE)))
+        name = config["method"]
+        if not isinstance(name, str):
+            raise He2stInputError(f"{str(cfg_file)!r}: 'method' should be a method name, got {name!r}")
+        klass = get_method_class(name) if cls is Method else cls
+        if klass.name != name:
+            raise He2stInputError(f"{str(path)!r} holds method {name!r}, not {klass.name!r}")
+        state_file = path / STATE_FILE
+        if not state_file.is_file():
+            raise He2stInputError(f"{str(state_file)!r} does not exist: the saved method {name!r} is incomplete")
+        try:
+            state = load_file(str(state_file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise He2stInputError(f"{str(state_file)!r} is not a readable safetensors file: {exc}") from exc
+        try:
+            obj = klass(**config["params"])
+            obj.genes = [str(g) for g in config["genes"]]
+            obj.normalizer_ = Normalizer.from_state(config["normalizer"])
+            obj.set_extra(config.get("extra", {}))
+            obj.set_state(state)
+        except He2stInputError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            # A hand-edited or foreign folder: parameters or arrays that do not fit the class.
+            raise He2stInputError(
+                f"{str(path)!r}: the saved {name!r} does not fit its class ({type(exc).__name__}: {exc})"
+            ) from exc
         return obj
 
     # -- helpers --------------------------------------------------------

@@ -7,8 +7,12 @@ whole-slide formats) and never decodes pixels.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from he2st.errors import ImageError
 
@@ -113,11 +117,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         except Exception as exc:
             raise ImageError(f"{str(p)!r} is not a readable TIFF image: {exc}") from exc
         return tiff_width_height(shape, axes, p)
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    Image.MAX_IMAGE_PIXELS = None  # whole-slide JPEGs exceed Pillow's bomb guard
     try:
-        with Image.open(p) as im:
+        with pil_open(p) as im:
             w, h = im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{str(p)!r} is not an image (expected JPEG, PNG, TIFF or a whole-slide format): {exc}") from exc
@@ -149,3 +152,96 @@ def tiff_width_height(shape: tuple[int, ...], axes: str, path: Path) -> tuple[in
     if "X" not in axes or "Y" not in axes:
         raise ImageError(f"{str(path)!r}: TIFF series has axes {axes!r}; expected a 2-D image with X and Y")
     return int(shape[axes.index("X")]), int(shape[axes.index("Y")])
+
+
+#: Default of ``HE2ST_MAX_DECODED_PIXELS``: the most pixels he2st decodes from a
+#: non-tiled image (JPEG, PNG, ...), which has to be decoded whole. 2.5e9 pixels
+#: is a 50k x 50k image, 7.5 GB as RGB: larger than any whole-slide JPEG seen in
+#: public ST data (her2st: ~10k x 10k), smaller than what a crafted header can
+#: declare (a 14 KB PNG can declare 100k x 100k, 30 GB).
+DEFAULT_MAX_DECODED_PIXELS = 2_500_000_000
+
+_PIL_GUARD_LOCK = threading.Lock()
+
+
+def max_decoded_pixels() -> int:
+    """The most pixels a non-tiled image may declare: ``$HE2ST_MAX_DECODED_PIXELS`` or 2.5e9.
+
+    Returns
+    -------
+    int
+        The limit in pixels (width x height).
+
+    Raises
+    ------
+    ImageError
+        The variable is set to something that is not a positive number.
+    """
+    raw = os.environ.get("HE2ST_MAX_DECODED_PIXELS", "").strip()
+    if not raw:
+        return DEFAULT_MAX_DECODED_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ImageError(f"HE2ST_MAX_DECODED_PIXELS={raw!r}: expected a positive number of pixels, e.g. 4e9")
+    return value
+
+
+def check_decoded_size(path: Path, width: int, height: int) -> None:
+    """Refuse a non-tiled image whose declared size exceeds :func:`max_decoded_pixels`.
+
+    Parameters
+    ----------
+    path
+        The image file, named in the message.
+    width, height
+        The size its header declares.
+
+    Raises
+    ------
+    ImageError
+        The image would decode to more pixels than the limit (a decompression
+        bomb, or a slide to convert to a tiled TIFF).
+    """
+    limit = max_decoded_pixels()
+    if width * height > limit:
+        raise ImageError(
+            f"{str(path)!r} declares {width} x {height} = {width * height:,} pixels; he2st decodes at most "
+            f"{limit:,} pixels from a non-tiled image (JPEG, PNG, ...), which must be decoded whole. "
+            "If the image is genuine, convert it to a tiled pyramidal TIFF (read lazily, no limit) or raise "
+            "the limit with HE2ST_MAX_DECODED_PIXELS=<pixels>"
+        )
+
+
+@contextlib.contextmanager
+def pil_open(path: Path) -> Iterator[Any]:
+    """``PIL.Image.open(path)`` with Pillow's decompression-bomb guard lifted for the open only.
+
+    Whole-slide JPEGs (~10k x 10k) exceed Pillow's guard (89 M pixels), so he2st
+    opens them with the guard lifted -- under a lock, restored at once, never for
+    the whole process -- and checks the declared size itself
+    (:func:`check_decoded_size`) before decoding.
+
+    Parameters
+    ----------
+    path
+        The image file.
+
+    Yields
+    ------
+    PIL.Image.Image
+        The opened (not yet decoded) image; closed on exit.
+    """
+    from PIL import Image
+
+    with _PIL_GUARD_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            im = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    with im:
+        yield im
