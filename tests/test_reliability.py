@@ -377,3 +377,61 @@ def _load(toml: Path) -> dict:
     import tomllib
 
     return tomllib.loads(toml.read_text())
+
+
+# -- properties to keep: hostile ids and a really full disk ------------------------------------
+
+
+def _renamed(syn_root: str, ids: list[str]):
+    from he2st.data import Cohort
+    from he2st.datasets import synthetic
+
+    slides = []
+    for a, new in zip(synthetic(**SYN, root=syn_root), ids):
+        a = a.copy()
+        a.uns["he2st"] = {**a.uns["he2st"], "slide_id": new}
+        a.obs["slide"] = new
+        slides.append(a)
+    return Cohort(slides, name="hostile")
+
+
+def test_path_like_slide_ids_stay_inside_the_run_folder(tmp_path, syn_root) -> None:
+    out = tmp_path / "a" / "run"
+    cohort = _renamed(syn_root, ["../../evil", "/etc/x", ".."])
+    res = run_benchmark(_config(out, syn_root, report=True), cohort=cohort)
+    assert res.folds_run == 3
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents]
+    assert outside == []
+    assert sorted(set(res.metrics["test_slide"])) == ["..", "../../evil", "/etc/x"]
+
+
+def test_html_in_ids_and_gene_names_is_escaped_in_the_report(tmp_path, syn_root) -> None:
+    cohort = _renamed(syn_root, ["<script>alert(1)</script>", "<b>s2</b>", "s3"])
+    for a in cohort:
+        a.var_names = [f"<img src=x onerror=alert({i})>" if i == 0 else g for i, g in enumerate(a.var_names)]
+    res = run_benchmark(_config(tmp_path / "run", syn_root, report=True, methods=["mean", "ridge"]), cohort=cohort)
+    text = res.report.read_text()
+    assert "<script>alert" not in text and "<img src=x" not in text and "<b>s2</b>" not in text
+    assert "&lt;b&gt;s2&lt;/b&gt;" in text
+
+
+def test_a_really_full_disk_is_one_error_line(tmp_path, syn_root) -> None:
+    """A tiny tmpfs as --out (needs root and mount; skipped elsewhere): no crash, no traceback."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        toml = _toml(tmp_path / "run.toml", syn_root, methods='["mean", "ridge"]')
+        env = {**os.environ, "HE2ST_QUIET": "1"}
+        res = subprocess.run(
+            [sys.executable, "-m", "he2st.cli", "benchmark", "--config", str(toml), "--out", str(mnt / "run")],
+            capture_output=True, text=True, env=env, timeout=300,
+        )
+        assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+        line = _one_line_error(res.stderr)
+        assert "space" in line
+        assert not [p for p in mnt.rglob("*") if ".tmp" in p.name]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
