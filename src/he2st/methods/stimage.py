@@ -127,13 +127,14 @@ class STimage(SpotRegressor):
         repository reports and predicts much worse at low counts.
     Uncertainty (:meth:`predict_uncertainty`)
         Per spot and gene, a standard deviation on the same scale. Each member
-        ``m`` gives the NB variance ``v_m = r_m + r_m**2 / theta_m`` at
-        ``L_ref``, carried to the normalised scale by the delta method
-        (``Var f(X) ~ f'(r)**2 v``, with ``f'(r) = k / (1 + k r)`` for
-        ``f(r) = log1p(k r)``). The total is the law of total variance over the
-        ensemble: ``mean_m f'(r_m)**2 v_m + var_m f(r_m)`` (aleatoric + spread
-        of the members), and its square root is returned. The runner writes it
-        to ``layers["uncertainty"]``.
+        ``m`` gives the variance ``a_m`` of ``f(X)``, ``X ~ NB(r_m, theta_m)``
+        at ``L_ref`` (exact with ``moments="exact"``; with ``"delta"``,
+        ``f'(r)**2 (r + r**2 / theta)``, ``f'(r) = k / (1 + k r)``) and its
+        mean ``e_m``. The total is the law of total variance over the
+        ensemble: ``mean_m a_m + var_m e_m`` (aleatoric + spread of the
+        members, which differ by their random head initialisation), and its
+        square root is returned. The runner writes it to
+        ``layers["uncertainty"]``.
     ``moments``
         ``"exact"`` (default): the mean and variance of ``f(X)`` for
         ``X ~ NB(r, theta)`` are computed by summing the NB probabilities
