@@ -17,7 +17,7 @@ def test_defaults_are_the_papers() -> None:
     assert (d["encoder"], d["weights"], d["patch_px"], d["augment"]) == ("resnet50", "imagenet", 224, "bleep")
     assert (d["embed_dim"], d["dropout"], d["temperature"], d["targets"], d["lam"]) == (256, 0.1, 1.0, "soft", 0.5)
     assert (d["optimizer"], d["lr"], d["weight_decay"], d["batch_size"]) == ("adamw", 1e-3, 1e-3, 256)
-    assert (d["top_k"], d["metric"], d["aggregation"]) == (50, "cosine", "mean")
+    assert (d["top_k"], d["select_metric"], d["weight_metric"], d["aggregation"]) == (50, "cosine", None, "mean")
     assert get_method_class("bleep").capabilities.finetune
 
 
@@ -39,9 +39,9 @@ def test_similarity_weighted_option_and_bad_params() -> None:
     genes = list(map(str, c[0].var_names))
     kw = dict(encoder="color_stats", weights=None, patch_px=32, epochs=5, batch_size=32, top_k=10)
     mean = create_method("bleep", **kw).fit(c[:2], genes)
-    weighted = create_method("bleep", **kw, aggregation="softmax", metric="l2").fit(c[:2], genes)
-    # same training; prediction = softmax(-d^2)-weighted mean of the 10 nearest by L2
-    nb = weighted.neighbors(c[2])
+    weighted = create_method("bleep", **kw, aggregation="softmax", weight_metric="l2").fit(c[:2], genes)
+    # same training; prediction = softmax(-d^2)-weighted mean of the 10 nearest by COSINE (d: L2 distance)
+    nb = weighted.weighting_neighbors(weighted.image_embeddings(c[2]), weighted.neighbors(c[2]))
     d2 = nb.distances.astype(np.float64) ** 2
     w = np.exp(-(d2 - d2.min(axis=1, keepdims=True)))
     w /= w.sum(axis=1, keepdims=True)

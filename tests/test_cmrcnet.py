@@ -28,7 +28,8 @@ def test_defaults_are_the_papers() -> None:
     assert (d["mask_rate"], d["recon_loss"], d["recon_target"], d["recon_dim"], d["gene_tokens"]) == (0.5, "mse", "image", 256, 8)
     assert (d["snn_dropout"], d["cross_heads"], d["fusion_heads"], d["fusion_blocks"]) == (0.25, 4, 8, 2)
     assert (d["optimizer"], d["lr"], d["batch_size"], d["epochs"]) == ("adamw", 1e-4, 64, 60)
-    assert (d["top_k"], d["metric"], d["aggregation"]) == (50, "cosine", "mean")
+    assert (d["top_k"], d["select_metric"], d["aggregation"]) == (50, "cosine", "mean")
+    assert (d["scheduler"], d["lr_min"], d["val_split"], d["val_fraction"]) == ("cosine", 1e-5, "spot_per_slide", 0.2)
     assert get_method_class("cmrcnet").capabilities.needs_tokens
 
 

@@ -23,7 +23,7 @@ from he2st.data import Cohort, make_slide, meta
 from he2st.pp.normalize import Normalizer
 from he2st.encoders import get_features
 from he2st.benchmark.run import run_benchmark
-from he2st.methods import load_method
+from he2st.methods import create_method, load_method
 
 FEAT = {"encoder": "color_stats", "weights": None, "patch_px": 32}
 
@@ -95,3 +95,33 @@ def test_no_test_information_in_any_fold(leaky_cohort, tmp_path, split) -> None:
                 assert bank == {(meta(s).slide_id, o) for s in train for o in s.obs_names}
                 assert len(model.bank_targets_) == sum(s.n_obs for s in train)
     assert leak_seen  # the test can fail: LEAK does enter panels when syn2 trains
+
+
+def _same_patient_copy(slide, new_id: str):
+    """The slide under another id, same patient and image (a second section of the patient)."""
+    s = slide.copy()
+    info = dict(s.uns["he2st"])
+    info["slide_id"] = new_id
+    s.obs["slide"] = new_id
+    s.uns["he2st"] = info
+    return s
+
+
+@pytest.mark.parametrize("name", ["bleep", "mclstexp"])
+def test_validation_slide_of_the_test_patient_is_excluded(leaky_cohort, name) -> None:
+    """A validation slide of the test patient sits in the bank; the patient-level guard must keep it out."""
+    train, test = [leaky_cohort[0], leaky_cohort[1]], leaky_cohort[2]
+    genes = [str(g) for g in test.var_names]
+    val = _same_patient_copy(test, "syn2_val")
+    params = dict(FEAT, epochs=2, batch_size=64, top_k=20, max_positions=64) if name == "mclstexp" else \
+        dict(FEAT, epochs=2, batch_size=64, top_k=20)
+    m = create_method(name, **params).fit(train, genes, val_slides=[val])
+    origins = {s.slide_id: s.origin for s in m.bank_.slides}
+    assert origins == {"syn0": "train", "syn1": "train", "syn2_val": "validation"}
+    val_rows = set(m.bank_.rows_of(slide_ids=["syn2_val"]).tolist())
+    # No training slide is of syn2's patient: "auto" sees a patient-level split and excludes the
+    # validation section too, although it is in the bank.
+    assert not val_rows & set(m.neighbors(test).indices.ravel().tolist())
+    # Without the guard the twin section would be retrieved: the guard is what keeps it out.
+    m.params["exclude_test_patient"] = False
+    assert val_rows & set(m.neighbors(test).indices.ravel().tolist())

@@ -22,7 +22,9 @@ def test_defaults_are_the_papers() -> None:
     assert (d["encoder"], d["embed_dim"], d["layers"], d["heads"], d["head_dim"]) == ("densenet121", 256, 2, 8, 64)
     assert (d["position"], d["max_positions"], d["targets"], d["lam"], d["temperature"]) == ("learnable", 65536, "hard", 0.5, 1.0)
     assert (d["optimizer"], d["lr"], d["weight_decay"], d["batch_size"], d["epochs"]) == ("adamw", 1e-4, 1e-3, 128, 90)
-    assert (d["top_k"], d["metric"], d["aggregation"]) == (200, "l2", "inverse_square")
+    # Paper "Inference" and eq. 14-16: cosine top k, inverse squared Euclidean weights; 32 spots per bank chunk.
+    assert (d["top_k"], d["select_metric"], d["weight_metric"], d["aggregation"]) == (200, "cosine", "l2", "inverse_square")
+    assert d["bank_chunk"] == 32
     assert get_method_class("mclstexp").capabilities.needs_positions
 
 

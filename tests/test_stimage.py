@@ -25,8 +25,8 @@ def test_defaults_are_the_papers() -> None:
     assert p["mode"] == "frozen" and m.capabilities.uncertainty
 
 
-def _bare(method: str, lib_ref: float = 1e4) -> object:
-    m = create_method("stimage", normalization=method)
+def _bare(method: str, lib_ref: float = 1e4, moments: str = "exact") -> object:
+    m = create_method("stimage", normalization=method, moments=moments)
     m.genes = ["a", "b"]
     m.normalizer_ = Normalizer(method)
     m.lib_ref_ = lib_ref
@@ -38,15 +38,15 @@ def test_decode_delta_method_hand_values() -> None:
     theta = torch.tensor([[2.0, 1.0]], dtype=torch.float64)
     v = np.array([[0.5 + 0.25 / 2, 4.0 + 16.0 / 1]])  # NB variance mu + mu^2 / theta
     # cpm_log1p at L_ref = 1e4: k = 100, f(r) = log1p(100 r), f'(r) = 100 / (1 + 100 r).
-    out = _bare("cpm_log1p")._decode((mu, theta))
+    out = _bare("cpm_log1p", moments="delta")._decode((mu, theta))
     np.testing.assert_allclose(out["mean"], [[math.log(51.0), math.log(401.0)]], rtol=1e-12)
     np.testing.assert_allclose(out["var"], (np.array([[100 / 51, 100 / 401]]) ** 2) * v, rtol=1e-12)
     # log1p: k = 1.
-    out = _bare("log1p")._decode((mu, theta))
+    out = _bare("log1p", moments="delta")._decode((mu, theta))
     np.testing.assert_allclose(out["mean"], [[math.log(1.5), math.log(5.0)]], rtol=1e-12)
     np.testing.assert_allclose(out["var"], (np.array([[1 / 1.5, 1 / 5.0]]) ** 2) * v, rtol=1e-12)
     # raw: the NB moments themselves.
-    out = _bare("raw")._decode((mu, theta))
+    out = _bare("raw", moments="delta")._decode((mu, theta))
     np.testing.assert_allclose(out["mean"], mu.numpy())
     np.testing.assert_allclose(out["var"], v)
 

@@ -72,13 +72,18 @@ class BLEEP(ContrastiveRetrieval):
       random 20% of the training spots (``val_fraction=0.2``, ``val_split="spot"``);
     - inference: the 50 reference spots whose expression embeddings have the
       highest cosine similarity with the query's image embedding; prediction =
-      their mean expression (``aggregation="mean"``; the repository's
-      ``weighted_average`` option is ``aggregation="softmax"`` with
-      ``metric="l2"``: weights ``exp(-d^2)``).
+      their mean expression (``aggregation="mean"``). The repository's
+      ``weighted_average`` option (``BLEEP_inference.ipynb``, cell 5) keeps
+      the cosine top 50 and weights them by ``exp(-d^2)`` of the squared
+      Euclidean distance (its shift by the first neighbour's distance cancels
+      in the normalisation): ``aggregation="softmax", weight_metric="l2"``
+      with ``select_metric="cosine"``.
 
-    Departures: targets are ``cpm_log1p`` (the paper adds Harmony batch
-    correction of expression, not done here); in frozen mode only the heads
-    train, on standardised cached features (``standardize``).
+    Departures (see ``docs/fidelity.md#bleep``): targets are ``cpm_log1p``;
+    the repository runs Harmony batch correction on all four sections
+    together, the test section included (a transductive leak), which is not
+    done here; in frozen mode only the heads train, on standardised cached
+    features (``standardize``).
 
     Defaults
     --------
@@ -86,11 +91,11 @@ class BLEEP(ContrastiveRetrieval):
     weights="imagenet", patch_px=224, input_px=None, augment="bleep",
     standardize=True, embed_dim=256, dropout=0.1, temperature=1.0, lam=0.5,
     targets="soft", epochs=300, batch_size=256, lr=1e-3, optimizer="adamw",
-    weight_decay=1e-3, patience=None, val_split="spot", val_fraction=0.2,
-    top_k=50, metric="cosine", aggregation="mean", softmax_temperature=1.0,
-    search="exact", search_backend="torch", target_recall=0.95,
-    reference_slides=None, reference_fill_missing=False,
-    exclude_test_patient="auto", on_bank_overlap="error", device="auto".
+    weight_decay=1e-3, patience=None, scheduler="none", val_split="spot",
+    val_fraction=0.2, top_k=50, select_metric="cosine", weight_metric=None,
+    aggregation="mean", softmax_temperature=1.0, search="exact",
+    search_backend="torch", target_recall=0.95, bank_chunk=None,
+    reference_slides=None, reference_fill_missing=False, exclude_test_patient="auto", on_bank_overlap="error", device="auto".
     See :mod:`he2st.methods.families.contrastive` for the shared switches.
 
     Examples
@@ -120,7 +125,7 @@ class BLEEP(ContrastiveRetrieval):
         "val_split": "spot",
         "val_fraction": 0.2,
         "top_k": 50,
-        "metric": "cosine",
+        "select_metric": "cosine",
         "aggregation": "mean",
     }
 

@@ -242,7 +242,14 @@ class CMRCNet(ContrastiveRetrieval):
       comes from the image features); token mean -> MSE to the image
       projection;
     - loss ``log(1 + L_c) + log(1 + L_r)``; AdamW, lr 1e-4 (weight decay 1e-3
-      from the repository's configuration), batch 64, 60 epochs;
+      from the repository's configuration), batch 64, 60 epochs; the
+      learning rate decays by cosine annealing to 1e-5 (``scheduler="cosine"``,
+      ``lr_min=1e-5``; ``config.py:26-27``, ``train.py:135``, stepped before
+      each epoch); a random 20 % of the spots of EVERY training slide are
+      held out (``val_split="spot_per_slide"``, ``val_fraction=0.2``;
+      ``utils_data/splits.py:26-27``) and the weights of the epoch with the
+      lowest validation loss are kept (``train.py:161-163``); the held-out
+      spots stay in the reference bank;
     - inference: expression embeddings of the training spots, top 50 by cosine
       similarity, mean expression (CMRCNet-500: ``top_k=500``).
 
@@ -257,10 +264,16 @@ class CMRCNet(ContrastiveRetrieval):
     trained from scratch, so frozen random ViT tokens are only a placeholder:
     pass e.g. ``encoder="efficientnet_lite0", weights="imagenet"``.
 
-    Departures: the repository's two fusion blocks share one set of weights
-    (the same module listed twice); the paper describes two blocks, which is
-    what this port builds. The repository averages ``log(1 + L)`` over spots;
-    we take ``log(1 + mean L)`` as the paper's formula.
+    Departures (see ``docs/fidelity.md#cmrcnet``): the repository's two
+    fusion blocks share one set of weights (the same module listed twice);
+    the paper describes two blocks, which is what this port builds. The
+    repository averages ``log(1 + L)`` over spots; we take ``log(1 + mean L)``
+    as the paper's formula. The repository's ViT-B/32 has depth 8 and 8 heads
+    (``model/vit_model.py:563``), the paper's ViT-B 12 x 12 (our
+    ``vit_b32``). Its SNN uses ELU + AlphaDropout (the original SNN, and this
+    port, SELU). Its ``mask_prob`` is the share of features KEPT
+    (``model/models.py:64-65``: ``mask = rand < mask_prob``), so its 0.3 / 0.7
+    ablations correspond to our ``mask_rate`` 0.7 / 0.3 (0.5 is the same).
 
     Defaults
     --------
@@ -271,9 +284,10 @@ class CMRCNet(ContrastiveRetrieval):
     recon_dim=256, gene_tokens=8, snn_dropout=0.25, cross_heads=4,
     fusion_heads=8, fusion_blocks=2, fusion_dropout=0.1, epochs=60,
     batch_size=64, lr=1e-4, optimizer="adamw", weight_decay=1e-3,
-    patience=None, val_split="spot", val_fraction=0.0, top_k=50,
-    metric="cosine", aggregation="mean", softmax_temperature=1.0,
-    search="exact", search_backend="torch", target_recall=0.95,
+    patience=None, scheduler="cosine", lr_min=1e-5, val_split="spot_per_slide",
+    val_fraction=0.2, top_k=50, select_metric="cosine", weight_metric=None,
+    aggregation="mean", softmax_temperature=1.0, search="exact",
+    search_backend="torch", target_recall=0.95, bank_chunk=None,
     reference_slides=None, reference_fill_missing=False,
     exclude_test_patient="auto", on_bank_overlap="error", device="auto".
     """
@@ -307,9 +321,12 @@ class CMRCNet(ContrastiveRetrieval):
         "lr": 1e-4,
         "optimizer": "adamw",
         "weight_decay": 1e-3,
-        "val_fraction": 0.0,
+        "scheduler": "cosine",
+        "lr_min": 1e-5,
+        "val_split": "spot_per_slide",
+        "val_fraction": 0.2,
         "top_k": 50,
-        "metric": "cosine",
+        "select_metric": "cosine",
         "aggregation": "mean",
     }
 

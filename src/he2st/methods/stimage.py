@@ -97,7 +97,13 @@ class STimage(SpotRegressor):
       epochs without improvement, best weights restored; validation = 30 % of
       the training slides (``valid_ratio = 0.3``; a random 30 % of spots with
       fewer than 3 training slides);
-    - an ensemble of ``n_models=5`` independent runs (seeds ``seed..seed+4``).
+    - an ensemble of ``n_models=5`` independent runs (seeds ``seed..seed+4``):
+      as the repository's ``development/ensemble_training.py`` (one job per
+      member, ``tf.random.set_seed(job_id)``, line 20; the same 70/30 split,
+      ``random_state=1``, line 58), members share the split and differ by
+      their random head initialisation (``head_init="random"``: Keras'
+      Glorot-uniform ``Dense(2)`` per gene) and data order;
+      ``member_data="bootstrap"`` also resamples each member's training rows.
 
     Library size
         Spots differ in sequencing depth. The head predicts ``r[s, g]``, the
@@ -108,27 +114,35 @@ class STimage(SpotRegressor):
         unknown (it is a measurement, not an image property), so the
         prediction is made at ``L_ref``.
     Prediction
-        ``r`` mapped to the method's ``normalization`` scale: ``cpm_log1p``:
-        ``log1p(1e6 * r / L_ref)``; ``log1p``: ``log1p(r)``; ``raw``: ``r``;
+        The repository fits the NB to the log-normalised values and reports
+        the NB MEAN of that variable (``nbinom.mean(n, p)``,
+        ``Figure_scripts/Figure2/benchmarking_her2st/stimage_her2st.py:143``),
+        i.e. the expected value on the log scale. With the NB on counts, that
+        is ``E[f(X)]``, ``X ~ NB(r, theta)``, ``f`` the normalisation
+        (``cpm_log1p``: ``log1p(1e6 X / L_ref)``; ``log1p``: ``log1p(X)``;
         ``minmax``: the ``cpm_log1p`` value scaled with the normaliser's
-        training min/max. This is the NB mean passed through the
-        transformation (plug-in), averaged over the members.
+        training min/max; ``raw``: ``r``), computed by ``moments="exact"``
+        (the default) and averaged over the members. ``moments="delta"`` gives
+        the plug-in ``f(r)`` (log of the NB mean), which is NOT what the
+        repository reports and predicts much worse at low counts.
     Uncertainty (:meth:`predict_uncertainty`)
         Per spot and gene, a standard deviation on the same scale. Each member
-        ``m`` gives the NB variance ``v_m = r_m + r_m**2 / theta_m`` at
-        ``L_ref``, carried to the normalised scale by the delta method
-        (``Var f(X) ~ f'(r)**2 v``, with ``f'(r) = k / (1 + k r)`` for
-        ``f(r) = log1p(k r)``). The total is the law of total variance over the
-        ensemble: ``mean_m f'(r_m)**2 v_m + var_m f(r_m)`` (aleatoric + spread
-        of the members), and its square root is returned. The runner writes it
-        to ``layers["uncertainty"]``.
-    ``moments="exact"``
-        Instead of the plug-in mean and the delta method, the mean and
-        variance of ``f(X)`` for ``X ~ NB(r, theta)`` are computed by summing
-        the NB probabilities (:func:`exact_log1p_moments`; delta method where
-        counts are large). Log scales only. At low counts (many zeros) the
-        delta method understates the spread badly; ``"exact"`` is then much
-        better calibrated (see ``benchmarks/her2st_loocv.py``).
+        ``m`` gives the variance ``a_m`` of ``f(X)``, ``X ~ NB(r_m, theta_m)``
+        at ``L_ref`` (exact with ``moments="exact"``; with ``"delta"``,
+        ``f'(r)**2 (r + r**2 / theta)``, ``f'(r) = k / (1 + k r)``) and its
+        mean ``e_m``. The total is the law of total variance over the
+        ensemble: ``mean_m a_m + var_m e_m`` (aleatoric + spread of the
+        members, which differ by their random head initialisation), and its
+        square root is returned. The runner writes it to
+        ``layers["uncertainty"]``.
+    ``moments``
+        ``"exact"`` (default): the mean and variance of ``f(X)`` for
+        ``X ~ NB(r, theta)`` are computed by summing the NB probabilities
+        (:func:`exact_log1p_moments`; delta method where counts are large).
+        ``"delta"``: plug-in mean ``f(r)`` and delta-method variance. At low
+        counts (many zeros) the delta method understates the spread badly;
+        ``"exact"`` is then much better calibrated (see
+        ``benchmarks/her2st_loocv.py``).
 
     Defaults
     --------
@@ -136,14 +150,16 @@ class STimage(SpotRegressor):
     weights="imagenet", patch_px=299, input_px=None, tta=False,
     stain="vahadane", stain_fit_spots=64, min_tissue=0.7, augment="stimage",
     n_models=5, epochs=100, batch_size=64, lr=1e-5, optimizer="adam",
-    weight_decay=0.0, momentum=0.9 (unused), patience=10, val_split="auto",
-    val_fraction=0.3, moments="delta", standardize=True, device="auto".
+    weight_decay=0.0, momentum=0.9 (unused), patience=10, scheduler="none",
+    val_split="auto", val_fraction=0.3, member_data="same", head_init="random",
+    moments="exact", standardize=True, device="auto".
 
-    Departures: the NB is fitted to counts with a library-size offset (the
-    repository fits it to log1p values); the head starts at the per-gene
-    training mean (zero weights, mean bias at the log of the mean count at
-    ``L_ref``), so the members of the ensemble differ by their data order
-    (and augmentation) rather than by their initialisation.
+    Departures (see ``docs/fidelity.md#stimage``): the NB is fitted to
+    counts with a library-size offset (the repository fits it to log1p
+    values); the mean's bias starts at the log of the per-gene mean count at
+    ``L_ref`` (Keras starts it at 0), the weights are random as in Keras
+    (``head_init="mean"``: zero weights, every member starting at the
+    per-gene mean, which leaves the members nearly identical).
     """
 
     paper: ClassVar[str] = "Tan et al. 2023 (STimage)"
@@ -168,13 +184,17 @@ class STimage(SpotRegressor):
         "patience": 10,
         "val_split": "auto",
         "val_fraction": 0.3,
-        "moments": "delta",
+        "member_data": "same",
+        "head_init": "random",
+        "moments": "exact",
     }
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         if self.params["moments"] not in ("delta", "exact"):
             raise He2stInputError(f"stimage: moments must be 'delta' or 'exact', got {self.params['moments']!r}")
+        if self.params["head_init"] not in ("random", "mean"):
+            raise He2stInputError(f"stimage: head_init must be 'random' or 'mean', got {self.params['head_init']!r}")
         self.lib_ref_: float | None = None
         self._memo: tuple[Any, list[dict[str, np.ndarray]]] | None = None
 
@@ -208,10 +228,17 @@ class STimage(SpotRegressor):
         # Mean count at the reference library size: sum of counts over sum of size factors.
         rate = counts.sum(axis=0, dtype=np.float64) / max(float(sf.sum()), 1e-12)
         with torch.no_grad():
-            # Start from the per-gene mean (zero weights): a random output layer on standardised
-            # features puts noise of sd ~0.6 on log mu that the small learning rate barely removes.
-            head.mu.weight.zero_()
-            head.theta.weight.zero_()
+            if self.params["head_init"] == "random":
+                # Keras' Glorot-uniform of the repository's per-gene Dense(2): fan_in + fan_out =
+                # in_dim + 2. Drawn from the member's seed (set before the model is built), this
+                # is what makes the members of the ensemble differ.
+                bound = float(np.sqrt(6.0 / (head.mu.in_features + 2)))
+                nn.init.uniform_(head.mu.weight, -bound, bound)
+                nn.init.uniform_(head.theta.weight, -bound, bound)
+            else:
+                head.mu.weight.zero_()
+                head.theta.weight.zero_()
+            head.theta.bias.zero_()
             head.mu.bias.copy_(torch.from_numpy(np.log(np.maximum(rate, 1e-3))).float())
 
     def _loss(self, out: Any, targets: tuple[torch.Tensor, ...]) -> torch.Tensor:

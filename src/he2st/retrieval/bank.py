@@ -2,8 +2,9 @@
 
 A :class:`ReferenceBank` is what a retrieval method predicts from. Rows are
 grouped by slide, and the bank records each slide's id, patient and origin
-(``"train"``: a training slide with image and expression; ``"reference"``: an
-expression-only slide added with ``reference_slides=``). That provenance is
+(``"train"``: a training slide with image and expression; ``"validation"``: a
+validation slide, likewise; ``"reference"``: an expression-only slide added
+with ``reference_slides=``). That provenance is
 what lets a method prove that no test spot is in its bank, and exclude a
 test patient's slides at query time.
 
@@ -35,7 +36,7 @@ from he2st.retrieval.search import (
 )
 
 BANK_FORMAT = "he2st.ReferenceBank"
-ORIGINS = ("train", "reference")
+ORIGINS = ("train", "validation", "reference")
 
 
 class BankLeakageError(He2stInputError):
@@ -53,8 +54,9 @@ class BankSlide:
     patient
         Patient of the slide.
     origin
-        ``"train"`` (a training slide with image and expression) or
-        ``"reference"`` (an expression-only slide).
+        ``"train"`` (a training slide with image and expression),
+        ``"validation"`` (a validation slide) or ``"reference"`` (an
+        expression-only slide).
     start, stop
         The slide's rows are ``start:stop`` of the bank.
     """
@@ -132,8 +134,8 @@ class ReferenceBank:
         ----------
         blocks
             One tuple per slide: ``(n_i, dim)`` embeddings, ``(n_i, n_genes)``
-            expression, slide id, patient and origin (``"train"`` or
-            ``"reference"``); rows are stored in block order.
+            expression, slide id, patient and origin (``"train"``,
+            ``"validation"`` or ``"reference"``); rows are stored in block order.
         metric
             Retrieval metric: ``"cosine"``, ``"l2"`` or ``"l1"``.
         genes

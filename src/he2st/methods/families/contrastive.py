@@ -35,12 +35,15 @@ adds more.
 
 Leakage guards
 --------------
-The bank records the id, patient and origin of every slide it holds.
-:meth:`predict` refuses a slide that is in the bank (``on_bank_overlap="error"``)
-or leaves its rows out (``"exclude"``), and with ``exclude_test_patient``
-(``"auto"``: when no training slide is from the test patient, i.e. a
-patient-level split) excludes every bank slide of the test slide's patient,
-so a reference section of the test patient can never be retrieved.
+The bank records the id, patient and origin of every slide it holds
+(``"train"``, ``"validation"`` for the slides passed as ``val_slides``, or
+``"reference"``). :meth:`predict` refuses a slide that is in the bank
+(``on_bank_overlap="error"``) or leaves its rows out (``"exclude"``), and with
+``exclude_test_patient`` (``"auto"``: when no TRAINING slide is from the test
+patient, i.e. a patient-level split; validation and reference slides do not
+count) excludes every bank slide of the test slide's patient, whatever its
+origin, so a validation or reference section of the test patient can never be
+retrieved.
 
 Search
 ------
@@ -50,6 +53,16 @@ cell for the whole test slide at once; the fast choice for large banks, or faiss
 IVF-Flat with ``search_backend="faiss"``), ``"hnsw"`` or ``"auto"`` (exact up to
 200k reference spots, IVF above); approximate indexes are calibrated on the
 training image embeddings to reach ``target_recall`` at ``top_k``.
+
+Selection and weights
+---------------------
+The ``top_k`` neighbours are SELECTED by ``select_metric`` (the bank's search
+metric) and WEIGHTED (``aggregation``) by distances in ``weight_metric``
+(None: the selection metric), recomputed exactly for the selected rows. The
+authors select by cosine similarity and weight by another distance: mclSTExp
+(eq. 14-16) by inverse squared Euclidean distance, BLEEP's
+``weighted_average`` by ``exp(-d^2)`` (``aggregation="softmax"``,
+``weight_metric="l2"``).
 """
 
 from __future__ import annotations
@@ -68,6 +81,7 @@ from he2st.methods.base import Capabilities, Method
 from he2st.methods.nn.inputs import image_inputs, make_augmenter, to_unit, unit_batch
 from he2st.methods.nn.train import (
     MODES,
+    SCHEDULERS,
     VAL_SPLITS,
     History,
     default_device,
@@ -76,11 +90,12 @@ from he2st.methods.nn.train import (
     load_module_state,
     minibatches,
     module_state,
+    schedule_kwargs,
     set_seed,
 )
-from he2st.retrieval.aggregation import AGGREGATIONS
+from he2st.retrieval.aggregation import AGGREGATIONS, aggregate
 from he2st.retrieval.bank import BankLeakageError, ReferenceBank
-from he2st.retrieval.search import BACKENDS, KINDS, METRICS, Neighbors
+from he2st.retrieval.search import BACKENDS, KINDS, METRICS, Neighbors, exact_distances
 
 OVERLAP = ("error", "exclude")
 POSITION_SOURCES = ("array", "pixel")
@@ -104,15 +119,21 @@ CONTRASTIVE_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw",
     "weight_decay": 1e-3,
     "patience": None,
+    "scheduler": "none",
+    "lr_min": 0.0,
+    "lr_step": 30,
+    "lr_gamma": 0.1,
     "val_split": "spot",
     "val_fraction": 0.0,
     "top_k": 50,
-    "metric": "cosine",
+    "select_metric": "cosine",
+    "weight_metric": None,
     "aggregation": "mean",
     "softmax_temperature": 1.0,
     "search": "exact",
     "search_backend": "torch",
     "target_recall": 0.95,
+    "bank_chunk": None,
     "reference_slides": None,
     "reference_fill_missing": False,
     "exclude_test_patient": "auto",
@@ -222,6 +243,11 @@ class ContrastiveRetrieval(Method):
             # Slide objects are kept on the instance; params keep their ids (JSON-safe, saved).
             self._reference_objs = list(refs)
             params = {**params, "reference_slides": [meta(s).slide_id for s in self._reference_objs]}
+        if "metric" in params:
+            # The former single ``metric`` (models saved before the split) selected and weighted alike.
+            legacy = params.pop("metric")
+            params.setdefault("select_metric", legacy)
+            params.setdefault("weight_metric", legacy)
         super().__init__(**params)
         self._check_params()
         self.net_: RetrievalNet | None = None
@@ -248,13 +274,17 @@ class ContrastiveRetrieval(Method):
                 raise He2stInputError(f"method {self.name!r}: {key} must be one of {tuple(allowed)}, got {p[key]!r}")
 
         one_of("mode", MODES)
-        one_of("metric", METRICS)
+        one_of("select_metric", METRICS)
+        one_of("weight_metric", (None, *METRICS))
+        one_of("scheduler", SCHEDULERS)
         one_of("aggregation", AGGREGATIONS)
         one_of("search", KINDS)
         one_of("search_backend", BACKENDS)
         one_of("on_bank_overlap", OVERLAP)
         one_of("exclude_test_patient", ("auto", True, False))
         one_of("val_split", VAL_SPLITS)
+        if p["bank_chunk"] is not None and int(p["bank_chunk"]) < 1:
+            raise He2stInputError(f"method {self.name!r}: bank_chunk must be >= 1 or None, got {p['bank_chunk']!r}")
         for key in ("epochs", "batch_size", "top_k", "embed_dim"):
             if int(p[key]) < 1:
                 raise He2stInputError(f"method {self.name!r}: {key} must be >= 1, got {p[key]!r}")
@@ -401,21 +431,24 @@ class ContrastiveRetrieval(Method):
             net, loss_fn, train_batches, epochs=int(p["epochs"]), lr=float(p["lr"]), optimizer=str(p["optimizer"]),
             weight_decay=float(p["weight_decay"]), val_batches=val_batches if len(va) >= 2 else None,
             val_loss_fn=val_loss_fn, patience=None if p["patience"] is None else int(p["patience"]),
-            description=f"{self.name}",
+            **schedule_kwargs(p), description=f"{self.name}",
         )
         self.history_ = history.as_dict()
         self.net_ = net.eval()
 
         # The bank: every training (and validation) spot, then the expression-only references.
         blocks = []
-        for s, y, pos in zip(slides, Y, P):
+        for i, (s, y, pos) in enumerate(zip(slides, Y, P)):
             m = meta(s)
-            blocks.append((self._embed_expression(y, pos), y, m.slide_id, m.patient, "train"))
+            origin = "train" if i < len(train_slides) else "validation"
+            blocks.append((self._embed_expression(y, pos), y, m.slide_id, m.patient, origin))
         for s in refs:
             blocks.append(self._reference_block(s))
-        self.bank_ = ReferenceBank.from_blocks(blocks, metric=p["metric"], genes=self.genes)
-        self._train_info = {"slides": [meta(s).slide_id for s in slides],
-                            "patients": sorted({meta(s).patient for s in slides})}
+        self.bank_ = ReferenceBank.from_blocks(blocks, metric=p["select_metric"], genes=self.genes)
+        # "patients" holds the TRAINING slides' patients only: exclude_test_patient="auto" asks
+        # whether the split is patient-level, and a validation slide does not make it one.
+        self._train_info = {"slides": train_ids, "patients": sorted({meta(s).patient for s in train_slides}),
+                            "val_slides": [meta(s).slide_id for s in val_slides or []]}
         if p["search"] == "exact":
             self._build_index(None)
         else:
@@ -450,7 +483,8 @@ class ContrastiveRetrieval(Method):
         assert self.net_ is not None
         net = self.net_.eval()
         dev = next(net.parameters()).device
-        bs = int(self.params["batch_size"])
+        # Spots embedded together: mclSTExp's attention runs over them (its repository: 32).
+        bs = int(self.params["bank_chunk"] or self.params["batch_size"])
         out = [net.embed_expression(torch.from_numpy(y[i : i + bs]).to(dev), torch.from_numpy(pos[i : i + bs]).to(dev))
                .float().cpu().numpy() for i in range(0, len(y), bs)]
         return np.concatenate(out).astype(np.float32)
@@ -515,10 +549,38 @@ class ContrastiveRetrieval(Method):
         self._check_ready()
         assert self.bank_ is not None
         p = self.params
-        exclude = self._exclusions(slide)
         q = self.image_embeddings(slide)
-        pred, _ = self.bank_.predict(q, int(p["top_k"]), p["aggregation"], float(p["softmax_temperature"]), exclude)
-        return pred
+        nb = self.weighting_neighbors(q, self.bank_.search(q, int(p["top_k"]), exclude=self._exclusions(slide)))
+        return aggregate(self.bank_.values, nb, p["aggregation"], float(p["softmax_temperature"]))
+
+    def weighting_neighbors(self, queries: np.ndarray, selected: Neighbors) -> Neighbors:
+        """The selected neighbours with their distances in ``weight_metric`` (what the weights use).
+
+        Parameters
+        ----------
+        queries
+            ``(n_queries, dim)`` image embeddings.
+        selected
+            The rows selected by ``select_metric`` (:meth:`neighbors`).
+
+        Returns
+        -------
+        Neighbors
+            Same rows, in the same order; distances recomputed exactly in
+            ``weight_metric`` (``selected`` itself when the two metrics agree).
+        """
+        assert self.bank_ is not None
+        metric = self.params["weight_metric"] or selected.metric
+        if metric == selected.metric:
+            return selected
+        dist = np.full(selected.indices.shape, np.inf, dtype=np.float32)
+        emb = self.bank_.embeddings
+        for s in range(0, len(queries), 256):
+            idx = selected.indices[s : s + 256]
+            ok = idx >= 0
+            rows = np.asarray(emb[np.where(ok, idx, 0).ravel()], dtype=np.float32).reshape(idx.shape + (emb.shape[1],))
+            dist[s : s + 256] = np.where(ok, exact_distances(np.asarray(queries[s : s + 256]), rows, metric), np.inf)
+        return Neighbors(selected.indices, dist, metric)
 
     def add_reference_slides(self, slides: Sequence[Any]) -> None:
         """Add expression-only slides to the fitted bank (their images are not needed)."""
@@ -530,7 +592,7 @@ class ContrastiveRetrieval(Method):
             if self.bank_.contains_slide(meta(s).slide_id):
                 raise He2stInputError(f"slide {meta(s).slide_id!r} is already in the bank of method {self.name!r}")
             blocks.append(self._reference_block(s))
-        self.bank_ = ReferenceBank.from_blocks(blocks, metric=self.params["metric"], genes=self.genes)
+        self.bank_ = ReferenceBank.from_blocks(blocks, metric=self.params["select_metric"], genes=self.genes)
         # IVF / HNSW are re-calibrated on the kept sample of training image embeddings.
         self._build_index(self.calibration_queries_)
 

@@ -38,7 +38,15 @@ training spots, ``"auto"`` is ``"slide"`` with 3 or more training slides and
 the last epoch. The weights of the epoch with the lowest validation loss are
 kept (early stopping after ``patience`` epochs without improvement when
 ``patience`` is set). ``n_models`` independent members (seeds ``seed``,
-``seed + 1``, ...) are trained on the same split; predictions are averaged.
+``seed + 1``, ...) are trained; predictions are averaged. ``member_data``
+says what each member trains on: ``"same"`` (every member the same training
+rows; members differ by their seed: data order, augmentation and any random
+head initialisation) or ``"bootstrap"`` (member ``m`` draws its training rows
+with replacement from the training rows, seed ``seed + m``; bagging, so that
+the members' spread measures the sampling uncertainty of the fit too).
+``scheduler`` (``"none"``, ``"cosine"``, ``"step"``, with ``lr_min``,
+``lr_step``, ``lr_gamma``) sets the learning-rate schedule
+(:func:`he2st.methods.nn.train.scheduled_lr`).
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from he2st.methods.base import Capabilities, Method
 from he2st.methods.nn.inputs import BackboneModel, FeatureModel, image_inputs, make_augmenter, to_unit, unit_batch
 from he2st.methods.nn.train import (
     MODES,
+    SCHEDULERS,
     VAL_SPLITS,
     History,
     default_device,
@@ -65,8 +74,12 @@ from he2st.methods.nn.train import (
     load_module_state,
     minibatches,
     module_state,
+    schedule_kwargs,
     set_seed,
 )
+
+#: What each member of an ensemble trains on (see the module docstring).
+MEMBER_DATA = ("same", "bootstrap")
 
 #: Keys every :class:`SpotRegressor` understands; subclasses give their paper's values in ``defaults``.
 SPOT_DEFAULTS: dict[str, Any] = {
@@ -88,6 +101,11 @@ SPOT_DEFAULTS: dict[str, Any] = {
     "val_split": "auto",
     "val_fraction": 0.1,
     "n_models": 1,
+    "member_data": "same",
+    "scheduler": "none",
+    "lr_min": 0.0,
+    "lr_step": 30,
+    "lr_gamma": 0.1,
     "standardize": True,
     "stain_fit_spots": 64,
     "device": "auto",
@@ -187,6 +205,10 @@ class SpotRegressor(Method):
             raise He2stInputError(f"method {self.name!r}: val_split must be one of {VAL_SPLITS}, got {p['val_split']!r}")
         if not 0 <= float(p["val_fraction"]) < 1:
             raise He2stInputError(f"method {self.name!r}: val_fraction must be in [0, 1), got {p['val_fraction']!r}")
+        if p["member_data"] not in MEMBER_DATA:
+            raise He2stInputError(f"method {self.name!r}: member_data must be one of {MEMBER_DATA}, got {p['member_data']!r}")
+        if p["scheduler"] not in SCHEDULERS:
+            raise He2stInputError(f"method {self.name!r}: scheduler must be one of {SCHEDULERS}, got {p['scheduler']!r}")
         for key in ("n_models", "epochs", "batch_size"):
             if int(p[key]) < 1:
                 raise He2stInputError(f"method {self.name!r}: {key} must be >= 1, got {p[key]!r}")
@@ -243,19 +265,20 @@ class SpotRegressor(Method):
         Tt = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in T)
         self.in_dim_ = int(X.shape[1]) if frozen else None
         self.models_, self.history_ = [], []
-        tr_t = torch.from_numpy(tr)
         va_t = torch.from_numpy(va)
         bs = int(p["batch_size"])
         for m in range(int(p["n_models"])):
             gen = set_seed(int(p["seed"]) + m)
+            tr_m = member_rows(tr, p["member_data"], int(p["seed"]) + m)
+            tr_t = torch.from_numpy(tr_m)
             model = self._build_model(seed=int(p["seed"]) + m)
             augment = None if frozen else make_augmenter(p["augment"], seed=int(p["seed"]) + m)
             if frozen and p["standardize"]:
-                Xtr = X[tr].astype(np.float64)
+                Xtr = X[tr_m].astype(np.float64)
                 sd = Xtr.std(axis=0)
                 model.shift.copy_(torch.from_numpy(Xtr.mean(axis=0)).float())
                 model.scale.copy_(torch.from_numpy(np.where(sd > 1e-8, sd, 1.0)).float())
-            self._init_head(model.head, tuple(a[tr] for a in T))
+            self._init_head(model.head, tuple(a[tr_m] for a in T))
             model.to(device)
 
             def batch_out(rows: torch.Tensor, train: bool, model: nn.Module = model, augment: Any = augment) -> Any:
@@ -270,7 +293,7 @@ class SpotRegressor(Method):
             def val_loss_fn(rows: torch.Tensor, batch_out: Any = batch_out) -> torch.Tensor:
                 return self._val_loss(batch_out(rows, False), tuple(t[rows].to(device) for t in Tt))
 
-            def train_batches(epoch: int, gen: torch.Generator = gen) -> Any:
+            def train_batches(epoch: int, gen: torch.Generator = gen, tr_t: torch.Tensor = tr_t) -> Any:
                 for b in minibatches(len(tr_t), bs, gen):
                     yield tr_t[b]
 
@@ -290,6 +313,7 @@ class SpotRegressor(Method):
                 val_batches=val_batches if len(va) else None,
                 val_loss_fn=val_loss_fn,
                 patience=None if p["patience"] is None else int(p["patience"]),
+                **schedule_kwargs(p),
                 description=f"{self.name} member {m + 1}/{p['n_models']}",
             )
             self.models_.append(model.cpu().eval())
@@ -435,4 +459,28 @@ class SpotRegressor(Method):
             self.stain_ = StainNormalizer.from_state(extra["stain"])
 
 
-__all__ = ["MODES", "SPOT_DEFAULTS", "SpotRegressor"]
+def member_rows(rows: np.ndarray, how: str, seed: int) -> np.ndarray:
+    """Training rows of one ensemble member.
+
+    Parameters
+    ----------
+    rows
+        The training rows of the inner split.
+    how
+        ``"same"`` (``rows`` itself) or ``"bootstrap"`` (``len(rows)`` draws
+        with replacement).
+    seed
+        Seed of the member's draw.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 row indices (sorted for a bootstrap; repeats kept).
+    """
+    if how == "same" or len(rows) == 0:
+        return rows
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(rows, size=len(rows), replace=True))
+
+
+__all__ = ["MEMBER_DATA", "MODES", "SPOT_DEFAULTS", "SpotRegressor", "member_rows"]

@@ -1,13 +1,15 @@
 """Training utilities shared by every neural method.
 
 One training loop (:func:`fit_module`) with early stopping on a validation
-loss, seeding, mini-batching and (de)serialisation of module weights to the
-plain arrays that :meth:`he2st.methods.Method.get_state` returns.
+loss and an optional learning-rate schedule (:func:`scheduled_lr`), seeding,
+mini-batching and (de)serialisation of module weights to the plain arrays
+that :meth:`he2st.methods.Method.get_state` returns.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +27,10 @@ from he2st.errors import He2stInputError
 MODES = ("frozen", "finetune")
 
 #: How :func:`inner_split` holds out validation rows.
-VAL_SPLITS = ("auto", "slide", "spot")
+VAL_SPLITS = ("auto", "slide", "spot", "spot_per_slide")
+
+#: Learning-rate schedules of :func:`fit_module` (see :func:`scheduled_lr`).
+SCHEDULERS = ("none", "cosine", "step")
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -48,7 +53,9 @@ def inner_split(
     n_slides
         Number of training slides.
     how
-        ``"slide"``, ``"spot"`` or ``"auto"`` (slide with >= 3 slides, else spot).
+        ``"slide"``, ``"spot"``, ``"auto"`` (slide with >= 3 slides, else spot)
+        or ``"spot_per_slide"`` (``fraction`` of the spots of EVERY slide, as
+        CMRCNet's per-slide 80/20 split).
     fraction
         Share held out; 0 gives no validation rows.
     seed
@@ -71,6 +78,13 @@ def inner_split(
             raise He2stInputError("val_split='slide' needs at least 2 training slides; use 'spot' or pass val_slides")
         k = min(n_slides - 1, max(1, int(round(fraction * n_slides))))
         val = np.isin(slide_index, rng.choice(n_slides, size=k, replace=False))
+    elif how == "spot_per_slide":
+        for s in range(n_slides):
+            rows = np.flatnonzero(slide_index == s)
+            # A slide keeps at least one training spot.
+            k = min(len(rows) - 1, int(round(fraction * len(rows))))
+            if k > 0:
+                val[rng.choice(rows, size=k, replace=False)] = True
     else:
         k = min(n - 1, max(1, int(round(fraction * n))))
         val[rng.choice(n, size=k, replace=False)] = True
@@ -118,14 +132,57 @@ class History:
         Mean training and validation loss of every epoch.
     best_epoch
         Epoch whose weights were kept (-1 before training).
+    lr
+        Learning rate the optimiser used in every epoch.
     """
 
     train: list[float] = field(default_factory=list)
     val: list[float] = field(default_factory=list)
     best_epoch: int = -1
+    lr: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"train": self.train, "val": self.val, "best_epoch": self.best_epoch}
+        return {"train": self.train, "val": self.val, "best_epoch": self.best_epoch, "lr": self.lr}
+
+
+def scheduled_lr(epoch: int, epochs: int, lr: float, scheduler: str = "none", lr_min: float = 0.0,
+                 step_size: int = 30, gamma: float = 0.1) -> float:
+    """Learning rate of ``epoch`` (0-based) under a schedule.
+
+    ``"none"``: ``lr`` throughout. ``"cosine"``: cosine annealing from ``lr``
+    to ``lr_min``, ``lr_min + (lr - lr_min) (1 + cos(pi (epoch + 1) / epochs)) / 2``:
+    the scheduler is stepped once BEFORE each epoch, as CMRCNet's training
+    loop does (``train.py``: ``scheduler.step(epoch)`` opens the epoch), so the
+    last epoch trains at ``lr_min``. ``"step"``: ``lr * gamma ** (epoch // step_size)``.
+
+    Parameters
+    ----------
+    epoch
+        Epoch number, from 0.
+    epochs
+        Number of epochs of the run (the cosine period).
+    lr
+        Base (initial) learning rate.
+    scheduler
+        ``"none"``, ``"cosine"`` or ``"step"``.
+    lr_min
+        Floor of the cosine schedule.
+    step_size, gamma
+        Epochs between decays and decay factor of the step schedule.
+
+    Returns
+    -------
+    float
+        The learning rate.
+    """
+    if scheduler == "none":
+        return float(lr)
+    if scheduler == "cosine":
+        t = min(epoch + 1, epochs) / max(epochs, 1)
+        return float(lr_min + (lr - lr_min) * (1.0 + math.cos(math.pi * t)) / 2.0)
+    if scheduler == "step":
+        return float(lr * gamma ** (epoch // max(int(step_size), 1)))
+    raise ValueError(f"unknown scheduler {scheduler!r}; use one of {SCHEDULERS}")
 
 
 def make_optimizer(params: Iterable[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> torch.optim.Optimizer:
@@ -169,6 +226,10 @@ def fit_module(
     val_loss_fn: Callable[[Any], torch.Tensor] | None = None,
     patience: int | None = None,
     grad_clip: float | None = None,
+    scheduler: str = "none",
+    lr_min: float = 0.0,
+    lr_step: int = 30,
+    lr_gamma: float = 0.1,
     description: str = "training",
 ) -> History:
     """Train ``model`` by minimising ``loss_fn`` over ``train_batches(epoch)``.
@@ -194,6 +255,10 @@ def fit_module(
         Early stopping after this many epochs without improvement (None: never).
     grad_clip
         Maximum gradient norm (None: no clipping).
+    scheduler, lr_min, lr_step, lr_gamma
+        Learning-rate schedule over ``epochs`` (:func:`scheduled_lr`); the
+        rate of each epoch is set on the optimiser before it and recorded in
+        :attr:`History.lr`. Early stopping does not shorten the schedule.
     description
         Label of the progress bar.
 
@@ -202,6 +267,8 @@ def fit_module(
     History
         Losses per epoch and the kept epoch.
     """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; use one of {SCHEDULERS}")
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay, momentum)
     history = History()
     best_state: dict[str, torch.Tensor] | None = None
@@ -209,6 +276,10 @@ def fit_module(
     stale = 0
     val_loss_fn = val_loss_fn or loss_fn
     for epoch in _epoch_iter(epochs, description):
+        epoch_lr = scheduled_lr(epoch, epochs, lr, scheduler, lr_min, lr_step, lr_gamma)
+        for group in opt.param_groups:
+            group["lr"] = epoch_lr
+        history.lr.append(float(opt.param_groups[0]["lr"]))
         model.train()
         total, count = 0.0, 0
         for batch in train_batches(epoch):
@@ -239,6 +310,23 @@ def fit_module(
         model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+def schedule_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """The learning-rate schedule arguments of :func:`fit_module` from method parameters.
+
+    Parameters
+    ----------
+    params
+        Method parameters with ``scheduler``, ``lr_min``, ``lr_step`` and ``lr_gamma``.
+
+    Returns
+    -------
+    dict
+        Keyword arguments ``scheduler``, ``lr_min``, ``lr_step``, ``lr_gamma``.
+    """
+    return {"scheduler": str(params["scheduler"]), "lr_min": float(params["lr_min"]),
+            "lr_step": int(params["lr_step"]), "lr_gamma": float(params["lr_gamma"])}
 
 
 @torch.no_grad()
