@@ -60,7 +60,13 @@ def test_defaults_and_paper_architecture() -> None:
     assert count_parameters(net.transformer) == 8 * block
     with torch.device("meta"):
         gat = Hist2STNet(n_genes=10, dim=1024, feature_dim=1280, gat_layers=4, n_classes=6)
-    assert gat.transformer is None and gat.sage is None and len(gat.gat) == 4
+        stacked = Hist2STNet(n_genes=10, dim=1024, feature_dim=1280, gat_layers=4, gat_variant="stacked")
+    assert gat.transformer is None and gat.sage is None and gat.gat_uses == 4
+    # DeepHis2Exp's GAT variant: ONE layer of 8 concatenated heads of 128, no self loops, JK-LSTM.
+    assert (gat.gat.heads, gat.gat.out_channels, gat.gat.concat, gat.gat.add_self_loops) == (8, 128, True, False)
+    assert gat.gat.negative_slope == 0.2 and gat.jk.num_layers == 2 and gat.x_embed is None
+    assert (d["gat_heads"], d["gat_layers"], d["gat_variant"]) == (8, 4, "shared")
+    assert len(stacked.gat) == 4 and stacked.jk is None and stacked.x_embed is not None
     # Regclass head: 4 linear layers.
     assert sum(isinstance(m, torch.nn.Linear) for m in gat.classifier) == 4
 
@@ -166,9 +172,37 @@ def test_pretrained_encoder_variant_trains_on_frozen_cached_features(cohort, gen
 
 def test_gat_variant(cohort, genes) -> None:
     m = create_method("hist2st", **FAST, gat=True, gat_layers=2, gat_heads=2).fit(cohort[:2], genes)
-    assert m.model_.transformer is None and len(m.model_.gat) == 2
+    net = m.model_
+    assert net.transformer is None and net.gat_shared and net.gat_uses == 2
+    # Weight sharing: the GAT's parameters are those of one layer.
+    from torch_geometric.nn import GATConv
+
+    d = net.gat.in_channels
+    assert count_parameters(net.gat) == count_parameters(GATConv(d, d // 2, heads=2, add_self_loops=False))
     ev = _score(m, cohort[2])
     assert ev["PCC(ACG)"] > 0.2 and ev["MSE(ACG)"] < _mean_mse(cohort, genes)
+
+
+def test_gat_variant_ignores_positions_and_shares_one_layer() -> None:
+    torch.manual_seed(0)
+    net = Hist2STNet(n_genes=3, dim=8, feature_dim=5, gat_layers=4, gat_heads=8, zinb=False, distill=False).eval()
+    assert not any("embed" in name for name, _ in net.named_parameters())
+    x = torch.randn(6, 5)
+    edges = torch.tensor([[1, 0, 3, 2, 5, 4], [0, 1, 2, 3, 4, 5]])
+    a = net(x, torch.zeros(6, 2, dtype=torch.long), edges)
+    b = net(x, torch.randint(0, 64, (6, 2)), edges)
+    torch.testing.assert_close(a, b)
+    # The four uses run the same layer: a hook on it fires four times per forward.
+    calls = []
+    net.gat.register_forward_hook(lambda *_: calls.append(1))
+    net(x, torch.zeros(6, 2, dtype=torch.long), edges)
+    assert len(calls) == 4
+    stacked = Hist2STNet(n_genes=3, dim=8, feature_dim=5, gat_layers=4, gat_heads=2, gat_variant="stacked").eval()
+    assert not torch.allclose(
+        stacked(x, torch.zeros(6, 2, dtype=torch.long), edges), stacked(x, torch.ones(6, 2, dtype=torch.long), edges)
+    )
+    with pytest.raises(He2stInputError, match="gat_variant"):
+        create_method("hist2st", gat_variant="deep")
 
 
 def test_save_load_roundtrip(cohort, fitted, regclass, tmp_path) -> None:

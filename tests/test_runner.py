@@ -111,6 +111,12 @@ def test_named_split_with_validation_and_nested_grid(tmp_path, syn_root) -> None
     res = run_benchmark(_config(tmp_path / "named", syn_root, methods=["knn"], split=str(split)))
     assert set(res.metrics["fold"]) == {"ood"} and set(res.metrics["test_slide"]) == {"syn2"}
     rec = json.loads((tmp_path / "named" / "folds" / "knn" / "ood.json").read_text())
+    # A split file scores its validation slides (Jiang et al.'s OOD protocol): the method never sees them.
+    assert rec["fold"]["validation_mode"] == "score" and rec["extra"]["bank_slides"] == ["syn0"]
+    assert rec["panel"]["params"]["slides"] == ["syn0"]
+    split.write_text('train = ["syn0"]\nvalidation = ["syn1"]\ntest = ["syn2"]\nvalidation_mode = "select"\n')
+    run_benchmark(_config(tmp_path / "select", syn_root, methods=["knn"], split=str(split)))
+    rec = json.loads((tmp_path / "select" / "folds" / "knn" / "ood.json").read_text())
     assert rec["extra"]["bank_slides"] == ["syn0", "syn1"]  # validation slides join the bank
     assert rec["panel"]["params"]["slides"] == ["syn0"]  # ... but not the panel choice
 
@@ -235,3 +241,27 @@ def test_method_params_resolution() -> None:
     assert real.params == {"seed": 0, "encoder": "efficientnet_lite0", "weights": "imagenet", "k": 10, "metric": "euclidean"}
     with pytest.raises(RunConfigError, match="appear twice"):
         BenchmarkConfig.from_dict({"methods": ["knn", {"name": "ridge", "label": "knn"}]})
+
+
+@pytest.mark.parametrize("mode", ["score", "select"])
+def test_run_fold_validation_modes(cohort, mode) -> None:
+    from he2st.evaluate.protocol import run_fold
+    from he2st.evaluate.splits import Fold
+
+    ids = cohort.slide_ids
+    fold = Fold("ood", (ids[0],), (ids[1],), (ids[2],), val_mode=mode)
+    out = run_fold("knn", {"encoder": "color_stats", "weights": None, "patch_px": 32}, cohort, fold, genes="all", min_spots=1)
+    assert set(out.metrics["test_slide"]) == {ids[2]}
+    if mode == "score":
+        # Kept from the method (not in the bank), scored as an in-distribution test.
+        assert out.model.get_extra()["bank_slides"] == [ids[0]]
+        assert set(out.validation_metrics["test_slide"]) == {ids[1]} and len(out.validation_predictions) == 1
+        assert set(out.validation_per_gene["test_slide"]) == {ids[1]}
+    else:
+        assert out.model.get_extra()["bank_slides"] == [ids[0], ids[1]]
+        assert out.validation_metrics is None and out.validation_predictions == []
+    # The protocol's option overrides the fold's.
+    other = "select" if mode == "score" else "score"
+    flipped = run_fold("knn", {"encoder": "color_stats", "weights": None, "patch_px": 32}, cohort, fold, genes="all", min_spots=1,
+                       validation=other)
+    assert (flipped.validation_metrics is None) == (other == "select")

@@ -127,3 +127,31 @@ def test_make_splits_specs() -> None:
         make_splits("leave-some-out", IDS)
     with pytest.raises(SplitError, match="kfold:K"):
         make_splits("kfold:x", IDS)
+
+
+def test_named_split_validation_mode(tmp_path) -> None:
+    from he2st.evaluate.splits import with_validation
+
+    js = tmp_path / "ood.json"
+    js.write_text(json.dumps({"train": ["A1", "A2"], "validation": ["C1"], "test": ["X"]}))
+    (f,) = named_split(js)
+    assert f.val_mode == "score"  # Jiang et al.: validation slides are an ID test, never tuned on
+    assert named_split(js, validation="select")[0].val_mode == "select"
+    assert make_splits(str(js), ["A1", "A2", "C1", "X"], validation="select")[0].val_mode == "select"
+    js.write_text(json.dumps({"train": ["A1"], "validation": ["C1"], "test": ["X"], "validation_mode": "select"}))
+    assert named_split(js)[0].val_mode == "select"
+    toml = tmp_path / "two.toml"
+    toml.write_text(
+        'validation_mode = "select"\n[[folds]]\ntrain = ["A1"]\nval = ["A2"]\ntest = ["B1"]\n'
+        '[[folds]]\ntrain = ["B1"]\nval = ["A2"]\ntest = ["A1"]\nvalidation_mode = "score"\n'
+    )
+    assert [x.val_mode for x in named_split(toml)] == ["select", "score"]
+    # Folds built in code pick the epoch on their validation slides, as before.
+    assert Fold("f", ("A1",), ("A2",), ("B1",)).val_mode == "select"
+    g = Fold.from_dict(f.to_dict())
+    assert g == f and f.to_dict()["validation_mode"] == "score"
+    assert with_validation([g], "select")[0].val_mode == "select"
+    with pytest.raises(SplitError, match="validation mode"):
+        Fold("f", ("A1",), ("A2",), ("B1",), val_mode="tune")
+    with pytest.raises(SplitError, match="validation"):
+        make_splits(str(js), ["A1", "A2", "C1", "X"], validation="tune")

@@ -6,7 +6,10 @@ For a fold (training, validation and test slide ids) and a method:
    (:func:`choose_panel`: HVG recipe, all shared genes, or a fixed list
    intersected with the genes of the training slides);
 2. the method is fitted on the training slides (validation slides are passed
-   as ``val_slides``); it fits its target normaliser, stain reference, scalers,
+   as ``val_slides`` when the fold's ``val_mode`` is ``"select"``; with
+   ``"score"`` -- Jiang et al.'s out-of-distribution protocol, the default of
+   split files -- they are kept from the method and scored like test slides,
+   as an in-distribution test, into ``FoldOutcome.validation_metrics``); it fits its target normaliser, stain reference, scalers,
    PCA and retrieval banks on what it is given, so nothing about a test slide
    can reach the model;
 3. each test slide is predicted, and its observed values are
@@ -41,7 +44,7 @@ import pandas as pd
 from he2st.data.slide import meta
 from he2st.errors import GenePanelError, He2stInputError
 from he2st.evaluate.metrics import N_TOP, evaluate_slide, metrics_frame, per_gene_frame
-from he2st.evaluate.splits import Fold
+from he2st.evaluate.splits import VALIDATION_MODES, Fold
 
 #: Default HVG filter: published value for her2st-sized cohorts (about 11k spots).
 PUBLISHED_MIN_SPOTS = 1000
@@ -192,6 +195,10 @@ class FoldOutcome:
         The fitted model's parameters (after grid selection, if any).
     selection
         Record of the grid search (see :func:`select_params`); empty without a grid.
+    validation_predictions, validation_metrics, validation_per_gene
+        With ``val_mode="score"``: the validation slides' predictions and
+        tables (same key columns, ``test_slide`` naming the validation
+        slide), scored as an in-distribution test; empty/None otherwise.
     timings
         Seconds spent in ``select_s`` (grid search), ``fit_s`` and ``predict_s``
         (prediction and scoring).
@@ -207,6 +214,9 @@ class FoldOutcome:
     params: dict[str, Any]
     selection: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    validation_predictions: list[SlidePrediction] = field(default_factory=list)
+    validation_metrics: pd.DataFrame | None = None
+    validation_per_gene: pd.DataFrame | None = None
 
 
 def resolve_slides(cohort: Any, ids: Sequence[str]) -> list[Any]:
@@ -400,6 +410,7 @@ def run_fold(
     n_top: int = N_TOP,
     grid: Mapping[str, Sequence[Any]] | None = None,
     clustering: bool = True,
+    validation: str | None = None,
 ) -> FoldOutcome:
     """Run the protocol for one method on one fold (see the module docstring).
 
@@ -421,6 +432,10 @@ def run_fold(
         Optional ``{param: [values]}`` searched on ``fold.inner``.
     clustering
         Add ARI/NMI rows for test slides with ``obs["label"]``.
+    validation
+        ``"select"`` (validation slides passed to ``fit``) or ``"score"``
+        (kept from the method and scored as an in-distribution test);
+        None: ``fold.val_mode``.
 
     Returns
     -------
@@ -444,22 +459,22 @@ def run_fold(
         )
         params.update(best)
     t1 = time.perf_counter()
+    mode = fold.val_mode if validation is None else validation
+    if mode not in VALIDATION_MODES:
+        raise He2stInputError(f"validation must be one of {VALIDATION_MODES}, got {mode!r}")
     train = resolve_slides(cohort, fold.train)
     val = resolve_slides(cohort, fold.val)
-    panel, model = fit_on(method_name, params, train, val, genes, min_spots=min_spots, markers=markers)
+    panel, model = fit_on(
+        method_name, params, train, val if mode == "select" else [], genes, min_spots=min_spots, markers=markers
+    )
     t2 = time.perf_counter()
-    preds, mets, pgs = [], [], []
-    for slide in resolve_slides(cohort, fold.test):
-        p = predict_slide(model, slide)
-        labels = slide.obs["label"].tolist() if clustering and "label" in slide.obs else None
-        m, g = score_prediction(p, model.genes, markers=markers, n_top=n_top, labels=labels, seed=params.get("seed", 0))
-        keys = {"method": label, "fold": fold.name, "test_slide": p.slide_id}
-        for df in (m, g):
-            for i, (k, v) in enumerate(keys.items()):
-                df.insert(i, k, v)
-        preds.append(p)
-        mets.append(m)
-        pgs.append(g)
+    scoring = {"markers": markers, "n_top": n_top, "clustering": clustering, "seed": params.get("seed", 0)}
+    preds, mets, pgs = _score_slides(model, resolve_slides(cohort, fold.test), label, fold.name, **scoring)
+    vpreds: list[SlidePrediction] = []
+    vmets = vpgs = None
+    if mode == "score" and val:
+        vpreds, vm, vg = _score_slides(model, val, label, fold.name, **scoring)
+        vmets, vpgs = pd.concat(vm, ignore_index=True), pd.concat(vg, ignore_index=True)
     t3 = time.perf_counter()
     return FoldOutcome(
         method=label,
@@ -472,7 +487,37 @@ def run_fold(
         params=dict(model.params),
         selection=selection,
         timings={"select_s": t1 - t0, "fit_s": t2 - t1, "predict_s": t3 - t2},
+        validation_predictions=vpreds,
+        validation_metrics=vmets,
+        validation_per_gene=vpgs,
     )
+
+
+def _score_slides(
+    model: Any,
+    slides: Sequence[Any],
+    label: str,
+    fold: str,
+    *,
+    markers: Sequence[str] | None,
+    n_top: int,
+    clustering: bool,
+    seed: int,
+) -> tuple[list[SlidePrediction], list[pd.DataFrame], list[pd.DataFrame]]:
+    """Predict and score each slide; metric and per-gene tables keyed by method, fold and slide."""
+    preds, mets, pgs = [], [], []
+    for slide in slides:
+        p = predict_slide(model, slide)
+        labels = slide.obs["label"].tolist() if clustering and "label" in slide.obs else None
+        m, g = score_prediction(p, model.genes, markers=markers, n_top=n_top, labels=labels, seed=seed)
+        keys = {"method": label, "fold": fold, "test_slide": p.slide_id}
+        for df in (m, g):
+            for i, (k, v) in enumerate(keys.items()):
+                df.insert(i, k, v)
+        preds.append(p)
+        mets.append(m)
+        pgs.append(g)
+    return preds, mets, pgs
 
 
 def select_params(
@@ -536,7 +581,7 @@ def select_params(
                 method_name,
                 {**params, **cand},
                 resolve_slides(cohort, f.train),
-                resolve_slides(cohort, f.val),
+                resolve_slides(cohort, f.val if f.val_mode == "select" else ()),
                 genes,
                 min_spots=min_spots,
                 markers=markers,

@@ -25,6 +25,13 @@ All splits here are lists of :class:`Fold` naming slide ids.
   names above only illustrate the format). A file may also hold several folds:
   ``{"folds": [{"name": ..., "train": [...], "validation": [...], "test": [...]}]}``.
 
+  What the validation slides are for is the fold's ``val_mode`` (file key
+  ``validation_mode``): ``"score"`` -- the paper's protocol and the default of
+  split files -- keeps them out of training and model selection and scores
+  them as an in-distribution test next to the (out-of-distribution) test
+  slides; ``"select"`` passes them to ``fit`` as ``val_slides``, where a
+  method may pick its epoch on them (the default of folds built in code).
+
 :func:`make_splits` turns a CLI spec (``loso``, ``lopo``, ``kfold:5``,
 ``nested``, or a file path) into folds.
 """
@@ -33,7 +40,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +51,12 @@ from he2st.errors import He2stInputError
 
 class SplitError(He2stInputError):
     """A split is malformed or does not fit the cohort."""
+
+
+#: What a fold's validation slides are for: picking the epoch ("select") or an in-distribution score ("score").
+VALIDATION_MODES = ("select", "score")
+#: Default ``val_mode`` of split files: Jiang et al. 2024 score their OOD split's validation slides, never tune on them.
+FILE_VALIDATION_MODE = "score"
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,10 @@ class Fold:
         Slide ids. ``val`` may be empty.
     inner
         Inner folds over ``train`` (+ ``val``) for model selection (nested CV only).
+    val_mode
+        ``"select"``: ``val`` is passed to ``fit`` as ``val_slides`` (model
+        selection); ``"score"``: ``val`` is kept from the method and scored
+        as an in-distribution test (see :func:`he2st.evaluate.protocol.run_fold`).
     """
 
     name: str
@@ -65,6 +82,7 @@ class Fold:
     val: tuple[str, ...] = ()
     test: tuple[str, ...] = ()
     inner: tuple[Fold, ...] = field(default=())
+    val_mode: str = "select"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train", tuple(str(s) for s in self.train))
@@ -88,12 +106,16 @@ class Fold:
             "validation": list(self.val),
             "test": list(self.test),
         }
+        if self.val:
+            d["validation_mode"] = self.val_mode
         if self.inner:
             d["inner"] = [f.to_dict() for f in self.inner]
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], where: str = "split", default_name: str = "fold0") -> Fold:
+    def from_dict(
+        cls, d: Mapping[str, Any], where: str = "split", default_name: str = "fold0", default_mode: str = "select"
+    ) -> Fold:
         """Build a fold from ``{"name", "train", "validation"|"val", "test"}``.
 
         Parameters
@@ -106,6 +128,8 @@ class Fold:
             Where the table comes from, prefixed to error messages.
         default_name
             Name of the fold when ``d`` has none.
+        default_mode
+            ``val_mode`` when ``d`` has no ``validation_mode``.
 
         Returns
         -------
@@ -120,7 +144,7 @@ class Fold:
         """
         if not isinstance(d, Mapping):
             raise SplitError(f"{where}: a fold must be a table/object, got {type(d).__name__}")
-        unknown = set(d) - {"name", "train", "validation", "val", "test", "inner"}
+        unknown = set(d) - {"name", "train", "validation", "val", "test", "inner", "validation_mode"}
         if unknown:
             raise SplitError(
                 f"{where}: unknown key(s) {sorted(unknown)}; expected train, validation, test (and name)"
@@ -138,7 +162,7 @@ class Fold:
             for i, x in enumerate(d.get("inner", []))
         )
         try:
-            return cls(name, lists["train"], val, lists["test"], inner)
+            return cls(name, lists["train"], val, lists["test"], inner, str(d.get("validation_mode", default_mode)))
         except SplitError as exc:
             raise SplitError(f"{where}: {exc}") from None
 
@@ -160,6 +184,8 @@ def _id_list(value: Any, where: str) -> list[str]:
 
 
 def _check_fold(fold: Fold, where: str) -> None:
+    if fold.val_mode not in VALIDATION_MODES:
+        raise SplitError(f"{where}: validation mode must be one of {VALIDATION_MODES}, got {fold.val_mode!r}")
     if not fold.train:
         raise SplitError(f"{where}: no training slides")
     for part, ids in (("train", fold.train), ("validation", fold.val), ("test", fold.test)):
@@ -395,11 +421,13 @@ def nested_leave_one_out(slides: Any, group: str = "slide", patients: Mapping[st
     return out
 
 
-def named_split(path: str | Path, slides: Any = None) -> list[Fold]:
+def named_split(path: str | Path, slides: Any = None, validation: str | None = None) -> list[Fold]:
     """Read a fixed split from a JSON or TOML file.
 
     The file holds either one fold (``train``, ``validation`` (or ``val``),
-    ``test`` lists of slide ids, optional ``name``) or several under ``folds``.
+    ``test`` lists of slide ids, optional ``name`` and ``validation_mode``)
+    or several under ``folds`` (a top-level ``validation_mode`` applies to
+    every fold that gives none).
 
     Parameters
     ----------
@@ -407,6 +435,11 @@ def named_split(path: str | Path, slides: Any = None) -> list[Fold]:
         ``.json`` or ``.toml`` file.
     slides
         Optional cohort/slides/ids: every slide named must be one of them.
+    validation
+        ``"score"`` or ``"select"`` for every fold, overriding the file; None:
+        the file's ``validation_mode``, else ``"score"`` (Jiang et al.'s
+        out-of-distribution protocol: the validation slides are an
+        in-distribution test, not used for tuning).
 
     Returns
     -------
@@ -439,17 +472,21 @@ def named_split(path: str | Path, slides: Any = None) -> list[Fold]:
     if not isinstance(data, Mapping):
         raise SplitError(f"split file {path}: top level must be a table/object")
     where = f"split file {path}"
+    mode = str(data.get("validation_mode", FILE_VALIDATION_MODE)) if "folds" in data else FILE_VALIDATION_MODE
     if "folds" in data:
-        extra = set(data) - {"folds", "name"}
+        extra = set(data) - {"folds", "name", "validation_mode"}
         if extra:
             raise SplitError(f"{where}: unexpected key(s) {sorted(extra)} next to 'folds'")
         if not isinstance(data["folds"], Sequence) or not data["folds"]:
             raise SplitError(f"{where}: 'folds' must be a non-empty list")
         folds = [
-            Fold.from_dict(d, where=f"{where} fold {i}", default_name=f"fold{i}") for i, d in enumerate(data["folds"])
+            Fold.from_dict(d, where=f"{where} fold {i}", default_name=f"fold{i}", default_mode=mode)
+            for i, d in enumerate(data["folds"])
         ]
     else:
-        folds = [Fold.from_dict(data, where=where, default_name=path.stem)]
+        folds = [Fold.from_dict(data, where=where, default_name=path.stem, default_mode=mode)]
+    if validation is not None:
+        folds = with_validation(folds, validation)
     for f in folds:
         if not f.test:
             raise SplitError(f"{where}: fold {f.name!r} has no test slides")
@@ -458,7 +495,35 @@ def named_split(path: str | Path, slides: Any = None) -> list[Fold]:
     return folds
 
 
-def make_splits(spec: str | Path | Sequence[Fold], slides: Any, seed: int = 0) -> list[Fold]:
+def with_validation(folds: Sequence[Fold], validation: str) -> list[Fold]:
+    """The folds with their validation slides used as ``validation`` says.
+
+    Parameters
+    ----------
+    folds
+        Folds to change.
+    validation
+        ``"select"`` (passed to ``fit`` for model selection) or ``"score"``
+        (kept from the method and scored as an in-distribution test).
+
+    Returns
+    -------
+    list of Fold
+        Copies with ``val_mode = validation``.
+
+    Raises
+    ------
+    SplitError
+        An unknown mode.
+    """
+    if validation not in VALIDATION_MODES:
+        raise SplitError(f"validation must be one of {VALIDATION_MODES}, got {validation!r}")
+    return [replace(f, val_mode=validation) for f in folds]
+
+
+def make_splits(
+    spec: str | Path | Sequence[Fold], slides: Any, seed: int = 0, validation: str | None = None
+) -> list[Fold]:
     """Folds from a spec: a named scheme, a split file, or a list of folds.
 
     Every fold is checked against the cohort's slide ids.
@@ -473,6 +538,10 @@ def make_splits(spec: str | Path | Sequence[Fold], slides: Any, seed: int = 0) -
         A cohort, a list of slides, or a list of slide ids.
     seed
         Seed of the ``kfold`` shuffle.
+    validation
+        ``"select"`` or ``"score"`` for every fold's validation slides; None
+        keeps each fold's own (``"score"`` for split files, see
+        :func:`named_split`; ``"select"`` otherwise).
 
     Returns
     -------
@@ -486,7 +555,7 @@ def make_splits(spec: str | Path | Sequence[Fold], slides: Any, seed: int = 0) -
     """
     ids = _slide_ids(slides)
     if isinstance(spec, (list, tuple)):
-        return validate_folds(list(spec), ids)
+        return validate_folds(list(spec) if validation is None else with_validation(spec, validation), ids)
     s = str(spec).strip()
     low = s.lower()
     if low in ("loso", "leave-one-slide-out", ""):
@@ -510,4 +579,6 @@ def make_splits(spec: str | Path | Sequence[Fold], slides: Any, seed: int = 0) -
         raise SplitError(
             f"unknown split {s!r}: expected loso, lopo, kfold:K, nested, nested:patient or a .json/.toml file"
         )
+    if validation is not None:
+        folds = with_validation(folds, validation)
     return validate_folds(folds, ids)

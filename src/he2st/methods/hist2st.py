@@ -19,12 +19,14 @@ from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegres
 from he2st.methods.nn.inputs import encoder_inputs, to_unit
 from he2st.methods.nn.transformer import SpotTransformer
 
-__all__ = ["MISSING_LABELS", "Hist2ST", "Hist2STNet"]
+__all__ = ["GAT_VARIANTS", "MISSING_LABELS", "Hist2ST", "Hist2STNet"]
 
 #: Label values that mean "no annotation" (ignored by the classification loss).
 MISSING_LABELS = frozenset({"", "nan", "none", "undetermined", "unknown", "na"})
 
 MODES = ("auto", "frozen", "finetune")
+#: The GAT variant: one layer shared across its uses (Jiang et al.'s code) or independent layers.
+GAT_VARIANTS = ("shared", "stacked")
 
 
 class Hist2STNet(nn.Module):
@@ -50,7 +52,13 @@ class Hist2STNet(nn.Module):
         and averaged (jumping knowledge).
     gat_layers, gat_heads
         When ``gat_layers > 0`` the Transformer and GraphSAGE are replaced by
-        that many GAT layers (the "GAT" variant).
+        a GAT (the "GAT" variant) of ``gat_heads`` concatenated heads.
+    gat_variant
+        ``"shared"`` (Jiang et al.'s code): ONE GAT layer applied
+        ``gat_layers`` times, no self loops, its outputs read by the
+        jumping-knowledge LSTM, positions unused (no position tables);
+        ``"stacked"``: ``gat_layers`` independent layers with self loops and
+        ELU between them, positions added to the features.
     zinb
         Add the ZINB head (mean, dispersion, dropout).
     distill
@@ -77,7 +85,8 @@ class Hist2STNet(nn.Module):
         attention: str = "full",
         gnn_depth: int = 4,
         gat_layers: int = 0,
-        gat_heads: int = 4,
+        gat_heads: int = 8,
+        gat_variant: str = "shared",
         zinb: bool = True,
         distill: bool = True,
         cls_hidden: tuple[int, ...] = (256, 128, 64),
@@ -96,17 +105,29 @@ class Hist2STNet(nn.Module):
             # Standardisation of the frozen features (set from the training spots).
             self.register_buffer("feat_shift", torch.zeros(feature_dim))
             self.register_buffer("feat_scale", torch.ones(feature_dim))
-        self.x_embed = nn.Embedding(n_pos, dim)
-        self.y_embed = nn.Embedding(n_pos, dim)
-        nn.init.normal_(self.x_embed.weight, std=pos_init_std)
-        nn.init.normal_(self.y_embed.weight, std=pos_init_std)
+        if gat_variant not in GAT_VARIANTS:
+            raise He2stInputError(f"hist2st: gat_variant must be one of {GAT_VARIANTS}, got {gat_variant!r}")
+        self.gat_shared = gat_layers > 0 and gat_variant == "shared"
+        self.gat_uses = gat_layers
+        self.x_embed = self.y_embed = None
+        if not self.gat_shared:  # the shared-GAT code never reads the positions
+            self.x_embed = nn.Embedding(n_pos, dim)
+            self.y_embed = nn.Embedding(n_pos, dim)
+            nn.init.normal_(self.x_embed.weight, std=pos_init_std)
+            nn.init.normal_(self.y_embed.weight, std=pos_init_std)
         self.dropout = nn.Dropout(dropout)
         self.gat = None
         self.transformer = self.sage = self.jk = None
         if gat_layers > 0:
             if dim % gat_heads:
                 raise He2stInputError(f"hist2st: dim ({dim}) must be divisible by gat_heads ({gat_heads})")
-            self.gat = nn.ModuleList([GATConv(dim, dim // gat_heads, heads=gat_heads) for _ in range(gat_layers)])
+            if self.gat_shared:
+                # Concatenated heads of dim / heads; the bias after aggregation equals the
+                # code's biased projection, as attention weights sum to one.
+                self.gat = GATConv(dim, dim // gat_heads, heads=gat_heads, add_self_loops=False)
+                self.jk = nn.LSTM(dim, dim, num_layers=2)
+            else:
+                self.gat = nn.ModuleList([GATConv(dim, dim // gat_heads, heads=gat_heads) for _ in range(gat_layers)])
         else:
             self.transformer = SpotTransformer(dim, depth, heads, dim_head, mlp_dim or dim, dropout, attention)
             self.sage = nn.ModuleList(
@@ -156,19 +177,26 @@ class Hist2STNet(nn.Module):
             ``(n, dim)`` spot representations (GraphSAGE outputs mixed by the
             jumping-knowledge LSTM, or the last GAT layer's).
         """
-        h = self.dropout(self.features(x)) + self.x_embed(positions[:, 0]) + self.y_embed(positions[:, 1])
-        if self.gat is not None:
+        h = self.dropout(self.features(x))
+        if self.x_embed is not None:
+            h = h + self.x_embed(positions[:, 0]) + self.y_embed(positions[:, 1])
+        jk = []
+        if self.gat_shared:
+            for _ in range(self.gat_uses):
+                h = self.gat(h, edge_index)
+                jk.append(h)
+        elif self.gat is not None:
             for i, layer in enumerate(self.gat):
                 h = layer(h, edge_index)
                 if i < len(self.gat) - 1:
                     h = F.elu(h)
             return h
-        g = self.transformer(h, neighbors)
-        jk = []
-        for layer in self.sage:
-            g = F.normalize(F.relu(layer(g, edge_index)), p=2.0, dim=1)
-            jk.append(g)
-        out, _ = self.jk(torch.stack(jk))  # sequence over layers: (L, n, dim)
+        else:
+            g = self.transformer(h, neighbors)
+            for layer in self.sage:
+                g = F.normalize(F.relu(layer(g, edge_index)), p=2.0, dim=1)
+                jk.append(g)
+        out, _ = self.jk(torch.stack(jk))  # jumping knowledge, a sequence over layers: (L, n, dim)
         return out.mean(0)
 
     def forward(
@@ -227,6 +255,9 @@ class Hist2ST(SlideRegressor):
       and the prediction is added with weight 0.5;
     - Adam, learning rate 1e-5, 350 epochs, one slide per step.
 
+    Setting by setting, with the code's file:line: ``docs/fidelity.md#hist2st-gat-variant``
+    (the GAT variant).
+
     Variants (Jiang et al. 2024, Suppl. 7.1)
     ----------------------------------------
     ``regclass=True``
@@ -246,8 +277,17 @@ class Hist2ST(SlideRegressor):
         ``fit`` and their features cached too (the backbone is frozen, so
         re-drawing them every step would only re-run it).
     ``gat=True``
-        The Transformer and the graph network are replaced by a 4-layer GAT
-        (``gat_heads`` heads, ELU between layers) on the same spot graph.
+        The Transformer and the graph network are replaced by a GAT on the
+        same spot graph. Default ``gat_variant="shared"``, the benchmark's
+        code (``BiomedicalMachineLearning/DeepHis2Exp``,
+        ``Development/SimST/CNN_GAT(10x_visium).py``): one GAT layer of 8
+        concatenated heads (``dim / 8`` wide each, LeakyReLU slope 0.2, no
+        self loops, no activation) applied ``gat_layers=4`` times, its four
+        outputs read by the 2-layer jumping-knowledge LSTM and averaged; the
+        spot positions are not used. ``gat_variant="stacked"`` is he2st's
+        earlier reading of the paper's "4-layer GAT": four independent layers
+        with self loops and ELU between them, positions added. Details in
+        ``docs/fidelity.md#hist2st-gat-variant``.
 
     Departures: the code's StepLR schedule (x0.9 every 50 epochs) is not
     applied (the shared training loop has no scheduler); the ConvMixer's
@@ -266,7 +306,7 @@ class Hist2ST(SlideRegressor):
     zinb_weight=0.25, distill_views=5, distill_weight=0.5, augment="hist2st",
     regclass=False, gamma=1.0 (the paper sweeps gamma and states no default),
     cls_hidden=[256, 128, 64], allow_unlabeled=False, gat=False, gat_layers=4,
-    gat_heads=4, epochs=350, lr=1e-5, optimizer="adam", weight_decay=0.0,
+    gat_heads=8, gat_variant="shared", epochs=350, lr=1e-5, optimizer="adam", weight_decay=0.0,
     grad_clip=None, patience=None, attention="full", attention_k=64,
     attention_radius=None, window_px=4000.0, window_min_spots=1000,
     window_overlap=0.5, device="auto".
@@ -311,7 +351,8 @@ class Hist2ST(SlideRegressor):
         "allow_unlabeled": False,
         "gat": False,
         "gat_layers": 4,
-        "gat_heads": 4,
+        "gat_heads": 8,
+        "gat_variant": "shared",
         "epochs": 350,
         "lr": 1e-5,
     }
@@ -337,6 +378,8 @@ class Hist2ST(SlideRegressor):
                 raise He2stInputError(f"method 'hist2st': {key} must be >= 0, got {p[key]!r}")
         if int(p["distill_views"]) < 0:
             raise He2stInputError(f"method 'hist2st': distill_views must be >= 0, got {p['distill_views']!r}")
+        if p["gat_variant"] not in GAT_VARIANTS:
+            raise He2stInputError(f"method 'hist2st': gat_variant must be one of {GAT_VARIANTS}, got {p['gat_variant']!r}")
         if len(tuple(p["cls_hidden"])) != 3:
             raise He2stInputError(f"method 'hist2st': cls_hidden must give 3 widths (a 4-layer MLP), got {p['cls_hidden']!r}")
 
@@ -464,6 +507,7 @@ class Hist2ST(SlideRegressor):
             gnn_depth=int(p["gnn_depth"]),
             gat_layers=int(p["gat_layers"]) if p["gat"] else 0,
             gat_heads=int(p["gat_heads"]),
+            gat_variant=str(p["gat_variant"]),
             zinb=self._zinb_on,
             distill=self._distill_on,
             cls_hidden=tuple(int(w) for w in p["cls_hidden"]),

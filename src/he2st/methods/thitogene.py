@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from he2st.errors import He2stInputError
 from he2st.methods.registry import register_method
 from he2st.methods.nn.capsules import EfficientCapsNet
 from he2st.methods.nn.dynconv import ODConv2d
@@ -15,7 +16,10 @@ from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegres
 from he2st.methods.nn.inputs import to_unit
 from he2st.methods.nn.transformer import SpotTransformer
 
-__all__ = ["THItoGene", "THItoGeneNet", "stem_stride"]
+__all__ = ["POSITION_MODES", "THItoGene", "THItoGeneGAT", "THItoGeneNet", "stem_stride"]
+
+#: How the x and y position embeddings enter the spot token.
+POSITION_MODES = ("concat", "add")
 
 #: Side of the capsule network's input map (a 112 px patch after THItoGene's stride-4 stem).
 CAPS_INPUT = 28
@@ -26,8 +30,65 @@ def stem_stride(patch_px: int) -> int:
     return max(1, patch_px // CAPS_INPUT)
 
 
+class THItoGeneGAT(nn.Module):
+    """THItoGene's two-layer graph attention network over the spot graph.
+
+    ``gat_heads`` attention heads of width ``hidden`` (ELU each) are
+    concatenated, then one head maps them to ``out`` (ELU); dropout acts on
+    the input, between the layers and on the attention coefficients;
+    LeakyReLU slope ``slope`` in the attention scores. No self loops: a spot
+    attends only to the neighbours the graph gives it (the authors' adjacency
+    has an empty diagonal), and no bias (their layers have none).
+
+    Parameters
+    ----------
+    in_dim
+        Width of the spot tokens.
+    hidden
+        Width of each first-layer head (1,024).
+    out
+        Output width (512).
+    heads
+        First-layer heads, concatenated (8).
+    dropout
+        Dropout on features and attention coefficients (0.2).
+    slope
+        Negative slope of the attention LeakyReLU (0.01).
+    """
+
+    def __init__(
+        self, in_dim: int, hidden: int = 1024, out: int = 512, heads: int = 8, dropout: float = 0.2, slope: float = 0.01
+    ) -> None:
+        super().__init__()
+        from torch_geometric.nn import GATConv
+
+        common = {"negative_slope": slope, "dropout": dropout, "add_self_loops": False, "bias": False}
+        self.heads = heads
+        self.dropout = nn.Dropout(dropout)
+        self.layer1 = GATConv(in_dim, hidden, heads=heads, concat=True, **common)
+        self.layer2 = GATConv(heads * hidden, out, heads=1, concat=False, **common)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """Spot features ``(n, out)``.
+
+        Parameters
+        ----------
+        x
+            ``(n, in_dim)`` spot tokens.
+        edge_index
+            ``(2, E)`` int64 spot graph (row 0 source, row 1 target), without self loops.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, out)`` after the second layer's ELU.
+        """
+        h = F.elu(self.layer1(self.dropout(x), edge_index))
+        return F.elu(self.layer2(self.dropout(h), edge_index))
+
+
 class THItoGeneNet(nn.Module):
-    """ODConv stem -> Efficient-CapsNet -> + position embeddings -> ViT -> GAT -> gene head.
+    """ODConv stem -> Efficient-CapsNet (+ position capsules) -> ViT -> two-layer GAT -> gene head.
 
     Parameters
     ----------
@@ -36,14 +97,22 @@ class THItoGeneNet(nn.Module):
     n_genes
         Outputs.
     caps, route_dim
-        Routed capsules and their width (20 x 64); a spot token is the
-        flattened capsules, ``caps * route_dim`` wide.
+        Routed capsules and their width (20 x 64).
     n_pos
-        Rows of the x and y position tables (width ``route_dim``, added to every capsule).
+        Rows of the x and y position tables (width ``route_dim``).
+    positions
+        ``"concat"`` (the authors' code): the x and y embeddings join the
+        capsules as two more, so a spot token is ``(caps + 2) * route_dim``
+        wide (1,408); ``"add"``: they are added to every capsule
+        (``caps * route_dim``).
     depth, heads, dim_head, mlp_dim, dropout, attention
-        ViT shape (THItoGene: 4 layers, 16 heads).
-    gat_heads
-        Heads of the GAT layer (8), averaged.
+        ViT shape (THItoGene: 4 layers, 16 heads of 64, MLP 2,048, dropout
+        0.2, also on the input tokens).
+    gat_heads, gat_hidden, gat_out, gat_slope
+        The two-layer GAT (:class:`THItoGeneGAT`: 8 heads x 1,024 -> 512,
+        slope 0.01).
+    head_hidden
+        Hidden width of the gene head (``Linear -> ReLU -> LayerNorm -> Linear``, 1,024).
     stride
         Stride of the ODConv stem; None: :func:`stem_stride` (4 for 112 px).
     pos_init_std
@@ -57,20 +126,26 @@ class THItoGeneNet(nn.Module):
         caps: int = 20,
         route_dim: int = 64,
         n_pos: int = 64,
+        positions: str = "concat",
         depth: int = 4,
         heads: int = 16,
         dim_head: int = 64,
-        mlp_dim: int | None = None,
-        dropout: float = 0.1,
+        mlp_dim: int | None = 2048,
+        dropout: float = 0.2,
         gat_heads: int = 8,
+        gat_hidden: int = 1024,
+        gat_out: int = 512,
+        gat_slope: float = 0.01,
+        head_hidden: int = 1024,
         attention: str = "full",
         stride: int | None = None,
         pos_init_std: float = 1.0,
     ) -> None:
         super().__init__()
-        from torch_geometric.nn import GATConv
-
+        if positions not in POSITION_MODES:
+            raise He2stInputError(f"thitogene: positions must be one of {POSITION_MODES}, got {positions!r}")
         stride = stride or stem_stride(patch_px)
+        self.positions = positions
         self.stem = ODConv2d(3, 16, kernel_size=4, stride=stride)
         side = (patch_px - 4) // stride + 1
         self.capsules = EfficientCapsNet(16, side, n_primary=16, d_primary=8, n_caps=caps, d_caps=route_dim)
@@ -78,13 +153,16 @@ class THItoGeneNet(nn.Module):
         self.y_embed = nn.Embedding(n_pos, route_dim)
         nn.init.normal_(self.x_embed.weight, std=pos_init_std)
         nn.init.normal_(self.y_embed.weight, std=pos_init_std)
-        dim = caps * route_dim
-        self.vit = SpotTransformer(dim, depth, heads, dim_head, mlp_dim or 2 * dim, dropout, attention)
-        self.gat = GATConv(dim, dim, heads=gat_heads, concat=False, dropout=0.0)
-        self.gene_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, n_genes))
+        self.dim = (caps + 2 if positions == "concat" else caps) * route_dim
+        self.token_dropout = nn.Dropout(dropout)  # the ViT's embedding dropout
+        self.vit = SpotTransformer(self.dim, depth, heads, dim_head, mlp_dim or 2 * self.dim, dropout, attention)
+        self.gat = THItoGeneGAT(self.dim, gat_hidden, gat_out, gat_heads, dropout, gat_slope)
+        self.gene_head = nn.Sequential(
+            nn.Linear(gat_out, head_hidden), nn.ReLU(), nn.LayerNorm(head_hidden), nn.Linear(head_hidden, n_genes)
+        )
 
     def tokens(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Capsule tokens with position embeddings, ``(n, caps * route_dim)``.
+        """Spot tokens: the capsules with the position embeddings, flattened.
 
         Parameters
         ----------
@@ -97,12 +175,15 @@ class THItoGeneNet(nn.Module):
         Returns
         -------
         torch.Tensor
-            ``(n, caps * route_dim)`` flattened capsules, the spot's x and y
-            embeddings added to every capsule.
+            ``(n, self.dim)``: ``(caps + 2) * route_dim`` with the x and y
+            embeddings as two extra capsules (``"concat"``), or ``caps *
+            route_dim`` with them added to every capsule (``"add"``).
         """
         caps = self.capsules(F.relu(self.stem(images)))  # (n, caps, route_dim)
-        pos = self.x_embed(positions[:, 0]) + self.y_embed(positions[:, 1])
-        return (caps + pos.unsqueeze(1)).flatten(1)
+        px, py = self.x_embed(positions[:, 0]), self.y_embed(positions[:, 1])
+        if self.positions == "concat":
+            return torch.cat([caps, px.unsqueeze(1), py.unsqueeze(1)], dim=1).flatten(1)
+        return (caps + (px + py).unsqueeze(1)).flatten(1)
 
     def forward(
         self, images: torch.Tensor, positions: torch.Tensor, edge_index: torch.Tensor, neighbors: torch.Tensor | None = None
@@ -117,8 +198,7 @@ class THItoGeneNet(nn.Module):
             ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
             ``[0, n_pos)``.
         edge_index
-            ``(2, E)`` int64 spot graph (row 0 source, row 1 target) of the GAT
-            layer.
+            ``(2, E)`` int64 spot graph (row 0 source, row 1 target) of the GAT.
         neighbors
             Local attention neighbour lists (``LocalNeighbors`` or an
             ``(n, m)`` tensor, -1 = none), or None for global attention.
@@ -128,8 +208,8 @@ class THItoGeneNet(nn.Module):
         torch.Tensor
             ``(n, n_genes)`` predicted expression (normalised scale).
         """
-        h = self.vit(self.tokens(images, positions), neighbors)
-        return self.gene_head(F.elu(self.gat(h, edge_index)))
+        h = self.vit(self.token_dropout(self.tokens(images, positions)), neighbors)
+        return self.gene_head(self.gat(h, edge_index))
 
 
 @register_method("thitogene")
@@ -138,48 +218,55 @@ class THItoGene(SlideRegressor):
 
     Jia Y. et al., "THItoGene: a deep learning method for predicting spatial
     transcriptomics from histological images", Brief. Bioinform. 25:bbad464
-    (2024); as described by Shi et al. (seed paper 003, Appendix B) and the
-    authors' README, training script and published module sizes
-    (``yrjia1015/THItoGene``: ``route_dim=64, caps=20, heads=[16, 8],
-    n_layers=4``, lr 1e-5, 300 epochs):
+    (2024), as described by Shi et al. (seed paper 003, Appendix B); every
+    default is the authors' code (``yrjia1015/THItoGene``: ``vis_model.py``
+    for the network, ``GATLayer.py``, ``transformer.py``, ``train.py`` and
+    ``dataset.py`` for training). Setting by setting, with file:line, in
+    ``docs/fidelity.md#thitogene``:
 
-    - a 112 x 112 px patch per spot, scaled to [0, 1];
+    - a 112 x 112 px patch per spot;
     - omni-dimensional dynamic convolution (ODConv, 4 kernels of 4 x 4,
-      stride 4, 3 -> 16 channels; :class:`he2st.methods.nn.dynconv.ODConv2d`):
-      each patch gets its own kernel mixture;
+      stride 4, 3 -> 16 channels, ReLU; :class:`he2st.methods.nn.dynconv.ODConv2d`);
     - Efficient-CapsNet (:class:`he2st.methods.nn.capsules.EfficientCapsNet`):
-      convolutional stem, 16 primary capsules of 8 dims, self-attention
-      routing to 20 capsules of 64 dims;
-    - learnable x and y coordinate embeddings (64 rows of width 64) added to
-      every capsule; the capsules flattened to a 1280-d spot token;
-    - a ViT of 4 layers, 16 heads of width 64, MLP width 2 x 1280, dropout 0.1;
-    - a GAT layer with 8 heads (averaged, self loops) over the 4-nearest-neighbour
-      spot graph, ELU, then a LayerNorm + linear head; MSE on ``cpm_log1p``;
-    - Adam, learning rate 1e-5, 300 epochs, one slide per step, no augmentation.
+      16 primary capsules of 8 dims, self-attention routing to 20 capsules of 64;
+    - learnable x and y array-coordinate embeddings (64 rows of width 64)
+      concatenated to the capsules as two more: a ``(20 + 2) x 64 = 1408``-d
+      spot token (``positions="add"`` adds them to every capsule instead);
+    - a ViT of 4 layers, 16 heads of width 64, MLP width 2,048, dropout 0.2
+      (also on the input tokens);
+    - a two-layer GAT (:class:`THItoGeneGAT`): 8 heads x 1,024 concatenated
+      (ELU) -> 512 (ELU), LeakyReLU slope 0.01, dropout 0.2, over the
+      4-nearest-neighbour spot graph without pruning or self loops;
+    - a gene head ``Linear(512, 1024) -> ReLU -> LayerNorm -> Linear``; MSE;
+    - Adam, learning rate 1e-5, 300 epochs, one slide per step, no
+      augmentation, the last epoch kept.
 
     The ODConv (3,815 parameters) and capsule network (317,344) match the
-    sizes printed by the authors' model summary; the ViT's MLP width,
-    dropout and the GAT's head averaging are not documented and are our choice.
-    The stem's stride is ``stem_stride`` (default ``max(1, patch_px // 28)``:
-    4 for 112 px patches, giving the capsule network its 28 x 28 input).
+    authors' modules. The stem's stride is ``stem_stride`` (default
+    ``max(1, patch_px // 28)``: 4 for 112 px patches, the capsule network's
+    28 x 28 input).
 
     On small cohorts the position embeddings, initialised N(0, 1) like
     torch's default, dwarf the squashed capsules (norm < 1) and the network
     memorises positions; ``pos_init_std=0.02`` (ViT-style) avoids that.
 
-    Departures: large slides are windowed and attention may be local (see
-    :mod:`he2st.methods.families.slide`); positions on slides spanning more than 64
-    array units are rescaled into the tables.
+    Departures: patches are scaled to [0, 1] (the authors' code feeds 0-255
+    pixel values); targets are he2st's ``cpm_log1p`` (the code: library size
+    to 10,000 and log10(1 + x)); large slides are windowed and attention may
+    be local (see :mod:`he2st.methods.families.slide`); positions on slides
+    spanning more than 64 array units are rescaled into the tables.
 
     Defaults
     --------
     normalization="cpm_log1p", seed=0, patch_px=112, caps=20, route_dim=64,
-    n_pos=64, pos_init_std=1.0, depth=4, heads=16, dim_head=64, mlp_dim=None (= 2 x caps x
-    route_dim), dropout=0.1, gat_heads=8, stem_stride=None (auto), neighbors=4,
-    graph_max_distance=2.0, augment="none", epochs=300, lr=1e-5,
-    optimizer="adam", weight_decay=0.0, grad_clip=None, patience=None,
-    attention="full", attention_k=64, attention_radius=None, window_px=4000.0,
-    window_min_spots=1000, window_overlap=0.5, device="auto".
+    n_pos=64, positions="concat", pos_init_std=1.0, depth=4, heads=16,
+    dim_head=64, mlp_dim=2048, dropout=0.2, gat_heads=8, gat_hidden=1024,
+    gat_out=512, gat_slope=0.01, head_hidden=1024, stem_stride=None (auto),
+    neighbors=4, graph_max_distance=None, augment="none", epochs=300,
+    lr=1e-5, optimizer="adam", weight_decay=0.0, grad_clip=None,
+    patience=None, attention="full", attention_k=64, attention_radius=None,
+    window_px=4000.0, window_min_spots=1000, window_overlap=0.5,
+    device="auto".
 
     Examples
     --------
@@ -195,17 +282,30 @@ class THItoGene(SlideRegressor):
         "patch_px": 112,
         "caps": 20,
         "route_dim": 64,
+        "positions": "concat",
         "depth": 4,
         "heads": 16,
         "dim_head": 64,
-        "mlp_dim": None,
-        "dropout": 0.1,
+        "mlp_dim": 2048,
+        "dropout": 0.2,
         "gat_heads": 8,
+        "gat_hidden": 1024,
+        "gat_out": 512,
+        "gat_slope": 0.01,
+        "head_hidden": 1024,
         "stem_stride": None,
+        "graph_max_distance": None,
         "augment": "none",
         "epochs": 300,
         "lr": 1e-5,
     }
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.params["positions"] not in POSITION_MODES:
+            raise He2stInputError(
+                f"method 'thitogene': positions must be one of {POSITION_MODES}, got {self.params['positions']!r}"
+            )
 
     def _build_model(self) -> nn.Module:
         p = self.params
@@ -213,7 +313,12 @@ class THItoGene(SlideRegressor):
             patch_px=int(p["patch_px"]),
             caps=int(p["caps"]),
             route_dim=int(p["route_dim"]),
+            positions=str(p["positions"]),
             gat_heads=int(p["gat_heads"]),
+            gat_hidden=int(p["gat_hidden"]),
+            gat_out=int(p["gat_out"]),
+            gat_slope=float(p["gat_slope"]),
+            head_hidden=int(p["head_hidden"]),
             stride=None if p["stem_stride"] is None else int(p["stem_stride"]),
             **self._transformer_kwargs(),
         )
