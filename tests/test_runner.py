@@ -114,11 +114,16 @@ def test_named_split_with_validation_and_nested_grid(tmp_path, syn_root) -> None
     # A split file scores its validation slides (Jiang et al.'s OOD protocol): the method never sees them.
     assert rec["fold"]["validation_mode"] == "score" and rec["extra"]["bank_slides"] == ["syn0"]
     assert rec["panel"]["params"]["slides"] == ["syn0"]
+    # ... and the scored validation slide has its own tables in the run folder.
+    val = pd.read_csv(tmp_path / "named" / "validation_metrics.csv")
+    assert set(val["test_slide"]) == {"syn1"} and set(val["method"]) == {"knn"}
+    assert (tmp_path / "named" / "validation_summary.csv").is_file()
     split.write_text('train = ["syn0"]\nvalidation = ["syn1"]\ntest = ["syn2"]\nvalidation_mode = "select"\n')
     run_benchmark(_config(tmp_path / "select", syn_root, methods=["knn"], split=str(split)))
     rec = json.loads((tmp_path / "select" / "folds" / "knn" / "ood.json").read_text())
     assert rec["extra"]["bank_slides"] == ["syn0", "syn1"]  # validation slides join the bank
     assert rec["panel"]["params"]["slides"] == ["syn0"]  # ... but not the panel choice
+    assert not (tmp_path / "select" / "validation_metrics.csv").exists()
 
     res = run_benchmark(
         _config(tmp_path / "nested", syn_root, methods=["knn"], split="nested", grid={"knn": {"k": [1, 30]}})

@@ -200,6 +200,8 @@ def _run_locked(config: BenchmarkConfig, out: Path, specs: list[MethodSpec], coh
                 "timings": outcome.timings,
                 "metrics": outcome.metrics.to_dict(orient="list"),
                 "per_gene": outcome.per_gene.to_dict(orient="list"),
+                # Validation slides scored as an in-distribution test (validation="score").
+                "validation_metrics": _records(outcome.validation_metrics),
             },
         )
         n_run += 1
@@ -220,7 +222,10 @@ def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds
     """Collect the per-(method, fold) results of a run folder into its CSV tables.
 
     Writes ``metrics.csv``, ``per_gene.csv``, ``summary.csv``, ``wilcoxon.csv``
-    (paired tests between methods, with two methods or more) and ``top_genes.csv``.
+    (paired tests between methods, with two methods or more) and ``top_genes.csv``;
+    with folds whose validation slides were scored (``validation="score"``, the
+    out-of-distribution protocol), also ``validation_metrics.csv`` and
+    ``validation_summary.csv`` for those in-distribution slides.
 
     Parameters
     ----------
@@ -243,7 +248,7 @@ def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds
         When the folder holds no finished (method, fold) result.
     """
     out = Path(out)
-    metrics, per_gene = [], []
+    metrics, per_gene, validation = [], [], []
     for d in fold_records(out):
         if labels is not None and d["method"] not in labels:
             continue
@@ -251,6 +256,8 @@ def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds
             continue
         metrics.append(pd.DataFrame(d["metrics"]))
         per_gene.append(pd.DataFrame(d["per_gene"]))
+        if d.get("validation_metrics"):
+            validation.append(pd.DataFrame(d["validation_metrics"]))
     if not metrics:
         raise He2stInputError(f"run folder {out} has no finished (method, fold) results under {FOLDS_DIR}/")
     m = _ordered(pd.concat(metrics, ignore_index=True), METRICS_COLUMNS)
@@ -279,10 +286,18 @@ def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds
     top = top_genes(g, n=20)
     for name, df in (("metrics", m), ("per_gene", g), ("summary", summary), ("wilcoxon", wilcoxon), ("top_genes", top)):
         _write_csv(out / f"{name}.csv", df)
+    if validation:
+        v = _ordered(pd.concat(validation, ignore_index=True), METRICS_COLUMNS)
+        _write_csv(out / "validation_metrics.csv", v)
+        _write_csv(out / "validation_summary.csv", summarize(v))
     return RunResult(out=out, metrics=m, per_gene=g, summary=summary, wilcoxon=wilcoxon, top_genes=top)
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _records(df: pd.DataFrame | None) -> dict[str, list[Any]] | None:
+    return None if df is None or df.empty else df.to_dict(orient="list")
 
 
 def _ordered(df: pd.DataFrame, first: Sequence[str]) -> pd.DataFrame:
