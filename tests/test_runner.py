@@ -270,3 +270,17 @@ def test_run_fold_validation_modes(cohort, mode) -> None:
     flipped = run_fold("knn", {"encoder": "color_stats", "weights": None, "patch_px": 32}, cohort, fold, genes="all", min_spots=1,
                        validation=other)
     assert (flipped.validation_metrics is None) == (other == "select")
+
+
+def test_results_made_under_other_defaults_are_not_resumed(tmp_path, syn_root, monkeypatch) -> None:
+    """A default that changed since a result was stored (e.g. a faithful-port fix) is caught on resume."""
+    from he2st.methods import get_method_class
+
+    cfg = _config(tmp_path / "run", syn_root, methods=["knn"])
+    run_benchmark(cfg)
+    knn = get_method_class("knn")
+    monkeypatch.setattr(knn, "defaults", {**knn.defaults, "metric": "euclidean", "new_knob": 1})
+    with pytest.raises(RunConfigError, match=r"defaults were different.*\['metric'\]"):
+        run_benchmark(cfg)
+    monkeypatch.undo()
+    assert run_benchmark(cfg).folds_skipped > 0

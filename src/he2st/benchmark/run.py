@@ -356,7 +356,31 @@ def _finished(out: Path, spec: MethodSpec, fold: Fold) -> bool:
             f"run folder {out}: method {spec.label!r} has results made with other settings (differs in {diff}); "
             f"give this configuration another label, or delete {out / FOLDS_DIR / spec.label} to rerun it"
         )
+    changed = _changed_defaults(d.get("params"), spec)
+    if changed:
+        raise RunConfigError(
+            f"run folder {out}: method {spec.label!r} has results made when its defaults were different "
+            f"(now differs in {changed}); delete {out / FOLDS_DIR / spec.label} to rerun it with today's defaults, "
+            "or give the old values explicitly"
+        )
     return True
+
+
+def _changed_defaults(recorded: Any, spec: MethodSpec) -> list[str]:
+    """Parameters whose value in a stored result differs from what the method would use now.
+
+    A result stores every parameter its model had (defaults included), so a default
+    changed since (a faithful-port fix, say) is caught instead of silently resumed.
+    Keys only one side has are skipped: a parameter added later defaults to the old behaviour.
+    """
+    if not isinstance(recorded, dict):
+        return []
+    from he2st.methods import get_method_class
+
+    cls = get_method_class(spec.name)
+    now = jsonable({**cls.common_defaults, **cls.defaults, **spec.params})
+    old = jsonable(recorded)
+    return sorted(k for k in set(now) & set(old) if now[k] != old[k])
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
