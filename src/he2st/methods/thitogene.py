@@ -154,7 +154,11 @@ class THItoGene(SlideRegressor):
       every capsule; the capsules flattened to a 1280-d spot token;
     - a ViT of 4 layers, 16 heads of width 64, MLP width 2 x 1280, dropout 0.1;
     - a GAT layer with 8 heads (averaged, self loops) over the 4-nearest-neighbour
-      spot graph, ELU, then a LayerNorm + linear head; MSE on ``cpm_log1p``;
+      spot graph, ELU, then a LayerNorm + linear head; MSE on Hist2ST's
+      targets ``log10(1 + 1e4 * count / panel_total)`` (THItoGene reuses
+      Hist2ST's dataset code; ``train_normalization="hist2st_lognorm"``, see
+      ``docs/fidelity.md#hist2st-target-scale``); :meth:`predict` returns
+      ``normalization``'s common scale;
     - Adam, learning rate 1e-5, 300 epochs, one slide per step, no augmentation.
 
     The ODConv (3,815 parameters) and capsule network (317,344) match the
@@ -173,7 +177,8 @@ class THItoGene(SlideRegressor):
 
     Defaults
     --------
-    normalization="cpm_log1p", seed=0, patch_px=112, caps=20, route_dim=64,
+    normalization="cpm_log1p" (evaluation), train_normalization="hist2st_lognorm",
+    seed=0, patch_px=112, caps=20, route_dim=64,
     n_pos=64, pos_init_std=1.0, depth=4, heads=16, dim_head=64, mlp_dim=None (= 2 x caps x
     route_dim), dropout=0.1, gat_heads=8, stem_stride=None (auto), neighbors=4,
     graph_max_distance=2.0, augment="none", epochs=300, lr=1e-5,
@@ -203,6 +208,7 @@ class THItoGene(SlideRegressor):
         "gat_heads": 8,
         "stem_stride": None,
         "augment": "none",
+        "train_normalization": "hist2st_lognorm",
         "epochs": 300,
         "lr": 1e-5,
     }
