@@ -67,7 +67,9 @@ def choose_panel(
     genes
         ``"hvg:N"`` -- the HisToGene/Hist2ST/mclSTExp recipe with the N most
         variable genes per slide (:func:`he2st.pp.genes.select_genes`);
-        ``"all"`` -- every gene present in all training slides; a list of genes,
+        ``"mean:N"`` -- the N genes of highest mean count over the training
+        spots (ST-Net's ``--gene_n``); ``"all"`` -- every gene present in all
+        training slides; a list of genes,
         a :class:`~he2st.pp.genes.GenePanel` or a file (``.npy``/``.json``/text)
         -- that list intersected with the genes present in all training slides.
     min_spots
@@ -95,6 +97,8 @@ def choose_panel(
             n_spots = sum(s.n_obs for s in slides)
             min_spots = int(min(PUBLISHED_MIN_SPOTS, np.floor(MIN_SPOTS_FRACTION * n_spots)))
         return select_genes(slides, min_spots=min_spots, n_top_hvg=n_top, markers=markers)
+    if isinstance(genes, str) and genes.lower().startswith("mean:"):
+        return _top_mean_panel(slides, genes, markers)
     if isinstance(genes, str) and genes.lower() == "all":
         common = common_genes(slides)
         panel = select_genes(slides, gene_list=common, markers=markers)
@@ -102,6 +106,23 @@ def choose_panel(
     if genes is None:
         raise He2stInputError("gene spec is None: use 'hvg:N', 'all', a list of genes or a file")
     return select_genes(slides, gene_list=genes, markers=markers)
+
+
+def _top_mean_panel(slides: list[Any], spec: str, markers: Sequence[str] | None) -> Any:
+    """ST-Net's ``--gene_n N``: the N genes of highest mean count over all training spots."""
+    from he2st.pp.genes import GenePanel, common_genes, select_genes
+
+    try:
+        n_top = int(spec.partition(":")[2])
+    except ValueError:
+        raise He2stInputError(f"gene spec {spec!r}: expected mean:N with an integer N") from None
+    common = common_genes(slides)
+    total = np.zeros(len(common))
+    for s in slides:
+        total += np.asarray(s[:, common].X.sum(axis=0), dtype=np.float64).reshape(-1)
+    order = np.argsort(-total, kind="stable")[:n_top]
+    panel = select_genes(slides, gene_list=[common[i] for i in order], markers=markers)
+    return GenePanel(panel.genes, source="mean", params={**panel.params, "n_top_mean": n_top})
 
 
 # -- one fold ------------------------------------------------------------------------
