@@ -27,7 +27,7 @@ def test_defaults_are_the_papers() -> None:
     p = create_method("deepspace").params
     assert (p["encoder"], p["patch_px"], p["patch_scale"], p["optimizer"]) == ("vgg16", None, 1.5, "adam")
     assert (p["lr"], p["weight_decay"], p["batch_size"], p["epochs"], p["patience"]) == (1e-4, 1e-4, 128, 10, 5)
-    assert p["max_mean_rgb"] == 0.8 and p["hidden"] == 4096 and p["mode"] == "frozen"
+    assert p["max_mean_rgb"] == 0.8 and p["hidden"] == 0 and p["mode"] == "frozen"  # the repository's head: one layer on fc7
 
 
 def test_minmax_scaler_hand_values() -> None:

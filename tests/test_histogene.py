@@ -12,8 +12,10 @@ from he2st.methods import create_method, load_method
 from he2st.methods.histogene import HisToGene, HisToGeneNet
 from he2st.methods.nn.transformer import count_parameters
 
-# CPU budget: one small Transformer layer, a larger learning rate, 30 epochs.
-FAST = {"patch_px": 32, "dim": 64, "depth": 1, "heads": 4, "dim_head": 16, "mlp_dim": 128, "lr": 3e-3, "epochs": 30}
+# CPU budget: one small Transformer layer, a larger learning rate, 30 epochs. With 0-255
+# pixels (the default) an Adam step moves the patch embedding's output ~255x more than
+# with [0, 1] pixels, so the CPU learning rate stays small.
+FAST = {"patch_px": 32, "dim": 64, "depth": 1, "heads": 4, "dim_head": 16, "mlp_dim": 128, "lr": 3e-4, "epochs": 30}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,9 @@ def _score(model, slide):
 def test_defaults_are_the_papers() -> None:
     d = HisToGene.defaults
     assert (d["patch_px"], d["dim"], d["depth"], d["heads"], d["n_pos"]) == (112, 1024, 8, 16, 64)
-    assert (d["lr"], d["epochs"], d["optimizer"], d["augment"]) == (1e-5, 100, "adam", "histogene")
+    assert (d["lr"], d["epochs"], d["optimizer"], d["augment"]) == (1e-5, 100, "adam", "none")
+    # The code's inputs and targets: raw 0-255 pixels, scprep's panel log-normalisation.
+    assert (d["pixel_scale"], d["train_normalization"]) == ("uint8", "hist2st_lognorm")
     assert (d["attention"], d["window_px"]) == ("full", 4000.0)
     # Parameter count of the paper-size network, by hand (built on the meta device: no memory).
     with torch.device("meta"):
@@ -49,6 +53,26 @@ def test_beats_mean_on_held_out_slide(cohort, genes, fitted) -> None:
     assert len(fitted.history_["train"]) == FAST["epochs"]
 
 
+def test_training_loss_goes_clearly_below_the_mean_predictors(cohort, genes) -> None:
+    # The issue-12 failure: with augmentation and [0, 1] pixels against N(0, 1)
+    # position tables the loss never left the mean predictor's. The loss is
+    # measured in eval mode (no dropout) on the training slides; the synthetic
+    # targets are Poisson-noise dominated, so the reachable gap is a few percent.
+    model = create_method("histogene", **{**FAST, "lr": 1e-4, "epochs": 20}).fit(cohort[:2], genes)
+    y = [model.train_targets(s) for s in cohort[:2]]
+    mean = np.concatenate(y).mean(axis=0)
+    mean_loss = float(np.mean([((t - mean) ** 2).mean() for t in y]))
+    loss = float(np.mean([((model._predict_data(model.slide_data(s)) - t) ** 2).mean() for s, t in zip(cohort[:2], y)]))
+    assert loss < 0.98 * mean_loss
+
+
+def test_pixel_scale_and_augmentation_are_options(cohort, genes) -> None:
+    with pytest.raises(He2stInputError, match="pixel_scale"):
+        create_method("histogene", pixel_scale="float")
+    m = create_method("histogene", **{**FAST, "epochs": 2}, pixel_scale="unit", augment="histogene").fit(cohort[:2], genes)
+    assert np.isfinite(m.predict(cohort[2])).all()
+
+
 def test_save_load_roundtrip(cohort, fitted, tmp_path) -> None:
     pred = fitted.predict(cohort[2])
     fitted.save(tmp_path / "m")
@@ -65,7 +89,9 @@ def test_local_attention_over_all_spots_equals_full_attention(cohort, fitted, tm
     np.testing.assert_allclose(local.predict(cohort[2]), fitted.predict(cohort[2]), atol=2e-4, rtol=1e-4)
     local.params.update(attention="knn", attention_k=4)
     local.set_state(fitted.get_state())
-    assert np.abs(local.predict(cohort[2]) - fitted.predict(cohort[2])).max() > 1e-3
+    # Above float noise (~1e-6): with 0-255 pixels the image part of each token dominates, so
+    # attention moves the output little, but it does move it.
+    assert np.abs(local.predict(cohort[2]) - fitted.predict(cohort[2])).max() > 1e-5
 
 
 def test_superresolution(cohort, fitted) -> None:

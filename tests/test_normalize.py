@@ -113,3 +113,43 @@ def test_normalize_returns_new_anndata_on_the_panel():
     # A fitted normalizer can be passed instead of a name.
     norm = Normalizer("minmax").fit([s], ["G1", "G2"])
     np.testing.assert_array_equal(normalize(s, norm).X, norm.transform(s))
+
+
+def test_hist2st_lognorm_is_scprep_on_the_panel_and_not_cpm_log1p():
+    s = _slide("A", [[1, 3, 6], [2, 0, 2]])
+    # Panel G3, G1: panel totals 7 and 4 (not the all-gene 10 and 4), 1e4 scale, base 10.
+    y = Normalizer("hist2st_lognorm").transform(s, ["G3", "G1"])
+    expected = np.log10(1 + 1e4 * np.array([[6 / 7, 1 / 7], [2 / 4, 2 / 4]]))
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    assert not np.allclose(y, Normalizer("cpm_log1p").transform(s, ["G3", "G1"]))
+    # ST-Net's --norm: ln((1 + count) / (n_genes + total)) with all genes of the slide.
+    z = Normalizer("stnet_norm").transform(s, ["G3"])
+    np.testing.assert_allclose(z, np.log([[7 / 13], [3 / 7]]), rtol=1e-6)
+
+
+def test_convert_uses_training_constants_only_and_round_trips():
+    train = [_slide("A", [[1, 3, 6], [2, 0, 2]]), _slide("B", [[5, 5, 0], [1, 1, 8]])]
+    test = _slide("C", [[3, 1, 1], [0, 4, 9]])
+    panel = ["G1", "G3"]
+    common = Normalizer("cpm_log1p").fit(train, panel)
+    for method in ("hist2st_lognorm", "stnet_norm", "log1p", "minmax"):
+        own = Normalizer(method).fit(train, panel)
+        y = own.transform(test, panel)
+        mapped = own.convert(y, common)
+        assert mapped.dtype == np.float32 and mapped.shape == y.shape and np.isfinite(mapped).all()
+        # common -> own -> common is the identity up to float32 rounding (the same constants both ways).
+        np.testing.assert_allclose(own.convert(common.convert(mapped, own), common), mapped, rtol=1e-3, atol=1e-2)
+        # Per gene the map is monotone: the order of spots is kept.
+        for g in range(len(panel)):
+            assert (np.argsort(y[:, g], kind="stable") == np.argsort(mapped[:, g], kind="stable")).all() or np.ptp(y[:, g]) == 0
+    lognorm = Normalizer("hist2st_lognorm").fit(train, panel)
+    # Panel share of each training spot: 7/10, 4/4, 5/10, 9/10; the constant is their geometric mean.
+    share = math.exp(np.mean(np.log([0.7, 1.0, 0.5, 0.9])))
+    assert lognorm.panel_fraction_ == pytest.approx(share)
+    y = lognorm.transform(test, panel)
+    expected = np.log1p(1e6 * (10.0 ** y.astype(np.float64) - 1) / 1e4 * share)
+    np.testing.assert_allclose(lognorm.convert(y, common), expected, rtol=1e-5)
+    # The map does not change with the test slide: the same values convert identically anywhere.
+    state = Normalizer.from_state(json.loads(json.dumps(lognorm.get_state())))
+    np.testing.assert_array_equal(state.convert(y, common), lognorm.convert(y, common))
+    np.testing.assert_array_equal(common.convert(y, common), y)

@@ -345,7 +345,11 @@ class ConvMixer(Encoder):
 def convmixer(*, channel: int = 32, kernel_size: int = 5, patch_size: int = 7, depth: int = 2, **kw: Any) -> Encoder:
     """Hist2ST's ConvMixer (Zeng et al. 2022): 112 px input, dim = (112/7)^2 * 32/8 = 1024.
 
-    Hist2ST feeds patches scaled to [0, 1] without mean/std normalisation; so do we.
+    Hist2ST feeds raw 0-255 pixel values without mean/std normalisation (the
+    slide tensor is built from the uint8 image, ``biomed-AI/Hist2ST``
+    dataset.py:56). The encoder's info declares no mean/std, so it receives
+    what its caller gives: :class:`he2st.methods.hist2st.Hist2ST` passes
+    ``[0, 1]`` pixels (a listed departure, ``docs/fidelity.md``).
     Tokens are the 16 x 16 cells of the 32-channel mixer output.
 
     Parameters

@@ -70,7 +70,9 @@ def choose_panel(
     genes
         ``"hvg:N"`` -- the HisToGene/Hist2ST/mclSTExp recipe with the N most
         variable genes per slide (:func:`he2st.pp.genes.select_genes`);
-        ``"all"`` -- every gene present in all training slides; a list of genes,
+        ``"mean:N"`` -- the N genes of highest mean count over the training
+        spots (ST-Net's ``--gene_n``); ``"all"`` -- every gene present in all
+        training slides; a list of genes,
         a :class:`~he2st.pp.genes.GenePanel` or a file (``.npy``/``.json``/text)
         -- that list intersected with the genes present in all training slides.
     min_spots
@@ -89,11 +91,13 @@ def choose_panel(
 
     slides = list(train_slides)
     if isinstance(genes, str) and genes.lower().startswith("hvg"):
-        n_top = _hvg_n(genes)
+        n_top = _spec_n(genes, "hvg", default=1000)
         if min_spots is None:
             n_spots = sum(s.n_obs for s in slides)
             min_spots = int(min(PUBLISHED_MIN_SPOTS, np.floor(MIN_SPOTS_FRACTION * n_spots)))
         return select_genes(slides, min_spots=min_spots, n_top_hvg=n_top, markers=markers)
+    if isinstance(genes, str) and genes.lower().startswith("mean:"):
+        return _top_mean_panel(slides, genes, markers)
     if isinstance(genes, str) and genes.lower() == "all":
         common = common_genes(slides)
         panel = select_genes(slides, gene_list=common, markers=markers)
@@ -114,28 +118,44 @@ def check_gene_spec(genes: Any) -> None:
     Raises
     ------
     he2st.errors.He2stInputError
-        A malformed ``hvg:N``, None, or a gene list (file) that cannot be read.
+        A malformed ``hvg:N`` or ``mean:N``, None, or a gene list (file) that cannot be read.
     """
     from he2st.pp.genes import read_gene_list
 
     if isinstance(genes, str) and genes.lower().startswith("hvg"):
-        _hvg_n(genes)
+        _spec_n(genes, "hvg", default=1000)
+    elif isinstance(genes, str) and genes.lower().startswith("mean:"):
+        _spec_n(genes, "mean")
     elif genes is None:
         raise He2stInputError("gene spec is None: use 'hvg:N', 'all', a list of genes or a file")
     elif not (isinstance(genes, str) and genes.lower() == "all"):
         read_gene_list(genes)
 
 
-def _hvg_n(genes: str) -> int:
-    """N of an ``hvg:N`` gene spec (``hvg`` alone: 1000)."""
+def _spec_n(genes: str, kind: str, default: int | None = None) -> int:
+    """N of a ``hvg:N`` / ``mean:N`` gene spec (``hvg`` alone: ``default``)."""
     _, _, n = genes.partition(":")
     try:
-        n_top = int(n) if n else 1000
+        n_top = int(n) if n or default is None else default
     except ValueError:
         n_top = 0
     if n_top < 1:
-        raise He2stInputError(f"gene spec {genes!r}: expected hvg:N with a positive integer N")
+        raise He2stInputError(f"gene spec {genes!r}: expected {kind}:N with a positive integer N")
     return n_top
+
+
+def _top_mean_panel(slides: list[Any], spec: str, markers: Sequence[str] | None) -> Any:
+    """ST-Net's ``--gene_n N``: the N genes of highest mean count over all training spots."""
+    from he2st.pp.genes import GenePanel, common_genes, select_genes
+
+    n_top = _spec_n(spec, "mean")
+    common = common_genes(slides)
+    total = np.zeros(len(common))
+    for s in slides:
+        total += np.asarray(s[:, common].X.sum(axis=0), dtype=np.float64).reshape(-1)
+    order = np.argsort(-total, kind="stable")[:n_top]
+    panel = select_genes(slides, gene_list=[common[i] for i in order], markers=markers)
+    return GenePanel(panel.genes, source="mean", params={**panel.params, "n_top_mean": n_top})
 
 
 # -- one fold ------------------------------------------------------------------------

@@ -11,6 +11,13 @@ protocol, registered by name (like timm's model registry)::
 A method fits its target normalisation (:class:`he2st.pp.normalize.Normalizer`)
 on the training slides it is given, so nothing about a test slide can leak into
 a model through ``fit``.
+
+Two scales: ``normalization`` is the scale :meth:`Method.predict` returns and
+the protocol scores (default ``cpm_log1p``, the same for every method), and
+``train_normalization`` the scale the network is trained on (its paper's; None
+= the same). A method that trains on its own scale maps its outputs to the
+evaluation scale with :meth:`Method.to_eval_scale`
+(:meth:`he2st.pp.normalize.Normalizer.convert`, training constants only).
 """
 
 from __future__ import annotations
@@ -112,7 +119,12 @@ class Method(abc.ABC):
     Parameters common to all methods
     --------------------------------
     normalization
-        Target scale, see :func:`he2st.pp.normalize.normalize` (default ``"cpm_log1p"``).
+        Evaluation scale of :meth:`predict` and :meth:`targets`, see
+        :mod:`he2st.pp.normalize` (default ``"cpm_log1p"``).
+    train_normalization
+        Scale of the training targets (:meth:`train_targets`), the paper's;
+        None = ``normalization``. Only methods with
+        ``supports_train_normalization`` accept a different one.
     seed
         Random seed; the same seed gives the same predictions.
     """
@@ -124,7 +136,9 @@ class Method(abc.ABC):
     paper: ClassVar[str] = ""
     capabilities: ClassVar[Capabilities] = Capabilities()
     defaults: ClassVar[dict[str, Any]] = {}
-    common_defaults: ClassVar[dict[str, Any]] = {"normalization": "cpm_log1p", "seed": 0}
+    common_defaults: ClassVar[dict[str, Any]] = {"normalization": "cpm_log1p", "train_normalization": None, "seed": 0}
+    #: Whether training targets come from :meth:`train_targets` and predictions pass :meth:`to_eval_scale`.
+    supports_train_normalization: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         merged = {**self.common_defaults, **self.defaults}
@@ -145,6 +159,7 @@ class Method(abc.ABC):
         self.params: dict[str, Any] = merged
         self.genes: list[str] | None = None
         self.normalizer_: Any = None
+        self.train_normalizer_: Any = None
 
     # -- protocol -------------------------------------------------------
     def fit(self, train_slides: Sequence[Any], genes: Any, val_slides: Sequence[Any] | None = None) -> Method:
@@ -172,6 +187,16 @@ class Method(abc.ABC):
             raise He2stInputError(f"method {self.name!r}: fit needs at least one training slide")
         self.genes = _gene_list(genes)
         self.normalizer_ = Normalizer(self.params["normalization"]).fit(train_slides, self.genes)
+        train_method = self.params.get("train_normalization") or self.params["normalization"]
+        if train_method == self.normalizer_.method:
+            self.train_normalizer_ = self.normalizer_
+        elif not self.supports_train_normalization:
+            raise He2stInputError(
+                f"method {self.name!r} trains on its evaluation scale; "
+                f"train_normalization={train_method!r} differs from normalization={self.normalizer_.method!r}"
+            )
+        else:
+            self.train_normalizer_ = Normalizer(train_method).fit(train_slides, self.genes)
         self._fit(train_slides, list(val_slides) if val_slides else None)
         return self
 
@@ -188,9 +213,43 @@ class Method(abc.ABC):
         return None
 
     def targets(self, slide: Any) -> np.ndarray:
-        """Observed expression of a slide on the fitted panel and scale, dense float32."""
+        """Observed expression of a slide on the fitted panel and evaluation scale, dense float32."""
         self._check_fitted()
         return self.normalizer_.transform(slide, self.genes)
+
+    def train_targets(self, slide: Any) -> np.ndarray:
+        """Observed expression on the fitted panel and the TRAINING scale, dense float32.
+
+        Parameters
+        ----------
+        slide
+            A slide with raw counts for the panel.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_spots, n_genes)`` float32 on ``train_normalization``'s scale.
+        """
+        self._check_fitted()
+        return (self.train_normalizer_ or self.normalizer_).transform(slide, self.genes)
+
+    def to_eval_scale(self, values: np.ndarray) -> np.ndarray:
+        """Predictions on the training scale -> the evaluation scale (identity when they agree).
+
+        Parameters
+        ----------
+        values
+            ``(..., n_genes)`` values on ``train_normalization``'s scale.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 values on ``normalization``'s scale; see
+            :meth:`he2st.pp.normalize.Normalizer.convert` for the leak-free map.
+        """
+        self._check_fitted()
+        train = self.train_normalizer_ or self.normalizer_
+        return train.convert(values, self.normalizer_, self.genes)
 
     # -- persistence ----------------------------------------------------
     @abc.abstractmethod
@@ -226,6 +285,7 @@ class Method(abc.ABC):
                 "params": self.params,
                 "genes": self.genes,
                 "normalizer": self.normalizer_.get_state(),
+                "train_normalizer": (self.train_normalizer_ or self.normalizer_).get_state(),
                 "extra": self.get_extra(),
                 "he2st_version": _version(),
             }
@@ -290,6 +350,7 @@ class Method(abc.ABC):
             obj = klass(**config["params"])
             obj.genes = [str(g) for g in config["genes"]]
             obj.normalizer_ = Normalizer.from_state(config["normalizer"])
+            obj.train_normalizer_ = Normalizer.from_state(config.get("train_normalizer") or config["normalizer"])
             obj.set_extra(config.get("extra", {}))
             obj.set_state(state)
         except He2stInputError:

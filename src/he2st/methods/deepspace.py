@@ -25,14 +25,15 @@ class DeepSpaCE(SpotRegressor):
     better characterizes breast cancer tissue sections without costly
     experimentation", Sci. Rep. 12:4133 (2022); settings from Jiang et al.
     2024 (seed paper 002: "DeepSpaCE", Table S1, Suppl. 7.1) and the authors'
-    repository (``tmonjo/DeepSpaCE``):
+    repository (``tmonjo/DeepSpaCE``); every setting with its source:
+    ``docs/fidelity.md#deepspace``:
 
     - patch side 1.5 x the spot diameter (``patch_scale=1.5``; ``patch_px``
       overrides it), ImageNet VGG16 trunk (the encoder ``vgg16`` returns fc7);
-    - head: two fully connected layers, ``Linear(d, hidden) -> ReLU ->
-      Dropout(dropout) -> Linear(hidden, n_genes)`` with ``hidden=4096`` (the
-      width of VGG16's classifier). ``hidden=0`` gives the repository's single
-      replaced output layer on fc7;
+    - head: the repository's, VGG16's last classifier layer replaced by one
+      ``Linear(4096, n_genes)`` on fc7 (DeepSpaceLib.py:352; ``hidden=0``).
+      ``hidden=4096`` adds he2st's extra ``Linear(d, hidden) -> ReLU ->
+      Dropout(dropout)`` layer before it (an option, not the paper's);
     - targets: each gene min-max scaled to [0, 1] with the minimum and maximum
       over the spots of the TRAINING slides (:class:`MinMaxScaler`); predictions
       are mapped back with the inverse, so :meth:`predict` returns the
@@ -58,8 +59,8 @@ class DeepSpaCE(SpotRegressor):
     --------
     normalization="cpm_log1p", seed=0, mode="frozen", encoder="vgg16",
     weights="imagenet", patch_px=None (1.5 x spot diameter), patch_scale=1.5,
-    input_px=None, tta=False, stain=None, augment="deepspace", hidden=4096,
-    dropout=0.5, max_mean_rgb=0.8, epochs=10, batch_size=128, lr=1e-4,
+    input_px=None, tta=False, stain=None, augment="deepspace", hidden=0,
+    dropout=0.5 (only with hidden > 0), max_mean_rgb=0.8, epochs=10, batch_size=128, lr=1e-4,
     optimizer="adam", weight_decay=1e-4, momentum=0.9 (unused), patience=5,
     val_split="spot", val_fraction=0.2, n_models=1, standardize=True,
     stain_fit_spots=64, device="auto".
@@ -76,7 +77,7 @@ class DeepSpaCE(SpotRegressor):
         "patch_scale": 1.5,
         "tta": False,
         "augment": "deepspace",
-        "hidden": 4096,
+        "hidden": 0,
         "dropout": 0.5,
         "max_mean_rgb": 0.8,
         "epochs": 10,

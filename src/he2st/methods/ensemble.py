@@ -47,7 +47,9 @@ class Ensemble(Method):
     Defaults
     --------
     method=None (required), n_members=5, params={}, vary_seed=True,
-    normalization=the wrapped method's default (e.g. ``"log1p"`` for stnet), seed=0.
+    normalization=the wrapped method's default evaluation scale (``"cpm_log1p"``
+    for the built-ins; members still train on their own ``train_normalization``,
+    set it through ``params``), seed=0.
 
     Examples
     --------
@@ -79,7 +81,7 @@ class Ensemble(Method):
             )
         self.params["params"] = dict(member_params)
         if "normalization" not in params:
-            # Unless told otherwise, the members keep their own paper's scale (e.g. log1p for stnet).
+            # Unless told otherwise, the members keep their own evaluation scale.
             member_defaults = {**self.member_class_.common_defaults, **self.member_class_.defaults}
             self.params["normalization"] = member_defaults["normalization"]
         if int(self.params["n_members"]) < 1:
@@ -141,6 +143,7 @@ class Ensemble(Method):
                     "params": m.params,
                     "genes": m.genes,
                     "normalizer": m.normalizer_.get_state(),
+                    "train_normalizer": (m.train_normalizer_ or m.normalizer_).get_state(),
                     "extra": m.get_extra(),
                 }
                 for m in self.members_
@@ -155,5 +158,6 @@ class Ensemble(Method):
             m = self.member_class_(**cfg["params"])
             m.genes = list(cfg["genes"])
             m.normalizer_ = Normalizer.from_state(cfg["normalizer"])
+            m.train_normalizer_ = Normalizer.from_state(cfg.get("train_normalizer") or cfg["normalizer"])
             m.set_extra(cfg.get("extra", {}))
             self.members_.append(m)

@@ -234,7 +234,8 @@ class Hist2ST(SlideRegressor):
     Zeng Y. et al., "Spatial transcriptomics prediction from histology jointly
     through Transformer and graph neural networks", Brief. Bioinform. 23:bbac297
     (2022); as reviewed by Jiang et al. 2024 (seed paper 002) and the authors'
-    code (``biomed-AI/Hist2ST``, ``HIST2ST_train.py`` defaults):
+    code (``biomed-AI/Hist2ST``, ``HIST2ST_train.py`` defaults); target scale
+    and its sources: ``docs/fidelity.md#hist2st-target-scale``:
 
     - a 112 x 112 px patch per spot, scaled to [0, 1];
     - ConvMixer (:func:`he2st.encoders.create_encoder` ``"convmixer"``):
@@ -246,7 +247,11 @@ class Hist2ST(SlideRegressor):
     - GraphSAGE (4 layers, mean over the neighbours, ReLU, L2 normalisation)
       on the 4-nearest-neighbour spot graph pruned to 2 grid units, the four
       layer outputs aggregated by a 2-layer LSTM and averaged (jumping knowledge);
-    - a LayerNorm + linear head for the mean expression (MSE on ``cpm_log1p``);
+    - a LayerNorm + linear head for the mean expression, MSE on the code's
+      targets ``log10(1 + 1e4 * count / panel_total)`` (dataset.py:84;
+      ``train_normalization="hist2st_lognorm"``, which keeps the paper's
+      balance of the MSE, ZINB and distillation terms); :meth:`predict`
+      returns ``normalization``'s common scale;
     - a ZINB head (mean, dispersion, dropout) on the raw panel counts with
       size factors ``total / median(total)`` per slide, weight 0.25;
     - self-distillation: 5 views of the patches (random grayscale, rotation,
@@ -297,7 +302,8 @@ class Hist2ST(SlideRegressor):
 
     Defaults
     --------
-    normalization="cpm_log1p", seed=0, patch_px=112, encoder="convmixer",
+    normalization="cpm_log1p" (evaluation), train_normalization="hist2st_lognorm",
+    seed=0, patch_px=112, encoder="convmixer",
     weights=None, mode="auto" (finetune for the ConvMixer, frozen for a
     pretrained encoder), channel=32, kernel_size=5, patch_size=7,
     convmixer_depth=2, dim=1024 (pretrained encoders; the ConvMixer's width is
@@ -355,6 +361,7 @@ class Hist2ST(SlideRegressor):
         "gat_variant": "shared",
         "epochs": 350,
         "lr": 1e-5,
+        "train_normalization": "hist2st_lognorm",
     }
 
     # -- parameters -------------------------------------------------------------------

@@ -23,6 +23,9 @@ from he2st.methods.nn.transformer import SpotTransformer
 
 __all__ = ["HisToGene", "HisToGeneNet"]
 
+#: ``pixel_scale`` values: the code's raw 0-255 pixels, or pixels divided by 255.
+PIXEL_SCALES = ("uint8", "unit")
+
 
 class HisToGeneNet(nn.Module):
     """Patch embedding + x/y position embeddings -> Transformer -> linear gene head.
@@ -72,12 +75,13 @@ class HisToGeneNet(nn.Module):
         return self.x_embed(positions[:, 0]) + self.y_embed(positions[:, 1])
 
     def forward(self, images: torch.Tensor, positions: torch.Tensor, neighbors: torch.Tensor | None = None) -> torch.Tensor:
-        """``images``: float ``(n, 3, S, S)`` in [0, 1] -> ``(n, n_genes)``.
+        """``images``: float ``(n, 3, S, S)`` -> ``(n, n_genes)``.
 
         Parameters
         ----------
         images
-            ``(n, 3, S, S)`` float patches in [0, 1], ``S = patch_px``.
+            ``(n, 3, S, S)`` float patches, ``S = patch_px``, on the scale
+            :class:`HisToGene`'s ``pixel_scale`` chose (0-255 by default).
         positions
             ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
             ``[0, n_pos)``.
@@ -88,7 +92,7 @@ class HisToGeneNet(nn.Module):
         Returns
         -------
         torch.Tensor
-            ``(n, n_genes)`` predicted expression (normalised scale).
+            ``(n, n_genes)`` predicted expression (training scale).
         """
         x = self.patch_embedding(images.flatten(1)) + self.position_embedding(positions)
         return self.gene_head(self.transformer(self.emb_dropout(x), neighbors))
@@ -102,43 +106,53 @@ class HisToGene(SlideRegressor):
     to predict super-resolution gene expression from histology images in
     tumors", bioRxiv 2021.11.28.470212; as reviewed by Jiang et al. 2024
     (seed paper 002) and the authors' code (``maxpmx/HisToGene``,
-    ``SpatialTransformer``):
+    ``HisToGene`` in vis_model.py:144, ``ViT_HER2ST`` in dataset.py:226). Every
+    setting, with its source and the class of each difference:
+    ``docs/fidelity.md#histogene``.
 
-    - a 112 x 112 px patch per spot, flattened and mapped by one linear layer
-      to a 1024-d embedding;
-    - learnable x and y position embeddings (two tables of 64 rows, indexed by
-      the spot's array column and row) added to it;
+    - a 112 x 112 px patch per spot, its raw 0-255 pixel values flattened and
+      mapped by one linear layer to a 1024-d embedding (``pixel_scale="uint8"``;
+      the code builds the slide tensor from the uint8 image without rescaling);
+    - learnable x and y position embeddings (two tables of 64 rows, N(0, 1)
+      initialisation, indexed by the spot's array column and row) added to it;
     - a Transformer of 8 layers, 16 heads of width 64, MLP width 2048,
       dropout 0.1 (the paper's 8 layers; the code's default is 4);
-    - a LayerNorm + linear head to the gene panel; mean squared error on
-      ``cpm_log1p`` targets;
+    - a LayerNorm + linear head to the gene panel; mean squared error on the
+      code's targets ``log10(1 + 1e4 * count / panel_total)``
+      (``train_normalization="hist2st_lognorm"``); :meth:`predict` returns
+      ``normalization``'s common scale (see :mod:`he2st.pp.normalize`);
     - Adam, learning rate 1e-5, 100 epochs, one slide per step;
-    - augmentation: random rotation, flip and colour jitter (preset
-      ``"histogene"``, as the benchmark paper lists it).
+    - no augmentation (``augment="none"``): the code's dataset defines colour
+      jitter, flip and rotation but never applies them to the slide tensor.
+      The benchmark paper's table lists them; ``augment="histogene"`` opts in.
 
     Super-resolution prediction (:meth:`predict_superres`): patches at
     sub-spot positions, as in HisToGene's ``sr`` mode.
 
-    Departures: patches are scaled to [0, 1] (the code feeds 0-255 values);
-    positions on slides spanning more than 64 array units are rescaled into
-    the tables (see :func:`he2st.methods.nn.graphs.grid_positions`) where the
-    code would index past them; large slides are windowed and attention may be
-    local (see :mod:`he2st.methods.families.slide`).
+    Departures: positions on slides spanning more than 64 array units are
+    rescaled into the tables (see :func:`he2st.methods.nn.graphs.grid_positions`)
+    where the code would index past them; large slides are windowed and
+    attention may be local (see :mod:`he2st.methods.families.slide`); the head
+    bias starts at the training mean.
 
     Defaults
     --------
-    normalization="cpm_log1p", seed=0, patch_px=112, dim=1024, depth=8,
+    normalization="cpm_log1p" (evaluation), train_normalization="hist2st_lognorm",
+    seed=0, patch_px=112, pixel_scale="uint8", dim=1024, depth=8,
     heads=16, dim_head=64, mlp_dim=2048, dropout=0.1, n_pos=64,
     pos_init_std=1.0, epochs=100,
     lr=1e-5, optimizer="adam", weight_decay=0.0, grad_clip=None,
-    patience=None, augment="histogene", attention="full", attention_k=64,
+    patience=None, augment="none", attention="full", attention_k=64,
     attention_radius=None, window_px=4000.0, window_min_spots=1000,
     window_overlap=0.5, neighbors=4 (unused), graph_max_distance=2.0
     (unused), device="auto".
 
     The paper's lr of 1e-5 and 100 epochs were set for a GPU; CPU runs on
     small cohorts use fewer, smaller layers and a larger lr (e.g. ``dim=64,
-    depth=2, heads=4, lr=1e-3``).
+    depth=2, heads=4, lr=1e-3``). With ``pixel_scale="uint8"`` the patch
+    embedding sees inputs ~255x larger than with ``"unit"``; that is what
+    keeps the image, not the N(0, 1) position tables, the dominant part of
+    each token at initialisation.
 
     Examples
     --------
@@ -146,6 +160,7 @@ class HisToGene(SlideRegressor):
     >>> m.fit(train_slides, panel)
     >>> pred = m.predict(test_slide)
     >>> sr = m.predict_superres(test_slide, factor=2)   # AnnData of sub-spots
+    >>> jiang = he2st.methods.create_method("histogene", augment="histogene")   # paper 002's table
     """
 
     paper: ClassVar[str] = "Pang et al. 2021 (HisToGene)"
@@ -161,22 +176,34 @@ class HisToGene(SlideRegressor):
         "dropout": 0.1,
         "epochs": 100,
         "lr": 1e-5,
-        "augment": "histogene",
+        "augment": "none",
+        "pixel_scale": "uint8",
+        "train_normalization": "hist2st_lognorm",
     }
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if self.params["pixel_scale"] not in PIXEL_SCALES:
+            raise He2stInputError(f"method 'histogene': pixel_scale must be one of {PIXEL_SCALES}, got {self.params['pixel_scale']!r}")
+
+    def _pixels(self, x_uint8: torch.Tensor, train: bool) -> torch.Tensor:
+        """uint8 ``(n, S, S, 3)`` -> float ``(n, 3, S, S)`` on the ``pixel_scale``, augmented when ``train``."""
+        x = to_unit(x_uint8)
+        if train and self.augmenter is not None:
+            x = self.augmenter(x)  # the augmentation operations work on [0, 1] images
+        # The original feeds raw 0-255 values (see the class docstring).
+        return x * 255.0 if self.params["pixel_scale"] == "uint8" else x
 
     def _build_model(self) -> nn.Module:
         p = self.params
         return HisToGeneNet(patch_px=int(p["patch_px"]), dim=int(p["dim"]), **self._transformer_kwargs())
 
     def _loss(self, model: nn.Module, batch: SlideBatch) -> torch.Tensor:
-        x = to_unit(batch.inputs)
-        if self.augmenter is not None:
-            x = self.augmenter(x)
-        pred = model(x, batch.positions, batch.neighbors)
+        pred = model(self._pixels(batch.inputs, train=True), batch.positions, batch.neighbors)
         return F.mse_loss(pred, batch.targets)
 
     def _forward(self, model: nn.Module, batch: SlideBatch) -> torch.Tensor:
-        return model(to_unit(batch.inputs), batch.positions, batch.neighbors)
+        return model(self._pixels(batch.inputs, train=False), batch.positions, batch.neighbors)
 
     # -- super-resolution -----------------------------------------------------------------
     def predict_superres(self, slide: Any, factor: int = 2) -> Any:
@@ -203,7 +230,7 @@ class HisToGene(SlideRegressor):
         -------
         anndata.AnnData
             ``X`` the predicted expression ``(n_subspots, n_genes)`` on the
-            normalised scale; ``obsm["spatial"]`` the sub-spot centres;
+            evaluation scale (``normalization``); ``obsm["spatial"]`` the sub-spot centres;
             ``obs["spot"]`` the spot each was derived from.
         """
         import anndata as ad
@@ -235,7 +262,7 @@ class HisToGene(SlideRegressor):
             coords=centres,
             grid=base.grid[parent],
         )
-        pred = self._predict_data(sub)
+        pred = self.to_eval_scale(self._predict_data(sub))
         obs = pd.DataFrame({"spot": np.asarray(slide.obs_names)[parent]}, index=[f"sub{i}" for i in range(len(centres))])
         out = ad.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=list(self.genes or [])))
         out.obsm["spatial"] = centres

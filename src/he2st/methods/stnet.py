@@ -19,14 +19,24 @@ class STNet(SpotRegressor):
     He B. et al., "Integrating spatial gene expression and breast tumour
     morphology via deep learning", Nat. Biomed. Eng. 4:827 (2020); settings as
     reviewed by Jiang et al. 2024 (seed paper 002: Table S1, Suppl. 7.1) and the
-    authors' repository (``bryanhe/ST-Net``):
+    authors' repository (``bryanhe/ST-Net``); every setting with its source:
+    ``docs/fidelity.md#st-net``:
 
     - 224 x 224 px patch centred on each spot; DenseNet-121 pre-trained on
       ImageNet; the classifier replaced by one ``Linear(1024, n_genes)`` whose
       weights start at zero and whose bias starts at the training mean
       expression (so training starts from the mean predictor, as in the
       repository);
-    - target ``log(1 + count)`` (``normalization="log1p"``);
+    - target: the ``--norm`` form the published runs use (README.md:38),
+      ``ln((1 + count) / (n_genes + total))`` over all genes of the slide
+      (stnet/datasets/spatial.py:159-178; ``train_normalization="stnet_norm"``);
+      :meth:`predict` returns ``normalization``'s common scale (default
+      ``cpm_log1p``; see :mod:`he2st.pp.normalize` for the map);
+    - genes: the 250 with the highest mean count (``--gene_n 250``,
+      stnet/parser.py:180). The protocol, not the method, chooses panels:
+      pass ``genes="mean:250"`` to :func:`he2st.evaluate.protocol.choose_panel`
+      (or the benchmark configuration) for ST-Net's recipe, read from the
+      training slides only;
     - loss: squared error averaged over genes and *summed* over the spots of a
       batch (the repository's loss; this keeps the paper's learning rate
       meaningful). The validation loss is the plain mean squared error;
@@ -46,7 +56,8 @@ class STNet(SpotRegressor):
 
     Defaults
     --------
-    normalization="log1p", seed=0, mode="frozen", encoder="densenet121",
+    normalization="cpm_log1p" (evaluation), train_normalization="stnet_norm",
+    seed=0, mode="frozen", encoder="densenet121",
     weights="imagenet", patch_px=224, input_px=None (encoder input size),
     tta=True, stain=None, augment="stnet", epochs=50, batch_size=32, lr=1e-6,
     optimizer="sgd", momentum=0.9, weight_decay=0.0, patience=None,
@@ -64,10 +75,11 @@ class STNet(SpotRegressor):
     """
 
     paper: ClassVar[str] = "He et al., Nat. Biomed. Eng. 2020 (ST-Net)"
+    supports_train_normalization: ClassVar[bool] = True
 
     defaults: ClassVar[dict[str, Any]] = {
         **SPOT_DEFAULTS,
-        "normalization": "log1p",
+        "train_normalization": "stnet_norm",
         "encoder": "densenet121",
         "weights": "imagenet",
         "patch_px": 224,
@@ -95,7 +107,7 @@ class STNet(SpotRegressor):
             head.bias.copy_(torch.from_numpy(targets[0].mean(axis=0)).float())
 
     def _targets(self, slide: Any) -> tuple[np.ndarray, ...]:
-        return (np.asarray(self.targets(slide), dtype=np.float32),)
+        return (np.asarray(self.train_targets(slide), dtype=np.float32),)
 
     def _loss(self, out: torch.Tensor, targets: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return (out - targets[0]).pow(2).mean(dim=1).sum()

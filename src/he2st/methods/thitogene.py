@@ -237,7 +237,11 @@ class THItoGene(SlideRegressor):
     - a two-layer GAT (:class:`THItoGeneGAT`): 8 heads x 1,024 concatenated
       (ELU) -> 512 (ELU), LeakyReLU slope 0.01, dropout 0.2, over the
       4-nearest-neighbour spot graph without pruning or self loops;
-    - a gene head ``Linear(512, 1024) -> ReLU -> LayerNorm -> Linear``; MSE;
+    - a gene head ``Linear(512, 1024) -> ReLU -> LayerNorm -> Linear``; MSE on
+      Hist2ST's targets ``log10(1 + 1e4 * count / panel_total)`` (THItoGene reuses
+      Hist2ST's dataset code; ``train_normalization="hist2st_lognorm"``, see
+      ``docs/fidelity.md#hist2st-target-scale``); :meth:`predict` returns
+      ``normalization``'s common scale;
     - Adam, learning rate 1e-5, 300 epochs, one slide per step, no
       augmentation, the last epoch kept.
 
@@ -258,7 +262,8 @@ class THItoGene(SlideRegressor):
 
     Defaults
     --------
-    normalization="cpm_log1p", seed=0, patch_px=112, caps=20, route_dim=64,
+    normalization="cpm_log1p" (evaluation), train_normalization="hist2st_lognorm",
+    seed=0, patch_px=112, caps=20, route_dim=64,
     n_pos=64, positions="concat", pos_init_std=1.0, depth=4, heads=16,
     dim_head=64, mlp_dim=2048, dropout=0.2, gat_heads=8, gat_hidden=1024,
     gat_out=512, gat_slope=0.01, head_hidden=1024, stem_stride=None (auto),
@@ -296,6 +301,7 @@ class THItoGene(SlideRegressor):
         "stem_stride": None,
         "graph_max_distance": None,
         "augment": "none",
+        "train_normalization": "hist2st_lognorm",
         "epochs": 300,
         "lr": 1e-5,
     }

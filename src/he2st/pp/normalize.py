@@ -3,12 +3,30 @@
 Methods (``Normalizer(method)``):
 
 ``cpm_log1p`` (default)
-    ``log(1 + 1e6 * count / total)`` with the natural log, where ``total`` is
-    the spot's count summed over ALL genes of the slide, not only the panel.
-    This is the preprocessing of HisToGene, Hist2ST, THItoGene, mclSTExp and
-    BLEEP (mclSTExp supplementary notes; Jiang et al. 2024, Table S1).
+    ``ln(1 + 1e6 * count / total)``, where ``total`` is the spot's count
+    summed over ALL genes of the slide, not only the panel. The common
+    evaluation scale of the benchmark protocol (and mclSTExp's and BLEEP's
+    training target). It is NOT the training target of HisToGene, Hist2ST or
+    THItoGene: see ``hist2st_lognorm``.
+``hist2st_lognorm``
+    ``log10(1 + 1e4 * count / panel_total)``, where ``panel_total`` is the
+    spot's count summed over the PANEL genes only: scprep's
+    ``library_size_normalize`` (rescale 1e4) on the panel columns followed by
+    ``scprep.transform.log`` (pseudocount 1, base 10), the training target of
+    HisToGene (``maxpmx/HisToGene`` dataset.py:267), Hist2ST
+    (``biomed-AI/Hist2ST`` dataset.py:84) and THItoGene (which reuses
+    Hist2ST's dataset). The two are NOT the same scale: base 10 divides the
+    values by ``ln 10 = 2.3`` and the 100x smaller scale factor compresses low
+    counts further, so the per-gene variance is many times smaller than under
+    ``cpm_log1p`` (about 22x on her2st), which changes e.g. the balance of
+    Hist2ST's MSE, ZINB and distillation terms.
+``stnet_norm``
+    ``ln((1 + count) / (n_genes + total))`` with ``n_genes`` the number of
+    genes of the slide and ``total`` its all-gene count: ST-Net's ``--norm``
+    with the default ``--gene_transform log`` (``bryanhe/ST-Net``
+    stnet/datasets/spatial.py:159-178).
 ``log1p``
-    ``log(1 + count)`` without library-size normalisation (STimage).
+    ``ln(1 + count)`` without library-size normalisation (STimage).
 ``raw``
     The values as stored; the only method allowed on slides that hold
     pre-normalised values (``uns["he2st"]["counts"] = False``).
@@ -21,8 +39,32 @@ Methods (``Normalizer(method)``):
     to ``cpm_log1p`` values (SCTransform needs R). Test slides are not
     clipped, so values may fall outside ``[0, 1]``.
 
-A spot whose total is zero gets zeros (not NaN) under ``cpm_log1p`` and
-``minmax``-before-scaling.
+A spot whose total (or panel total) is zero gets zeros (not NaN).
+
+Training scale versus evaluation scale
+--------------------------------------
+A method may train on its paper's scale (``train_normalization``) while the
+protocol scores every method on one common scale (``normalization``, default
+``cpm_log1p``). Predictions are carried across with :meth:`Normalizer.convert`,
+which goes through the share of the spot's all-gene library,
+``f = count / total``, using ONLY constants fitted on the training slides:
+
+- ``cpm_log1p`` and ``minmax`` <-> ``f``: exact;
+- ``hist2st_lognorm`` -> ``f = (10**y - 1) / 1e4 * panel_fraction_``, where
+  ``panel_fraction_`` is the geometric mean, over the training spots, of the
+  panel's share of the spot's library (``panel_total / total``). The exact
+  map would need the TEST spot's panel share, i.e. its observed counts; the
+  training constant is the leak-free choice. Per gene it is a fixed monotone
+  map, so rankings of spots are kept; per-gene PCC changes only through the
+  map's curvature, and MSE is scored on the common scale as for every method.
+  The spot-to-spot variation of the panel share, which a model trained on
+  panel-relative targets never sees, is part of that method's error.
+- ``stnet_norm`` -> ``f = (e**y * (n_genes_ + library_) - 1) / library_`` with
+  the training slides' mean gene count ``n_genes_`` and geometric-mean
+  library ``library_`` (the exact map needs the test spot's total);
+- ``log1p`` / ``raw`` -> ``f = counts / library_``.
+
+Shares below zero (a prediction under the scale's floor) are clipped to zero.
 """
 
 from __future__ import annotations
@@ -36,10 +78,12 @@ import scipy.sparse as sp
 from he2st.data.slide import meta, require_counts
 from he2st.errors import GenePanelError, He2stInputError
 
-METHODS = ("cpm_log1p", "log1p", "raw", "minmax")
+METHODS = ("cpm_log1p", "hist2st_lognorm", "stnet_norm", "log1p", "raw", "minmax")
 
 #: Scale factor of counts-per-million.
 CPM_SCALE = 1e6
+#: scprep's ``library_size_normalize`` default rescale (HisToGene, Hist2ST, THItoGene).
+SCPREP_SCALE = 1e4
 
 
 def value_range(values: Iterable[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +200,11 @@ class Normalizer:
     min_, max_
         Per-gene minimum and maximum of the training ``cpm_log1p`` values
         (``minmax`` only).
+    library_, panel_fraction_, n_genes_
+        Training constants used only by :meth:`convert` (see the module
+        docstring): geometric mean of the spots' all-gene totals, geometric
+        mean of the panel's share of them, mean number of genes per slide
+        (None for ``raw``, which may hold no counts).
 
     Examples
     --------
@@ -172,6 +221,9 @@ class Normalizer:
         self.genes_: list[str] | None = None
         self.min_: np.ndarray | None = None
         self.max_: np.ndarray | None = None
+        self.library_: float | None = None
+        self.panel_fraction_: float | None = None
+        self.n_genes_: float | None = None
 
     def __repr__(self) -> str:
         fitted = f", {len(self.genes_)} genes" if self.genes_ is not None else ""
@@ -208,6 +260,8 @@ class Normalizer:
             for s in slides:
                 require_counts(s, f"{self.method} normalisation")
         self.genes_ = genes
+        if self.needs_counts:
+            self._fit_constants(slides, genes, fill_missing)
         if self.method == "minmax":
             self.min_, self.max_ = value_range(_cpm_log1p(s, genes, fill_missing) for s in slides)
         else:
@@ -215,6 +269,22 @@ class Normalizer:
             for s in slides:
                 _column_index(s, genes, fill_missing)
         return self
+
+    def _fit_constants(self, slides: list[Any], genes: list[str], fill_missing: bool) -> None:
+        """Training constants of :meth:`convert` (geometric means over spots with positive totals)."""
+        log_lib: list[np.ndarray] = []
+        log_share: list[np.ndarray] = []
+        for s in slides:
+            totals = _totals(s)
+            panel = _raw(s, genes, fill_missing).astype(np.float64).sum(axis=1)
+            ok = totals > 0
+            log_lib.append(np.log(totals[ok]))
+            both = ok & (panel > 0)
+            log_share.append(np.log(panel[both] / totals[both]))
+        lib, share = np.concatenate(log_lib), np.concatenate(log_share)
+        self.library_ = float(np.exp(lib.mean())) if lib.size else 1.0
+        self.panel_fraction_ = float(np.exp(share.mean())) if share.size else 1.0
+        self.n_genes_ = float(np.mean([s.n_vars for s in slides]))
 
     # -- transforms -------------------------------------------------------
     def transform(self, slide: Any, genes: Sequence[str] | None = None, fill_missing: bool = False) -> np.ndarray:
@@ -250,6 +320,12 @@ class Normalizer:
         require_counts(slide, f"{self.method} normalisation")
         if self.method == "log1p":
             return np.log1p(_raw(slide, genes, fill_missing))
+        if self.method == "hist2st_lognorm":
+            return _panel_lognorm(slide, genes, fill_missing)
+        if self.method == "stnet_norm":
+            counts = _raw(slide, genes, fill_missing).astype(np.float64)
+            denom = slide.n_vars + _totals(slide).reshape(-1, 1)
+            return np.log((1.0 + counts) / denom).astype(np.float32)
         values = _cpm_log1p(slide, genes, fill_missing)
         if self.method == "cpm_log1p":
             return values
@@ -292,6 +368,104 @@ class Normalizer:
             raise He2stInputError(f"inverse_transform: values have {values.shape[-1]} columns for {len(genes)} genes")
         return self._scaling(genes).inverse_transform(values)
 
+    # -- moving between scales ----------------------------------------------
+    def to_fraction(self, values: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:
+        """Values on this scale -> estimated share of the spot's all-gene library, ``count / total``.
+
+        Exact for ``cpm_log1p`` and ``minmax``; the other scales use the
+        training constants (see the module docstring), never the slide's own
+        counts. Negative shares are clipped to zero.
+
+        Parameters
+        ----------
+        values
+            Values on this normaliser's scale, genes in the last axis.
+        genes
+            Genes of the columns (default: the fitted genes; ``minmax`` only).
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 shares, same shape.
+        """
+        v = np.asarray(values, dtype=np.float64)
+        m = self.method
+        if m == "minmax":
+            v = np.asarray(self.inverse_transform(values, genes), dtype=np.float64)
+        if m in ("cpm_log1p", "minmax"):
+            f = np.expm1(v) / CPM_SCALE
+        elif m == "hist2st_lognorm":
+            f = (np.power(10.0, v) - 1.0) / SCPREP_SCALE * self._constant("panel_fraction_")
+        elif m == "stnet_norm":
+            lib = self._constant("library_")
+            f = (np.exp(v) * (self._constant("n_genes_") + lib) - 1.0) / lib
+        else:
+            counts = np.expm1(v) if m == "log1p" else v
+            f = counts / self._constant("library_")
+        return np.maximum(f, 0.0)
+
+    def from_fraction(self, fraction: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:
+        """Inverse of :meth:`to_fraction`: library shares -> float32 values on this scale.
+
+        Parameters
+        ----------
+        fraction
+            Shares ``count / total`` (>= 0), genes in the last axis.
+        genes
+            Genes of the columns (default: the fitted genes; ``minmax`` only).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 values on this normaliser's scale.
+        """
+        f = np.maximum(np.asarray(fraction, dtype=np.float64), 0.0)
+        m = self.method
+        if m in ("cpm_log1p", "minmax"):
+            out = np.log1p(f * CPM_SCALE)
+            if m == "minmax":
+                return self._scaling(self._resolve_genes(genes)).transform(out)
+        elif m == "hist2st_lognorm":
+            out = np.log10(1.0 + SCPREP_SCALE * f / self._constant("panel_fraction_"))
+        elif m == "stnet_norm":
+            lib = self._constant("library_")
+            out = np.log((1.0 + f * lib) / (self._constant("n_genes_") + lib))
+        else:
+            counts = f * self._constant("library_")
+            out = np.log1p(counts) if m == "log1p" else counts
+        return out.astype(np.float32)
+
+    def convert(self, values: np.ndarray, to: Normalizer, genes: Sequence[str] | None = None) -> np.ndarray:
+        """Map values from this scale to the scale of ``to``, leak-free.
+
+        The identity (a float32 copy) when both normalisers have the same
+        method and fitted state; otherwise ``to.from_fraction(self.to_fraction(values))``
+        (see "Training scale versus evaluation scale" in the module docstring).
+
+        Parameters
+        ----------
+        values
+            Values on this scale, genes in the last axis.
+        to
+            The target normaliser (fitted on the same training slides).
+        genes
+            Genes of the columns (default: the fitted genes).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 values on the scale of ``to``.
+        """
+        if to is self or to.get_state() == self.get_state():
+            return np.asarray(values, dtype=np.float32).copy()
+        return to.from_fraction(self.to_fraction(values, genes), genes)
+
+    def _constant(self, name: str) -> float:
+        value = getattr(self, name)
+        if value is None:
+            raise He2stInputError(f"Normalizer({self.method!r}) has no fitted {name.rstrip('_')}: call fit(train_slides, genes) first")
+        return float(value)
+
     def _resolve_genes(self, genes: Sequence[str] | None) -> list[str]:
         if genes is not None:
             return _genes(genes)
@@ -317,6 +491,10 @@ class Normalizer:
             # float64 -> JSON float is exact (repr round-trips), so a reloaded scaler is identical.
             state["min"] = [float(v) for v in self.min_]
             state["max"] = [float(v) for v in self.max_]
+        for key in ("library", "panel_fraction", "n_genes"):
+            value = getattr(self, f"{key}_")
+            if value is not None:
+                state[key] = float(value)
         return state
 
     @classmethod
@@ -325,6 +503,9 @@ class Normalizer:
         obj = cls(state["method"])
         genes = state.get("genes")
         obj.genes_ = None if genes is None else [str(g) for g in genes]
+        for key in ("library", "panel_fraction", "n_genes"):
+            if state.get(key) is not None:
+                setattr(obj, f"{key}_", float(state[key]))
         if "min" in state and "max" in state:
             obj.min_ = np.asarray(state["min"], dtype=np.float64)
             obj.max_ = np.asarray(state["max"], dtype=np.float64)
@@ -422,12 +603,29 @@ def _raw(slide: Any, genes: list[str], fill_missing: bool) -> np.ndarray:
     return out
 
 
+def _totals(slide: Any) -> np.ndarray:
+    """All-gene count of every spot, float64 ``(n,)``."""
+    return np.asarray(slide.X.sum(axis=1), dtype=np.float64).reshape(-1)
+
+
+def _scaled_log(counts: np.ndarray, totals: np.ndarray, scale: float, base10: bool = False) -> np.ndarray:
+    """``log(1 + scale * count / total)`` per spot (natural or base 10); zero-total spots give 0."""
+    totals = totals.reshape(-1, 1)
+    share = np.divide(counts * scale, totals, out=np.zeros_like(counts), where=totals > 0)
+    out = np.log1p(share)
+    return (out / np.log(10.0) if base10 else out).astype(np.float32)
+
+
 def _cpm_log1p(slide: Any, genes: list[str], fill_missing: bool) -> np.ndarray:
-    """``log1p(1e6 * count / total)`` with totals over all genes; zero-total spots give 0."""
+    """``ln(1 + 1e6 * count / total)`` with totals over all genes; zero-total spots give 0."""
     counts = _raw(slide, genes, fill_missing).astype(np.float64)
-    totals = np.asarray(slide.X.sum(axis=1), dtype=np.float64).reshape(-1, 1)
-    cpm = np.divide(counts * CPM_SCALE, totals, out=np.zeros_like(counts), where=totals > 0)
-    return np.log1p(cpm).astype(np.float32)
+    return _scaled_log(counts, _totals(slide), CPM_SCALE)
 
 
-__all__ = ["CPM_SCALE", "METHODS", "MinMaxScaler", "Normalizer", "normalize", "value_range"]
+def _panel_lognorm(slide: Any, genes: list[str], fill_missing: bool) -> np.ndarray:
+    """``log10(1 + 1e4 * count / panel_total)`` (scprep's defaults on the panel columns)."""
+    counts = _raw(slide, genes, fill_missing).astype(np.float64)
+    return _scaled_log(counts, counts.sum(axis=1), SCPREP_SCALE, base10=True)
+
+
+__all__ = ["CPM_SCALE", "METHODS", "SCPREP_SCALE", "MinMaxScaler", "Normalizer", "normalize", "value_range"]

@@ -49,6 +49,13 @@ sample of its own, as in the benchmark paper, and a 4000 px window spans far
 fewer than the tables' 64 grid steps, so positions stay distinct where a whole
 Visium slide (128 x 78 steps, more spots than 64 x 64 cells) could not.
 
+Targets
+-------
+The network trains on ``train_normalization`` (the paper's scale; for
+HisToGene, Hist2ST and THItoGene ``hist2st_lognorm``) and :meth:`SlideRegressor.predict`
+maps its output to ``normalization``, the protocol's common scale, with
+:meth:`he2st.methods.base.Method.to_eval_scale` (training constants only).
+
 Initialisation
 --------------
 The bias of the gene head's last linear layer starts at the mean training
@@ -144,8 +151,8 @@ class SlideData:
     grid
         ``(n, 2)`` int64 array coordinates ``(array_col, array_row)``.
     targets
-        ``(n, n_genes)`` float32 expression on the fitted panel and scale
-        (training only; None otherwise).
+        ``(n, n_genes)`` float32 expression on the fitted panel and the
+        training scale (``train_normalization``; training only, None otherwise).
     extras
         Method-specific per-spot arrays, spots on the first axis.
     """
@@ -213,6 +220,7 @@ class SlideRegressor(Method):
         needs_positions=True, needs_whole_slides=True, frozen_features=False, finetune=True
     )
     defaults: ClassVar[dict[str, Any]] = dict(SLIDE_DEFAULTS)
+    supports_train_normalization: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -321,7 +329,7 @@ class SlideRegressor(Method):
             inputs=inputs,
             coords=np.asarray(slide.obsm["spatial"], dtype=np.float64),
             grid=grid,
-            targets=np.asarray(self.targets(slide), dtype=np.float32) if train else None,
+            targets=np.asarray(self.train_targets(slide), dtype=np.float32) if train else None,
             extras=self._slide_extras(slide, train) if train else {},
         )
 
@@ -465,9 +473,9 @@ class SlideRegressor(Method):
         return np.asarray(out, dtype=np.float32)
 
     def predict(self, slide: Any) -> np.ndarray:
-        """Predicted expression ``(n_spots, n_genes)`` on the normalised scale."""
+        """Predicted expression ``(n_spots, n_genes)`` on the evaluation scale (``normalization``)."""
         self._require_model()
-        return self._predict_data(self.slide_data(slide, train=False))
+        return self.to_eval_scale(self._predict_data(self.slide_data(slide, train=False)))
 
     # -- persistence --------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:

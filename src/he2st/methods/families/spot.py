@@ -194,7 +194,8 @@ class SpotRegressor(Method):
     def predict(self, slide: Any) -> np.ndarray:
         """Predicted expression ``(n_spots, n_genes)`` on the normalised scale (mean of the members)."""
         outs = self._member_outputs(slide)
-        return np.mean([o["mean"] for o in outs], axis=0).astype(np.float32)
+        # Identity unless the method trains on its own scale (``train_normalization``).
+        return self.to_eval_scale(np.mean([o["mean"] for o in outs], axis=0))
 
     # -- fitting --------------------------------------------------------------------
     def _check_params(self) -> None:
