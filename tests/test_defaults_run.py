@@ -23,33 +23,41 @@ BUDGET = {"epochs": 1, "n_models": 1, "n_members": 2, "batch_size": 64}
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("imagenet")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """Three tiny slides: the defaults' 224 px encoders see every spot, so keep them few."""
+    from he2st.datasets import synthetic
+
+    return synthetic(n_slides=3, n_spots=16, n_genes=8, patch_px=32, seed=1, root=tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("imagenet")
+    _fake_imagenet(folder)
+    return folder
 
 
 @pytest.mark.slow
-def test_every_default_fits(cohort, genes, weights_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HE2ST_WEIGHTS_DIR", str(weights_dir))
-    with pytest.raises(WeightsError):
-        create_method("bleep")  # nothing there yet: the error comes at construction
-    _fake_imagenet(weights_dir)
-    train, test = [cohort[0], cohort[1]], cohort[2]
-    for name in list_methods():
-        base = {"method": "mean"} if name == "ensemble" else {}
-        cls_defaults = create_method(name, **base).params
-        over = {k: v for k, v in BUDGET.items() if k in cls_defaults}
-        if "patch_px" in cls_defaults:
-            over["patch_px"] = 32
-        m = create_method(name, **base, **over)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            m.fit(train, genes)
-        pred = m.predict(test)
-        assert pred.shape == (test.n_obs, len(m.genes)), name
-        assert np.isfinite(pred).all(), name
-        random = [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
-        # Only frozen random encoders warn (CMRCNet's default ViT-B/32 tokens), once per fit.
-        assert len(random) == (1 if m.pretrained is False and name != "hist2st" else 0), (name, random)
+@pytest.mark.parametrize("name", list_methods())
+def test_every_default_fits(name: str, tiny, imagenet_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HE2ST_WEIGHTS_DIR", str(imagenet_dir))
+    genes = list(map(str, tiny[0].var_names))
+    train, test = [tiny[0], tiny[1]], tiny[2]
+    base = {"method": "mean"} if name == "ensemble" else {}
+    cls_defaults = create_method(name, **base).params
+    over = {k: v for k, v in BUDGET.items() if k in cls_defaults}
+    if "patch_px" in cls_defaults:
+        over["patch_px"] = 32
+    m = create_method(name, **base, **over)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.fit(train, genes)
+    pred = m.predict(test)
+    assert pred.shape == (test.n_obs, len(m.genes)), name
+    assert np.isfinite(pred).all(), name
+    random = [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
+    # Only frozen random encoders warn (CMRCNet's default ViT-B/32 tokens), once per fit.
+    assert len(random) == (1 if m.pretrained is False and name != "hist2st" else 0), (name, random)
 
 
 def _fake_imagenet(folder: Path) -> None:
