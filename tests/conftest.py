@@ -22,6 +22,30 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("HE2ST_QUIET", "1")
 
 
+#: torchvision's ImageNet file names of the encoders that methods default to (weights="imagenet").
+IMAGENET_FILES = ("resnet50-0676ba61.pth", "densenet121-a639ec97.pth", "vgg16-397923af.pth", "resnet18-f37072fd.pth")
+
+
+@pytest.fixture(scope="session")
+def _placeholder_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("weights-placeholders")
+    for name in IMAGENET_FILES:
+        (folder / name).touch()
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _weights_dirs(_placeholder_weights: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Methods check at construction that their default ImageNet files exist (he2st never downloads).
+
+    Empty placeholders satisfy that check, so tests may build default methods to read their
+    parameters; a test that loads them must pass weights=None or real files (test_defaults_run.py).
+    TORCH_HOME points to an empty folder so that a developer's own hub cache never leaks in.
+    """
+    monkeypatch.setenv("HE2ST_WEIGHTS_DIR", str(_placeholder_weights))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+
+
 @pytest.fixture(scope="module")
 def _module_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(tmp_path_factory.mktemp("he2st-cache-module"))

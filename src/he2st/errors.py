@@ -51,3 +51,7 @@ class DiskFullError(He2stInputError, OSError):
 
     Derives from ``OSError`` too, so code that handles disk errors still catches it.
     """
+
+
+class RandomWeightsWarning(UserWarning):
+    """A method computes its features with an encoder that was never trained (random initialisation)."""

@@ -193,6 +193,8 @@ def _run_locked(config: BenchmarkConfig, out: Path, specs: list[MethodSpec], coh
                 "spec": spec.record(),
                 "fold": fold.to_dict(),
                 "params": outcome.params,
+                # False: an encoder started from random weights; None: the method uses no encoder.
+                "pretrained": outcome.model.pretrained,
                 "panel": outcome.panel.to_dict(),
                 "selection": outcome.selection,
                 "missing_genes": {p.slide_id: p.missing_genes for p in outcome.predictions},

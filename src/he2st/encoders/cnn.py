@@ -36,6 +36,7 @@ from he2st.encoders._base import (
     EncoderInfo,
     register_encoder,
 )
+from he2st.encoders._hub import imagenet_lookup
 from he2st.encoders._weights import WeightsError
 
 
@@ -130,25 +131,33 @@ def _tv_builder(name: str, ctor: str, family: str, dim: int, token_dim: int, **k
     return TorchvisionCNN(info, model, family)
 
 
-@register_encoder("densenet121", kind="cnn", dim=1024, description="DenseNet-121 (ST-Net, mclSTExp), 1024-d")
+@register_encoder("densenet121", kind="cnn", dim=1024, description="DenseNet-121 (ST-Net, mclSTExp), 1024-d",
+    named_weights={"imagenet": imagenet_lookup("densenet121", "densenet121-a639ec97.pth")},
+)
 def densenet121(**kw: Any) -> Encoder:
     """DenseNet-121 (ST-Net, mclSTExp): pooled final features, 1024-d; tokens 1024-d cells."""
     return _tv_builder("densenet121", "densenet121", "densenet", 1024, 1024, **kw)
 
 
-@register_encoder("resnet18", kind="cnn", dim=512, description="ResNet-18, 512-d")
+@register_encoder("resnet18", kind="cnn", dim=512, description="ResNet-18, 512-d",
+    named_weights={"imagenet": imagenet_lookup("resnet18", "resnet18-f37072fd.pth")},
+)
 def resnet18(**kw: Any) -> Encoder:
     """ResNet-18: pooled layer4, 512-d."""
     return _tv_builder("resnet18", "resnet18", "resnet", 512, 512, **kw)
 
 
-@register_encoder("resnet50", kind="cnn", dim=2048, description="ResNet-50 (BLEEP, STimage), 2048-d")
+@register_encoder("resnet50", kind="cnn", dim=2048, description="ResNet-50 (BLEEP, STimage), 2048-d",
+    named_weights={"imagenet": imagenet_lookup("resnet50", ("resnet50-0676ba61.pth", "resnet50-11ad3fa6.pth"))},
+)
 def resnet50(**kw: Any) -> Encoder:
     """ResNet-50 (BLEEP, STimage): pooled layer4, 2048-d."""
     return _tv_builder("resnet50", "resnet50", "resnet", 2048, 2048, **kw)
 
 
-@register_encoder("vgg16", kind="cnn", dim=4096, description="VGG16 (DeepSpaCE), fc7 4096-d")
+@register_encoder("vgg16", kind="cnn", dim=4096, description="VGG16 (DeepSpaCE), fc7 4096-d",
+    named_weights={"imagenet": imagenet_lookup("vgg16", "vgg16-397923af.pth")},
+)
 def vgg16(**kw: Any) -> Encoder:
     """VGG16 (DeepSpaCE): fc7 output, 4096-d; tokens are the 512-channel conv5 cells."""
     return _tv_builder("vgg16", "vgg16", "vgg", 4096, 512, **kw)

@@ -44,6 +44,7 @@ from he2st.encoders._base import (
     EncoderInfo,
     register_encoder,
 )
+from he2st.encoders._hub import imagenet_lookup
 from he2st.encoders._weights import WeightsError
 from he2st.errors import He2stInputError
 
@@ -127,13 +128,17 @@ def _timm_vit(
     return TimmViT(info, model, pool)
 
 
-@register_encoder("vit_b16", kind="vit", dim=768, description="ViT-B/16, 768-d CLS")
+@register_encoder("vit_b16", kind="vit", dim=768, description="ViT-B/16, 768-d CLS",
+    named_weights={"imagenet": imagenet_lookup("vit_b16", None, "vit_base_patch16_224.augreg2_in21k_ft_in1k")},
+)
 def vit_b16(**kw: Any) -> Encoder:
     """ViT-B/16 at 224 px: CLS token, 768-d; 197 tokens."""
     return _timm_vit("vit_b16", "vit_base_patch16_224", kw, img_size=224, mean=INCEPTION_MEAN, std=INCEPTION_STD)
 
 
-@register_encoder("vit_b32", kind="vit", dim=768, description="ViT-B/32 (CMRCNet), 768-d CLS")
+@register_encoder("vit_b32", kind="vit", dim=768, description="ViT-B/32 (CMRCNet), 768-d CLS",
+    named_weights={"imagenet": imagenet_lookup("vit_b32", None, "vit_base_patch32_224.augreg_in21k_ft_in1k")},
+)
 def vit_b32(**kw: Any) -> Encoder:
     """ViT-B/32 at 224 px (CMRCNet): CLS token, 768-d; 50 tokens (CLS + 7 x 7)."""
     return _timm_vit("vit_b32", "vit_base_patch32_224", kw, img_size=224, mean=INCEPTION_MEAN, std=INCEPTION_STD)

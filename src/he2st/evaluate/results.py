@@ -131,21 +131,36 @@ class RunResult:
             rows[method] = row
         return pd.DataFrame.from_dict(rows, orient="index")
 
+    def random_weight_methods(self) -> set[str]:
+        """Methods whose fold records say an image encoder started from random weights (``pretrained: false``).
+
+        Returns
+        -------
+        set of str
+            Method labels; read from ``folds/`` when :attr:`folds` is empty.
+        """
+        records = self.folds or (fold_records(self.out) if (Path(self.out) / FOLDS_DIR).is_dir() else [])
+        return {str(d["method"]) for d in records if d.get("pretrained") is False}
+
     def format_table(self) -> str:
         """Printable summary: PCC(ACG/HEG/HVG), MSE and MAE per method, mean ± sd over test slides."""
         tab = self.table()
         cols = [c for c in tab.columns if not c.endswith(" sd")]
+        random = self.random_weight_methods()
         lines = [f"{'method':<16}" + "".join(f"{c:>18}" for c in cols)]
         for method, row in tab.iterrows():
             cells = []
             for c in cols:
                 m, s = row[c], row[f"{c} sd"]
                 cells.append(f"{'n/a':>18}" if pd.isna(m) else f"{m:>10.3f} ± {0.0 if pd.isna(s) else s:<5.3f}")
-            lines.append(f"{str(method):<16}" + "".join(cells))
+            label = f"{method}*" if str(method) in random else str(method)
+            lines.append(f"{label:<16}" + "".join(cells))
         lines.append(
             f"({self.folds_run} method x fold pairs run, {self.folds_skipped} resumed from {self.out}; "
             "mean ± sd over test slides; n/a: undefined, e.g. PCC of a constant prediction)"
         )
+        if random:
+            lines.append("* an image encoder started from random weights (fold records: pretrained: false)")
         if self.report is not None:
             lines.append(f"report: {self.report}")
         return "\n".join(lines)

@@ -23,7 +23,9 @@ evaluation scale with :meth:`Method.to_eval_scale`
 from __future__ import annotations
 
 import abc
+import contextvars
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +34,34 @@ from typing import Any, ClassVar
 import numpy as np
 
 from he2st._utils import json_default_or_str
-from he2st.errors import He2stInputError
+from he2st.errors import He2stInputError, RandomWeightsWarning
+
+#: Set while :meth:`Method.load` rebuilds a saved method: its encoder weights come from the saved
+#: state, so the pretrained file need not exist on this machine.
+_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("he2st_method_loading", default=False)
 
 STATE_FILE = "state.safetensors"
 CONFIG_FILE = "method.json"
+
+
+@dataclass(frozen=True)
+class EncoderUse:
+    """An image encoder a method uses, as its parameters set it.
+
+    Parameters
+    ----------
+    encoder
+        Registry name (:func:`he2st.encoders.list_encoders`).
+    weights
+        A named weight set, a path, or None (random initialisation).
+    trained
+        Whether the method trains the encoder (fine-tuning or training from scratch);
+        False for frozen features, whose quality is the weights'.
+    """
+
+    encoder: str
+    weights: Any
+    trained: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,6 +186,67 @@ class Method(abc.ABC):
         self.genes: list[str] | None = None
         self.normalizer_: Any = None
         self.train_normalizer_: Any = None
+        self.check_weights()
+
+    # -- encoder weights --------------------------------------------------
+    def encoders(self) -> list[EncoderUse]:
+        """The image encoders this method's parameters select (none for methods on pixels or counts).
+
+        The default reads the ``encoder``, ``weights`` and ``mode`` parameters; a method
+        whose encoder is chosen otherwise overrides it.
+
+        Returns
+        -------
+        list of EncoderUse
+            One entry per encoder (no network is built).
+        """
+        p = self.params
+        if not p.get("encoder"):
+            return []
+        return [EncoderUse(str(p["encoder"]), p.get("weights"), trained=p.get("mode") == "finetune")]
+
+    def check_weights(self) -> None:
+        """Resolve every named or given weights file now, so that a missing one fails at construction.
+
+        Nothing is loaded or built; skipped while :meth:`load` rebuilds a saved method.
+
+        Raises
+        ------
+        he2st.encoders.WeightsError
+            A weights file is missing; the message lists every path tried.
+        """
+        if _LOADING.get():
+            return
+        uses = [u for u in self.encoders() if u.weights is not None]
+        if uses:
+            from he2st.encoders._base import resolve_weights
+
+            for u in uses:
+                resolve_weights(u.encoder, u.weights)
+
+    @property
+    def pretrained(self) -> bool | None:
+        """True when every encoder starts from a weights file, False when one is random, None without encoders."""
+        uses = self._weighted_encoders()
+        return None if not uses else all(u.weights is not None for u in uses)
+
+    def _weighted_encoders(self) -> list[EncoderUse]:
+        # Statistics "encoders" (colour histograms) have no weights to be pretrained.
+        from he2st.encoders._base import encoder_kind
+
+        return [u for u in self.encoders() if encoder_kind(u.encoder) != "stats"]
+
+    def _warn_random_weights(self) -> None:
+        for u in self._weighted_encoders():
+            if u.weights is None and not u.trained:
+                warnings.warn(
+                    RandomWeightsWarning(
+                        f"method {self.name!r}: encoder {u.encoder!r} has random weights (weights=None) and is "
+                        "not trained, so its features carry no pretrained knowledge; pass weights='imagenet' "
+                        "or a checkpoint path for a meaningful model"
+                    ),
+                    stacklevel=3,
+                )
 
     # -- protocol -------------------------------------------------------
     def fit(self, train_slides: Sequence[Any], genes: Any, val_slides: Sequence[Any] | None = None) -> Method:
@@ -197,6 +284,7 @@ class Method(abc.ABC):
             )
         else:
             self.train_normalizer_ = Normalizer(train_method).fit(train_slides, self.genes)
+        self._warn_random_weights()
         self._fit(train_slides, list(val_slides) if val_slides else None)
         return self
 
@@ -346,6 +434,7 @@ class Method(abc.ABC):
             state = load_file(str(state_file))
         except (SafetensorError, OSError, ValueError) as exc:
             raise He2stInputError(f"{str(state_file)!r} is not a readable safetensors file: {exc}") from exc
+        token = _LOADING.set(True)
         try:
             obj = klass(**config["params"])
             obj.genes = [str(g) for g in config["genes"]]
@@ -360,6 +449,8 @@ class Method(abc.ABC):
             raise He2stInputError(
                 f"{str(path)!r}: the saved {name!r} does not fit its class ({type(exc).__name__}: {exc})"
             ) from exc
+        finally:
+            _LOADING.reset(token)
         return obj
 
     # -- helpers --------------------------------------------------------

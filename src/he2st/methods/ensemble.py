@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar
 
 import numpy as np
 
-from he2st.errors import He2stInputError
-from he2st.methods.base import Capabilities, Method
+from he2st.errors import He2stInputError, RandomWeightsWarning
+from he2st.methods.base import Capabilities, EncoderUse, Method
 from he2st.methods.registry import get_method_class, register_method
 
 
@@ -90,6 +91,13 @@ class Ensemble(Method):
         self.capabilities = dataclasses.replace(self.member_class_.capabilities, uncertainty=True)  # type: ignore[misc]
         self.members_: list[Method] = []
         self._memo: tuple[Any, np.ndarray, np.ndarray] | None = None
+        # A member built now runs its own checks (weights files included) at the ensemble's construction.
+        self._prototype: Method | None = self._member(0)
+
+    def encoders(self) -> list[EncoderUse]:
+        """The wrapped method's encoders (none before the member class is known)."""
+        proto = getattr(self, "_prototype", None)
+        return proto.encoders() if proto is not None else []
 
     def _member(self, i: int) -> Method:
         seed = int(self.params["seed"]) + (i if self.params["vary_seed"] else 0)
@@ -98,8 +106,11 @@ class Ensemble(Method):
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
         self._memo = None
         self.members_ = []
-        for i in range(int(self.params["n_members"])):
-            self.members_.append(self._member(i).fit(train_slides, self.genes, val_slides))
+        with warnings.catch_warnings():
+            # The ensemble warned once for all members (Method.fit); members stay quiet.
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            for i in range(int(self.params["n_members"])):
+                self.members_.append(self._member(i).fit(train_slides, self.genes, val_slides))
 
     def _predict_all(self, slide: Any) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation over the members (one pass for both)."""

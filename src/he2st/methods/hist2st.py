@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from he2st.data.slide import meta, require_counts
 from he2st.errors import He2stInputError, SlideError
-from he2st.methods.base import Capabilities
+from he2st.methods.base import Capabilities, EncoderUse
 from he2st.methods.registry import register_method
 from he2st.methods.nn.likelihoods import ZINBHead, zinb_nll
 from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor
@@ -389,6 +389,11 @@ class Hist2ST(SlideRegressor):
             raise He2stInputError(f"method 'hist2st': gat_variant must be one of {GAT_VARIANTS}, got {p['gat_variant']!r}")
         if len(tuple(p["cls_hidden"])) != 3:
             raise He2stInputError(f"method 'hist2st': cls_hidden must give 3 widths (a 4-layer MLP), got {p['cls_hidden']!r}")
+
+    def encoders(self) -> list[EncoderUse]:
+        """The image encoder; the ConvMixer (mode ``"auto"``) is trained from scratch with the model."""
+        p = self.params
+        return [EncoderUse(str(p["encoder"]), p["weights"], trained=not self.frozen)]
 
     @property
     def frozen(self) -> bool:
