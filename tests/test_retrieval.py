@@ -318,11 +318,11 @@ def test_torch_ivf_cross_modal_calibration(cross_modal) -> None:
 def test_two_level_kmeans_cells_partition_the_bank(data, monkeypatch) -> None:
     """Large cell counts use two-level k-means; the cells still partition the bank and every
     row sits in the nearest cell among its nearest groups' cells (exact search at nprobe = nlist)."""
-    from he2st.retrieval import search
+    from he2st.retrieval.search import ivf
 
-    monkeypatch.setattr(search, "TWO_LEVEL_MIN_CELLS", 10)
+    monkeypatch.setattr(ivf, "TWO_LEVEL_MIN_CELLS", 10)
     bank, q = data
-    cent, order, offsets = search._kmeans_cells(bank, "l2", 60, seed=0)
+    cent, order, offsets = ivf._kmeans_cells(bank, "l2", 60, seed=0)
     assert len(cent) == len(offsets) - 1 and abs(len(cent) - 60) <= 8
     assert offsets[-1] == len(bank) and sorted(order.tolist()) == list(range(len(bank)))
     # most rows are in their globally nearest cell (the two-level assignment looks at 4 groups)
@@ -330,6 +330,28 @@ def test_two_level_kmeans_cells_partition_the_bank(data, monkeypatch) -> None:
     cell_of[order] = np.repeat(np.arange(len(cent)), np.diff(offsets))
     nearest = ((bank[:, None, :] - cent[None]) ** 2).sum(-1).argmin(1)
     assert (cell_of == nearest).mean() > 0.95
-    index = search.build_torch_ivf_index(bank, "l2", nlist=60, seed=0)
+    index = ivf.build_torch_ivf_index(bank, "l2", nlist=60, seed=0)
     index.nprobe = index.nlist
     np.testing.assert_array_equal(index.search(q, 10).indices, brute_force(bank, q, 10, "l2")[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_two_level_cells_meet_target_recall(clustered, monkeypatch, backend, metric) -> None:
+    """Two-level k-means cells, calibrated on held-out rows, meet the requested recall on new
+    queries; for one nlist and seed the faiss IVF holds the very cells of the torch IVF."""
+    from he2st.retrieval.search import build, ivf
+
+    monkeypatch.setattr(ivf, "TWO_LEVEL_MIN_CELLS", 10)
+    monkeypatch.setattr(build, "TWO_LEVEL_MIN_CELLS", 10)
+    bank, q = clustered
+    nlist = len(bank) // 64
+    index = build_index(bank, metric, "ivf", backend=backend, nlist=nlist, k=20, target_recall=0.9, seed=0)
+    assert abs(index.describe()["params"]["nlist"] - nlist) <= 3 and index.calibration.recall >= 0.9
+    truth = build_index(bank, metric, "exact").search(q, 20).indices
+    assert recall_at_k(index.search(q, 20).indices, truth) >= 0.85
+    if backend == "faiss":
+        from faiss.contrib.inspect_tools import get_invlist_sizes
+
+        torch_ivf = build_index(bank, metric, "ivf", nlist=nlist, k=20, target_recall=0.9, seed=0)
+        np.testing.assert_array_equal(get_invlist_sizes(index.index.invlists), np.diff(torch_ivf.cell_offsets))
