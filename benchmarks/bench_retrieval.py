@@ -8,15 +8,10 @@ This script measures what :mod:`he2st.retrieval` does about it, in one run:
 - ``exact-torch-mmap``: the same search streaming a memory-mapped bank from disk;
 - ``exact-torch-bf16``: bfloat16 scores pick 200 candidates, float32 distances rank them;
 - ``exact-faiss``: faiss flat index;
-- ``ivf``: :class:`he2st.retrieval.TorchIVFIndex` -- k-means cells like faiss IVF-Flat, but
-  the whole query batch is scored cell by cell with matrix products (two passes: an exact
-  top-k over each query's 8 nearest cells bounds what the other probed cells must beat);
-  ``nprobe`` calibrated to recall@50 >= 0.95 on 500 calibration queries (drawn from
-  training sections, not the evaluation section);
-- ``ivf-faiss``: faiss IVF-Flat (query by query), ``nprobe`` calibrated the same way;
-- ``ivf-faiss-cells``: faiss IVF-Flat over the very cells of ``ivf`` (``n / 64`` cells from the
-  same two-level k-means and assignment, rows added pre-assigned), ``nprobe`` calibrated the
-  same way: the two IVFs differ only in their search loop;
+- ``ivf``: ``build_index(..., "ivf")``, faiss IVF-Flat over ``n / 64`` cells from he2st's
+  two-level k-means, rows added pre-assigned; ``nprobe`` calibrated to recall@50 >= 0.95 on
+  500 calibration queries (drawn from training sections, not the evaluation section);
+- ``ivf-faiss``: the same with faiss' rule of thumb of ``4 sqrt(n)`` cells, calibrated the same way;
 - ``hnsw``: faiss HNSW (M=32, efConstruction=64), ``efSearch`` calibrated the same
   way (only up to ``--hnsw-max`` rows, default 100k: on these cross-modal queries it needs
   ``efSearch`` in the thousands, see the results);
@@ -44,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -58,8 +54,7 @@ K = 50
 N_QUERIES = 5000
 N_CALIBRATION = 500
 TARGET_RECALL = 0.95
-METHODS = ("exact-torch", "exact-torch-mmap", "exact-torch-bf16", "exact-faiss", "ivf", "ivf-faiss", "ivf-faiss-cells",
-           "hnsw")
+METHODS = ("exact-torch", "exact-torch-mmap", "exact-torch-bf16", "exact-faiss", "ivf", "ivf-faiss", "hnsw")
 
 
 def _status_kb(field: str) -> int:
@@ -81,7 +76,6 @@ def child(work: Path, n: int, method: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     from he2st.retrieval import build_index, recall_at_k
-    from he2st.retrieval.search import IVF_CELL_ROWS
 
     queries = np.load(work / "queries.npy")
     calib = np.load(work / "calibration.npy")
@@ -95,12 +89,10 @@ def child(work: Path, n: int, method: str, threads: int) -> dict:
         index = build_index(bank, "cosine", "exact", backend="faiss" if method == "exact-faiss" else "torch",
                             precision="bf16" if method == "exact-torch-bf16" else "fp32")
     else:
-        kind, backend = {"ivf": ("ivf", "torch"), "ivf-faiss": ("ivf", "faiss"), "ivf-faiss-cells": ("ivf", "faiss"),
-                         "hnsw": ("hnsw", "faiss")}[method]
-        # ivf-faiss-cells: faiss IVF-Flat over the torch IVF's own cells (same nlist, seed and k-means)
-        nlist = round(n / IVF_CELL_ROWS) if method == "ivf-faiss-cells" else None
-        index = build_index(bank, "cosine", kind, backend=backend, k=K, target_recall=TARGET_RECALL,
-                            calibration_queries=calib, nlist=nlist, seed=0)
+        kind = "hnsw" if method == "hnsw" else "ivf"
+        nlist = round(4 * math.sqrt(n)) if method == "ivf-faiss" else None  # None: n / 64 cells
+        index = build_index(bank, "cosine", kind, k=K, target_recall=TARGET_RECALL, calibration_queries=calib,
+                            nlist=nlist, seed=0)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
     nb = index.search(queries, K)

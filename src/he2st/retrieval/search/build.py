@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -23,10 +22,9 @@ from he2st.retrieval.search.faiss_index import (
     _faiss_metric,
 )
 from he2st.retrieval.search.ivf import (
+    IVF_CELL_ROWS,
     TWO_LEVEL_MIN_CELLS,
-    TorchIVFIndex,
     _kmeans_cells,
-    build_torch_ivf_index,
     cell_ids,
 )
 from he2st.retrieval.search.result import (
@@ -75,13 +73,14 @@ def build_index(
     metric
         ``"cosine"``, ``"l2"`` or ``"l1"``.
     kind
-        ``"exact"``, ``"ivf"`` (:class:`TorchIVFIndex`, or faiss IVF-Flat with
-        ``backend="faiss"``), ``"hnsw"`` (faiss HNSW-Flat) or ``"auto"`` (exact up to
-        :data:`AUTO_EXACT_MAX` rows, IVF above).
+        ``"exact"``, ``"ivf"`` (faiss IVF-Flat over fine two-level k-means cells),
+        ``"hnsw"`` (faiss HNSW-Flat) or ``"auto"`` (exact up to :data:`AUTO_EXACT_MAX`
+        rows, IVF above).
     backend
         For ``kind="exact"``: ``"torch"`` (chunked, memory-bounded, CUDA if
-        ``device`` says so) or ``"faiss"`` (flat index). For ``kind="ivf"``:
-        ``"torch"`` (batched cell-by-cell scan) or ``"faiss"``.
+        ``device`` says so) or ``"faiss"`` (flat index). IVF and HNSW indexes are
+        faiss indexes whatever it says (he2st's torch IVF was removed in issue 11:
+        faiss searched the same cells faster).
     k, target_recall
         Approximate indexes are calibrated so that recall@``k`` against exact
         search reaches ``target_recall`` on the calibration queries.
@@ -92,9 +91,9 @@ def build_index(
     n_calibration
         Number of calibration queries.
     nlist
-        IVF cells; default ``n / 64`` for the torch backend (see
-        :func:`build_torch_ivf_index`), ``4 * sqrt(n)`` for faiss (at most
-        ``n / 39`` so that every cell gets enough training points).
+        IVF cells; default ``n / 64`` (:data:`IVF_CELL_ROWS`; at most ``n / 39`` so
+        that every cell gets enough training points). Above 1,024 cells they come
+        from two-level k-means (:func:`he2st.retrieval.search.ivf._kmeans_cells`).
     kmeans_iters, train_per_list
         k-means iterations and training points per cell of the IVF quantiser
         (a random sample of the bank, at least 10,000 points).
@@ -130,11 +129,6 @@ def build_index(
         x = _prepare_for_faiss(embeddings, metric)
         return FaissIndex(embeddings, metric, _faiss_flat(x, metric), "exact")
 
-    if kind == "ivf" and backend == "torch":
-        return _calibrated_torch_ivf(embeddings, metric, k=k, target_recall=target_recall,
-                                     calibration_queries=calibration_queries, n_calibration=n_calibration,
-                                     nlist=nlist, kmeans_iters=kmeans_iters, train_per_list=train_per_list,
-                                     seed=seed)
     faiss = _faiss()
     fm = _faiss_metric(faiss, metric)
     rng = np.random.default_rng(seed)
@@ -143,7 +137,7 @@ def build_index(
     perm, first, held = _held_out(rng, n, n_calibration) if calibration_queries is None else (None, None, None)
     cells = None  # IVF cell of every row, when computed here rather than by faiss' quantizer
     if kind == "ivf":
-        nlist = _bounded_nlist(int(round(4 * math.sqrt(n))) if nlist is None else nlist,
+        nlist = _bounded_nlist(int(round(n / IVF_CELL_ROWS)) if nlist is None else nlist,
                                n if first is None else len(first))
         # k-means never sees the held-out calibration rows: a point that shaped
         # the centroids lands in its neighbours' cell more often than a new one.
@@ -151,8 +145,8 @@ def build_index(
         quantizer = faiss.IndexFlat(d, fm)
         if nlist > TWO_LEVEL_MIN_CELLS:
             # faiss' own train() is flat k-means (minutes per iteration at 10k+ cells of a 1M bank)
-            # and its add() assigns every row exactly: the torch IVF's two-level cells instead, rows
-            # added to them pre-assigned, so that both backends hold the same cells for one nlist and seed.
+            # and its add() assigns every row exactly (minutes again): two-level k-means cells
+            # instead, rows added to them pre-assigned (see :func:`_kmeans_cells`).
             centroids, order, offsets = _kmeans_cells(embeddings, metric, nlist, seed, iters=kmeans_iters,
                                                       train_per_cell=train_per_list, train_rows=np.sort(pool))
             nlist, cells = len(centroids), cell_ids(order, offsets)
@@ -195,30 +189,3 @@ def build_index(
         )
     return out
 
-
-def _calibrated_torch_ivf(embeddings: Any, metric: str, *, k: int, target_recall: float, calibration_queries: Any,
-                          n_calibration: int, nlist: int | None, kmeans_iters: int, train_per_list: int,
-                          seed: int) -> TorchIVFIndex:
-    """A :class:`TorchIVFIndex` with ``nprobe`` calibrated to reach ``target_recall`` (see :func:`build_index`)."""
-    n = int(embeddings.shape[0])
-    held, train_rows = None, None
-    if calibration_queries is None:
-        # Held-out bank rows act as new spots: out of the k-means sample, excluded from their own results.
-        _, first, held = _held_out(np.random.default_rng(seed), n, n_calibration)
-        train_rows, held = np.sort(first), np.sort(held)
-    index = build_torch_ivf_index(embeddings, metric, nlist=nlist, kmeans_iters=kmeans_iters,
-                                  train_per_list=train_per_list, train_rows=train_rows, seed=seed)
-    q, truth = _calibration_set(embeddings, metric, k, calibration_queries, held, n_calibration, seed)
-    mask = None
-    if held is not None:
-        mask = np.zeros(n, dtype=bool)
-        mask[held] = True
-    index.nprobe, recall, tried = _calibrate(index, q, truth, target_recall, _doubling(1, index.nlist, index.nlist),
-                                             exclude=mask)
-    index.calibration = _Calibration(target_recall, k, recall, len(q), tried)
-    if recall < target_recall:
-        import warnings
-
-        warnings.warn(f"ivf index over {n} rows reaches recall@{k} = {recall:.3f} at nprobe = nlist, below the "
-                      f"requested {target_recall}", stacklevel=3)
-    return index

@@ -1,6 +1,6 @@
 """Recall calibration: the cheapest search setting that meets a requested recall@k.
 
-Approximate indexes (:class:`TorchIVFIndex`, faiss IVF / HNSW) are tuned on
+Approximate indexes (faiss IVF / HNSW) are tuned on
 calibration queries against exact results; without user queries, held-out
 bank rows play new spots.
 """
