@@ -124,10 +124,10 @@ def _running_topk(best_s: Any, best_i: Any, new_s: Any, new_i: Any) -> tuple[Any
     return top_s, torch.gather(cat_i, 1, pos)
 
 
-def _rank_scores(q: Any, rows: Any, sq_norms: Any, metric: str, unit_rows: bool = False) -> Any:
+def _rank_scores(q: Any, rows: Any, sq_norms: Any, metric: str) -> Any:
     """``(n_q, n_rows)`` scores, higher is nearer; monotone in the metric's distance for a fixed query.
 
-    ``q`` is unit-norm for cosine; ``unit_rows`` says the rows are too (no division needed).
+    ``q`` is unit-norm for cosine; ``sq_norms`` are the rows' squared norms.
     """
     import torch
 
@@ -135,7 +135,7 @@ def _rank_scores(q: Any, rows: Any, sq_norms: Any, metric: str, unit_rows: bool 
         q = q.to(torch.bfloat16)
     if metric == "cosine":
         dots = (q @ rows.T).float()
-        return dots if unit_rows else dots / sq_norms.sqrt().clamp_min(1e-12)[None, :]
+        return dots / sq_norms.sqrt().clamp_min(1e-12)[None, :]
     if metric == "l2":
         # -(|b|^2 - 2 q.b): |q|^2 is constant per query and drops out of the ranking.
         return 2.0 * (q @ rows.T).float() - sq_norms[None, :]
