@@ -112,12 +112,12 @@ def test_exclusion_and_padding(data, backend) -> None:
         small.search(q[:1], 1, exclude=np.ones(5, dtype=bool))
 
 
-@pytest.mark.parametrize(("kind", "backend"), [("ivf", "torch"), ("ivf", "faiss"), ("hnsw", "faiss")])
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_approximate_meets_requested_recall(clustered, kind, backend, metric) -> None:
+def test_approximate_meets_requested_recall(clustered, kind, metric) -> None:
     bank, q = clustered
-    index = build_index(bank, metric, kind, backend=backend, k=20, target_recall=0.9, seed=0)
-    assert index.backend == backend
+    index = build_index(bank, metric, kind, k=20, target_recall=0.9, seed=0)
+    assert index.backend == "faiss"  # approximate indexes are faiss whatever the (exact) backend
     cal = index.calibration
     assert cal.recall >= 0.9 and cal.k == 20 and cal.n_queries > 0
     # Held-out calibration predicts the recall on new queries from the same distribution.
@@ -223,7 +223,7 @@ def test_bank_provenance_and_leakage_guard() -> None:
         ReferenceBank.from_blocks([(np.ones((2, 2)), np.ones((2, 1)), "X", "P", "test")])
 
 
-@pytest.mark.parametrize(("kind", "backend"), [("exact", "torch"), ("ivf", "torch"), ("ivf", "faiss"), ("hnsw", "faiss")])
+@pytest.mark.parametrize(("kind", "backend"), [("exact", "torch"), ("ivf", "faiss"), ("hnsw", "faiss")])
 def test_bank_save_load_mmap(tmp_path, kind, backend) -> None:
     bank = _bank("l2")
     if kind != "exact":
@@ -231,8 +231,7 @@ def test_bank_save_load_mmap(tmp_path, kind, backend) -> None:
     q = np.random.default_rng(5).normal(size=(7, 8)).astype(np.float32)
     pred, nb = bank.predict(q, 5, "inverse_square")
     bank.save(tmp_path / "bank")
-    files = {"exact": [], "faiss": ["index.faiss", "index_ids.npy"], "torch": ["centroids.npy", "cell_order.npy",
-                                                                               "cell_offsets.npy"]}
+    files = {"exact": [], "faiss": ["index.faiss", "index_ids.npy"]}
     assert sorted(p.name for p in (tmp_path / "bank").iterdir()) == sorted(
         ["bank.json", "embeddings.npy", "values.npy"] + files["exact" if kind == "exact" else backend]
     )
@@ -264,65 +263,24 @@ def cross_modal() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return draw(20000, shift_b), draw(1500, shift_q), draw(300, shift_q)
 
 
-@pytest.mark.parametrize("metric", ["cosine", "l2", "l1"])
-def test_torch_ivf_scans_probed_cells_exactly(data, metric) -> None:
-    """Batched cell-by-cell scan: with every cell probed it is exact search; with fewer, it is
-    exactly the top-k over the probed cells (the two-pass bound never drops a row it should keep)."""
-    from he2st.retrieval import TorchIVFIndex, build_torch_ivf_index
-
-    bank, q = data
-    index = build_torch_ivf_index(bank, metric, nlist=30, seed=0)
-    assert isinstance(index, TorchIVFIndex) and index.nlist == 30
-    assert sorted(index.cell_order.tolist()) == list(range(len(bank)))
-    excluded = np.arange(0, len(bank), 3)
-    ref, _ = brute_force(bank, q, 15, metric)
-    index.nprobe = 30
-    np.testing.assert_array_equal(index.search(q, 15).indices, ref)
-    # with 5 probes: brute force restricted to each query's 5 probed cells (and not excluded)
-    index.nprobe = 5
-    import torch
-
-    qt = torch.from_numpy(q)
-    if metric == "cosine":
-        qt = qt / qt.norm(dim=1, keepdim=True)
-    probes = index._probes(qt, 5).numpy()
-    cell_of = np.empty(len(bank), dtype=np.int64)
-    cell_of[index.cell_order] = np.repeat(np.arange(30), np.diff(index.cell_offsets))
-    nb = index.search(q, 15, exclude=excluded)
-    _, d_all = brute_force(bank, q, len(bank), metric)
-    order_all, _ = brute_force(bank, q, len(bank), metric)
-    for i in range(len(q)):
-        allowed = np.isin(cell_of[order_all[i]], probes[i]) & ~np.isin(order_all[i], excluded)
-        want = order_all[i][allowed][:15]
-        np.testing.assert_allclose(np.sort(nb.distances[i]), np.sort(d_all[i][allowed][:15]), rtol=1e-5, atol=1e-5)
-        assert len(np.intersect1d(nb.indices[i], want)) >= 14  # ties at float32 precision aside
-    assert not np.isin(nb.indices, excluded).any()
-    # never fewer than k results while the bank has k eligible rows: a query whose probed
-    # cells are all excluded (or too small) widens its probes
-    index.nprobe = 1
-    own = np.isin(cell_of, probes[:, 0])
-    nb = index.search(q, 15, exclude=own)
-    assert (nb.indices >= 0).all() and not own[nb.indices].any()
-
-
-def test_torch_ivf_cross_modal_calibration(cross_modal) -> None:
+def test_ivf_cross_modal_calibration(cross_modal) -> None:
     """Calibrated on queries of the other modality, the IVF meets the target on new ones of it."""
     bank, train_q, test_q = cross_modal
     index = build_index(bank, "cosine", "ivf", k=20, target_recall=0.95, calibration_queries=train_q, seed=0)
     assert index.calibration.recall >= 0.95 and index.calibration.n_queries == 500  # n_calibration sampled
     exact = build_index(bank, "cosine", "exact")
     assert recall_at_k(index.search(test_q, 20).indices, exact.search(test_q, 20).indices) >= 0.93
-    assert index.nprobe < index.nlist  # it did prune
+    assert index.nprobe < index.describe()["params"]["nlist"]  # it did prune
 
 
 def test_two_level_kmeans_cells_partition_the_bank(data, monkeypatch) -> None:
     """Large cell counts use two-level k-means; the cells still partition the bank and every
     row sits in the nearest cell among its nearest groups' cells (exact search at nprobe = nlist)."""
-    from he2st.retrieval import search
+    from he2st.retrieval.search import ivf
 
-    monkeypatch.setattr(search, "TWO_LEVEL_MIN_CELLS", 10)
+    monkeypatch.setattr(ivf, "TWO_LEVEL_MIN_CELLS", 10)
     bank, q = data
-    cent, order, offsets = search._kmeans_cells(bank, "l2", 60, seed=0)
+    cent, order, offsets = ivf._kmeans_cells(bank, "l2", 60, seed=0)
     assert len(cent) == len(offsets) - 1 and abs(len(cent) - 60) <= 8
     assert offsets[-1] == len(bank) and sorted(order.tolist()) == list(range(len(bank)))
     # most rows are in their globally nearest cell (the two-level assignment looks at 4 groups)
@@ -330,6 +288,27 @@ def test_two_level_kmeans_cells_partition_the_bank(data, monkeypatch) -> None:
     cell_of[order] = np.repeat(np.arange(len(cent)), np.diff(offsets))
     nearest = ((bank[:, None, :] - cent[None]) ** 2).sum(-1).argmin(1)
     assert (cell_of == nearest).mean() > 0.95
-    index = search.build_torch_ivf_index(bank, "l2", nlist=60, seed=0)
-    index.nprobe = index.nlist
+    # the faiss IVF over these cells: with every cell probed, exact search
+    from he2st.retrieval.search import build
+
+    monkeypatch.setattr(build, "TWO_LEVEL_MIN_CELLS", 10)
+    index = build_index(bank, "l2", "ivf", nlist=60, k=10, target_recall=0.9, seed=0)
+    index.nprobe = index.describe()["params"]["nlist"]
     np.testing.assert_array_equal(index.search(q, 10).indices, brute_force(bank, q, 10, "l2")[0])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_two_level_cells_meet_target_recall(clustered, monkeypatch, metric) -> None:
+    """The faiss IVF over two-level k-means cells (rows added pre-assigned), calibrated on held-out
+    rows, meets the requested recall on new queries."""
+    from he2st.retrieval.search import build, ivf
+
+    monkeypatch.setattr(ivf, "TWO_LEVEL_MIN_CELLS", 10)
+    monkeypatch.setattr(build, "TWO_LEVEL_MIN_CELLS", 10)
+    bank, q = clustered
+    nlist = len(bank) // 64
+    index = build_index(bank, metric, "ivf", nlist=nlist, k=20, target_recall=0.9, seed=0)
+    assert abs(index.describe()["params"]["nlist"] - nlist) <= 3 and index.calibration.recall >= 0.9
+    assert index.index.ntotal == len(bank)
+    truth = build_index(bank, metric, "exact").search(q, 20).indices
+    assert recall_at_k(index.search(q, 20).indices, truth) >= 0.85

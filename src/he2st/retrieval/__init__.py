@@ -2,8 +2,8 @@
 retrieval methods' shared machinery.
 
 - :func:`build_index` / :class:`Index`: exact (chunked torch or faiss flat) and
-  approximate (a batched IVF built for cross-modal queries, faiss IVF / HNSW; all
-  calibrated to a requested recall) top-k search by cosine, L2 or L1.
+  approximate (faiss IVF over fine cells built for cross-modal queries, faiss HNSW;
+  both calibrated to a requested recall) top-k search by cosine, L2 or L1.
 - :func:`aggregate` / :func:`neighbor_weights`: mean, inverse-square distance
   (mclSTExp eq. 15-16) or softmax-of-similarity averaging of retrieved expression.
 - :class:`ReferenceBank`: embeddings + expression + per-slide provenance; saved,
@@ -24,8 +24,6 @@ _EXPORTS = {
     "TorchExactIndex": "search",
     "FaissIndex": "search",
     "build_index": "search",
-    "TorchIVFIndex": "search",
-    "build_torch_ivf_index": "search",
     "recall_at_k": "search",
     "exact_distances": "search",
     "AGGREGATIONS": "aggregation",

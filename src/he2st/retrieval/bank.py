@@ -30,7 +30,6 @@ from he2st.retrieval.search import (
     FaissIndex,
     Index,
     Neighbors,
-    TorchIVFIndex,
     build_index,
     check_metric,
 )
@@ -318,8 +317,6 @@ class ReferenceBank:
                 faiss.write_index(self.index.index, str(tmp / "index.faiss"))
                 if self.index.id_map is not None:
                     np.save(tmp / "index_ids.npy", self.index.id_map)
-            for name, arr in _ivf_arrays(self.index).items():
-                np.save(tmp / f"{name}.npy", arr)
             (tmp / "bank.json").write_text(json.dumps(meta, indent=2))
         return path
 
@@ -374,9 +371,6 @@ class ReferenceBank:
             idx.ef_search = setting if info["kind"] == "hnsw" else None
             _restore_calibration(idx, info)
             bank.index = idx
-        elif _is_torch_ivf(info) and (path / "cell_order.npy").is_file():
-            arrays = {name: np.load(path / f"{name}.npy", allow_pickle=False) for name in _IVF_ARRAYS}
-            bank.index = _ivf_from(emb, bank.metric, arrays, info)
         elif info and info["kind"] == "exact":
             bank.build_index("exact", backend=info.get("backend", "torch"))
         return bank
@@ -390,8 +384,6 @@ class ReferenceBank:
             out[prefix + "faiss"] = self.index.to_bytes()
             if self.index.id_map is not None:
                 out[prefix + "faiss_ids"] = self.index.id_map
-        else:
-            out.update({prefix + name: arr for name, arr in _ivf_arrays(self.index).items()})
         return out
 
     def state_meta(self) -> dict[str, Any]:
@@ -425,9 +417,6 @@ class ReferenceBank:
             bank.index = FaissIndex.from_bytes(arrays[prefix + "faiss"], bank.embeddings, bank.metric, info["kind"],
                                                setting, arrays.get(prefix + "faiss_ids"))
             _restore_calibration(bank.index, info)
-        elif _is_torch_ivf(info) and prefix + "cell_order" in arrays:
-            bank.index = _ivf_from(bank.embeddings, bank.metric,
-                                   {name: np.asarray(arrays[prefix + name]) for name in _IVF_ARRAYS}, info)
         elif info:
             bank.build_index("exact", backend=info.get("backend", "torch"))
         return bank
@@ -449,26 +438,3 @@ def _restore_calibration(index: Index, info: dict[str, Any]) -> None:
     index.calibration.recall = cal.get("recall")
     index.calibration.n_queries = cal.get("n_queries", 0)
     index.calibration.tried = {int(a): b for a, b in (cal.get("tried") or {}).items()}
-
-
-#: Arrays that persist a :class:`TorchIVFIndex` (attributes of the same names).
-_IVF_ARRAYS = ("centroids", "cell_order", "cell_offsets")
-
-
-def _is_torch_ivf(info: dict[str, Any] | None) -> bool:
-    return bool(info) and info["kind"] == "ivf" and info["backend"] == "torch"
-
-
-def _ivf_arrays(index: Index | None) -> dict[str, np.ndarray]:
-    """The arrays of a :class:`TorchIVFIndex` (empty for other indexes)."""
-    if isinstance(index, TorchIVFIndex):
-        return {name: getattr(index, name) for name in _IVF_ARRAYS}
-    return {}
-
-
-def _ivf_from(emb: Any, metric: str, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> TorchIVFIndex:
-    params = info["params"]
-    index = TorchIVFIndex(emb, metric, arrays["centroids"], arrays["cell_order"], arrays["cell_offsets"],
-                          nprobe=params["nprobe"], n_seed=params.get("n_seed", 8))
-    _restore_calibration(index, info)
-    return index

@@ -48,9 +48,8 @@ retrieved.
 Search
 ------
 ``search="exact"`` (chunked torch, or faiss flat with ``search_backend="faiss"``),
-``"ivf"`` (:class:`he2st.retrieval.TorchIVFIndex`: fine k-means cells scanned cell by
-cell for the whole test slide at once; the fast choice for large banks, or faiss
-IVF-Flat with ``search_backend="faiss"``), ``"hnsw"`` or ``"auto"`` (exact up to
+``"ivf"`` (faiss IVF-Flat over fine k-means cells of ~64 reference spots; the fast
+choice for large banks), ``"hnsw"`` or ``"auto"`` (exact up to
 200k reference spots, IVF above); approximate indexes are calibrated on the
 training image embeddings to reach ``target_recall`` at ``top_k``.
 
