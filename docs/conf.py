@@ -12,6 +12,7 @@ per package listed in :data:`API_PACKAGES`, recursing into its submodules.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def _write_api_index() -> None:
 
 
 _write_api_index()
+# autosummary regenerates pages but never deletes one: a page of a name that was removed
+# or moved would stay, fail to import and break the -W build. Start from an empty folder.
+shutil.rmtree(HERE / "api" / "generated", ignore_errors=True)
 
 extensions = [
     "myst_parser",
