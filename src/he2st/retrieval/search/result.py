@@ -26,7 +26,7 @@ BACKENDS = ("torch", "faiss")
 class Neighbors:
     """Result of a k-nearest-neighbour search.
 
-    Attributes
+    Parameters
     ----------
     indices
         ``(n_queries, k)`` int64 bank rows, nearest first; ``-1`` where fewer
@@ -44,6 +44,7 @@ class Neighbors:
 
     @property
     def k(self) -> int:
+        """Neighbours per query."""
         return int(self.indices.shape[1])
 
     def valid(self) -> np.ndarray:
