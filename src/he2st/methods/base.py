@@ -237,13 +237,17 @@ class Method(abc.ABC):
         return [u for u in self.encoders() if encoder_kind(u.encoder) != "stats"]
 
     def _warn_random_weights(self) -> None:
+        from he2st.encoders import get_spec
+
         for u in self._weighted_encoders():
             if u.weights is None and not u.trained:
+                named = sorted(get_spec(u.encoder).named_weights)
+                how = f"weights={named[0]!r} or a checkpoint path" if named else "weights=<checkpoint path>"
                 warnings.warn(
                     RandomWeightsWarning(
                         f"method {self.name!r}: encoder {u.encoder!r} has random weights (weights=None) and is "
-                        "not trained, so its features carry no pretrained knowledge; pass weights='imagenet' "
-                        "or a checkpoint path for a meaningful model"
+                        f"not trained, so its features carry no pretrained knowledge; pass {how} "
+                        "for a meaningful model"
                     ),
                     stacklevel=3,
                 )
