@@ -15,7 +15,8 @@ start over) and ``benchmarks/results/her2st_loocv.json``; prints the table.
 
 Add a method by appending ``(label, method name, params)`` to :data:`METHODS`.
 
-    python benchmarks/her2st_loocv.py [--data PATH] [--out DIR] [--summary FILE] [--methods mean,ridge] [--quiet]
+    python benchmarks/her2st_loocv.py [--set main|fidelity] [--data PATH] [--out DIR] [--summary FILE]
+                                      [--methods mean,ridge] [--quiet]
 
 ``--methods`` runs a subset of the labels of :data:`METHODS`; results of methods run
 before stay in the run folder and are reported too (the run folder is shared).
@@ -83,6 +84,25 @@ _CONTRASTIVE = [
 ]
 METHODS += _CONTRASTIVE + [(f"{label}+ref", name, {**params, **_REF}) for label, name, params in _CONTRASTIVE]
 
+#: Issue 12 (faithful ports), ``--set fidelity``: each method whose defaults changed, with
+#: today's defaults next to the settings its earlier row ran with ("-before"), in one run on
+#: one machine, at the CPU budgets of the rows above. Written to results/her2st_fidelity/.
+_HISTOGENE = {**_SLIDE, "dim": 256, "dim_head": 32, "mlp_dim": 512, "epochs": 50}
+FIDELITY: list[tuple[str, str, dict]] = [
+    ("mean", "mean", {}),
+    ("ridge", "ridge", dict(ENCODER)),
+    ("stnet", "stnet", {**ENCODER, "lr": 1e-4, "epochs": 20}),  # trains on ST-Net's --norm target now
+    ("stnet-before", "stnet", {**ENCODER, "lr": 1e-4, "epochs": 20, "train_normalization": "cpm_log1p"}),
+    ("deepspace", "deepspace", dict(ENCODER)),  # the repo's single layer on fc7 now
+    ("deepspace-before", "deepspace", {**ENCODER, "hidden": 4096}),
+    ("stimage", "stimage", {**ENCODER, "stain": None, "lr": 1e-4}),  # NB mean of the log, random member heads
+    ("stimage-before", "stimage", {**ENCODER, "stain": None, "lr": 1e-4, "moments": "delta", "head_init": "mean"}),
+    ("histogene", "histogene", dict(_HISTOGENE)),  # 0-255 pixels, no augmentation, Hist2ST's target scale
+    ("histogene-before", "histogene",
+     {**_HISTOGENE, "pixel_scale": "unit", "augment": "histogene", "train_normalization": "cpm_log1p"}),
+]
+SETS = {"main": METHODS, "fidelity": FIDELITY}
+
 #: Printed and saved columns: (metric, gene set).
 COLUMNS = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("mse", "ACG"), ("mae", "ACG")]
 
@@ -94,18 +114,23 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="her2st folder (default: he2st.datasets' lookup)")
-    ap.add_argument("--out", default=str(HERE / "results" / "her2st_loocv"))
-    ap.add_argument("--summary", default=str(HERE / "results" / "her2st_loocv.json"), help="summary JSON to write")
-    ap.add_argument("--methods", default=None, help="comma-separated labels of METHODS to run (default: all)")
+    ap.add_argument("--set", default="main", choices=sorted(SETS), help="main: METHODS; fidelity: FIDELITY (issue 12)")
+    ap.add_argument("--out", default=None, help="run folder (default results/her2st_loocv or results/her2st_fidelity)")
+    ap.add_argument("--summary", default=None, help="summary JSON to write (default: the run folder's name + .json)")
+    ap.add_argument("--methods", default=None, help="comma-separated labels of the set to run (default: all)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    chosen = METHODS
+    table = SETS[args.set]
+    folder = "her2st_loocv" if args.set == "main" else f"her2st_{args.set}"
+    args.out = args.out or str(HERE / "results" / folder)
+    args.summary = args.summary or str(HERE / "results" / f"{folder}.json")
+    chosen = table
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = sorted(set(wanted) - {label for label, _, _ in METHODS})
+        unknown = sorted(set(wanted) - {label for label, _, _ in table})
         if unknown:
-            ap.error(f"unknown method label(s) {unknown}; known: {[label for label, _, _ in METHODS]}")
-        chosen = [m for m in METHODS if m[0] in wanted]
+            ap.error(f"unknown method label(s) {unknown}; known: {[label for label, _, _ in table]}")
+        chosen = [m for m in table if m[0] in wanted]
 
     t0 = time.perf_counter()
     cohort = her2st(root=args.data, sections=SECTIONS)
@@ -127,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     s = result.summary.set_index(["method", "metric", "gene_set"])
     table = {}
     present = set(result.metrics["method"])
-    for label, name, params in [m for m in METHODS if m[0] in present]:
+    for label, name, params in [m for m in table if m[0] in present]:
         row = {}
         for metric, gs in COLUMNS:
             key = (label, metric, gs)
