@@ -100,6 +100,9 @@ FIDELITY: list[tuple[str, str, dict]] = [
     ("histogene", "histogene", dict(_HISTOGENE)),  # 0-255 pixels, no augmentation, Hist2ST's target scale
     ("histogene-before", "histogene",
      {**_HISTOGENE, "pixel_scale": "unit", "augment": "histogene", "train_normalization": "cpm_log1p"}),
+    ("mclstexp", "mclstexp", {**ENCODER, "max_positions": 128}),  # cosine selection, L2 weights, bank chunk 32
+    ("mclstexp-before", "mclstexp",
+     {**ENCODER, "max_positions": 128, "select_metric": "l2", "weight_metric": "l2", "bank_chunk": 128}),
 ]
 SETS = {"main": METHODS, "fidelity": FIDELITY}
 
