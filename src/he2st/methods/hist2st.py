@@ -260,7 +260,7 @@ class Hist2ST(SlideRegressor):
       and the prediction is added with weight 0.5;
     - Adam, learning rate 1e-5, 350 epochs, one slide per step.
 
-    Setting by setting, with the code's file:line: ``docs/fidelity.md#hist2st-gat-variant``
+    Setting by setting, with the code's file:line: ``docs/fidelity.md#hist2st``; ``#hist2st-gat-variant``
     (the GAT variant).
 
     Variants (Jiang et al. 2024, Suppl. 7.1)
