@@ -22,7 +22,6 @@ paired Wilcoxon tests (40), top genes (50), spot maps of the best genes (70).
 from __future__ import annotations
 
 import html
-import json
 import os
 import time
 from collections.abc import Callable

@@ -50,7 +50,6 @@ Run folder
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math

@@ -29,10 +29,10 @@ Modules
 
 from __future__ import annotations
 
-from he2st.image.lazy.cache import clear_image_cache
-from he2st.image.lazy.formats import image_size
-from he2st.image.lazy.image import LazyImage, open_image
-from he2st.image.lazy.pixels import ImageConversionWarning
+from he2st.image.lazy.cache import clear_image_cache  # noqa: F401 (re-export)
+from he2st.image.lazy.formats import image_size  # noqa: F401 (re-export)
+from he2st.image.lazy.image import LazyImage, open_image  # noqa: F401 (re-export)
+from he2st.image.lazy.pixels import ImageConversionWarning  # noqa: F401 (re-export)
 
 # No ``__all__``: :mod:`he2st.image` is the public face of these names (a second
 # re-export would document each object twice).
