@@ -153,3 +153,25 @@ def test_convert_uses_training_constants_only_and_round_trips():
     state = Normalizer.from_state(json.loads(json.dumps(lognorm.get_state())))
     np.testing.assert_array_equal(state.convert(y, common), lognorm.convert(y, common))
     np.testing.assert_array_equal(common.convert(y, common), y)
+
+
+def test_stnet_norm_convert_keeps_a_mean_prediction_of_a_sparse_gene_above_the_floor():
+    # Regression: with n_genes + geometric-mean library as the denominator, a model that
+    # predicts the training mean of ST-Net's target for a mostly-zero gene was mapped below
+    # zero and clipped, so every spot got the same value (PCC(ACG) 0.026 on her2st).
+    train = [_slide("A", [[0, 30, 70], [1, 10, 89]]), _slide("B", [[0, 200, 300], [0, 5, 15]])]
+    panel = ["G1", "G2", "G3"]
+    own = Normalizer("stnet_norm").fit(train, panel)
+    common = Normalizer("cpm_log1p").fit(train, panel)
+    # Geometric mean over the four spots of n_genes (3) + total.
+    assert own.stnet_denominator_ == pytest.approx(math.exp(np.mean(np.log([103.0, 103.0, 503.0, 23.0]))))
+    y = np.concatenate([own.transform(s, panel) for s in train])
+    mean_pred = y.mean(axis=0, keepdims=True)
+    # e**mean(y) * denominator = e**mean(log(1 + x)) >= 1: a share >= 0 before clipping.
+    share = own.to_fraction(mean_pred)
+    expected_counts = np.exp(np.log1p(np.array([[0, 1, 0, 0], [30, 10, 200, 5], [70, 89, 300, 15]])).mean(axis=1)) - 1
+    np.testing.assert_allclose(share[0] * own.library_, expected_counts, rtol=1e-5)  # float32 targets
+    assert share[0, 0] > 0
+    # Predictions a little above and below that mean keep their order after conversion.
+    mapped = own.convert(mean_pred + np.array([[-0.05], [0.0], [0.05]]), common)
+    assert (np.diff(mapped[:, 0]) > 0).all()

@@ -59,9 +59,16 @@ which goes through the share of the spot's all-gene library,
   map's curvature, and MSE is scored on the common scale as for every method.
   The spot-to-spot variation of the panel share, which a model trained on
   panel-relative targets never sees, is part of that method's error.
-- ``stnet_norm`` -> ``f = (e**y * (n_genes_ + library_) - 1) / library_`` with
-  the training slides' mean gene count ``n_genes_`` and geometric-mean
-  library ``library_`` (the exact map needs the test spot's total);
+- ``stnet_norm`` -> ``f = (e**y * stnet_denominator_ - 1) / library_`` with
+  ``stnet_denominator_`` the geometric mean, over the training spots, of
+  ST-Net's denominator ``n_genes + total`` and ``library_`` the geometric-mean
+  library (the exact map needs the test spot's total). The geometric mean of
+  the denominator, not ``n_genes + library_``, is what makes the map invert a
+  model's prediction of the training mean: ``mean(y) = mean(log(1 + x)) -
+  mean(log(denominator))``, so ``e**mean(y) * stnet_denominator_ >= 1``.
+  With ``n_genes + library_`` (smaller, by the superadditivity of the
+  geometric mean) a mean-level prediction of a sparse gene fell under the
+  floor and was clipped to zero: a constant map for most genes;
 - ``log1p`` / ``raw`` -> ``f = counts / library_``.
 
 Shares below zero (a prediction under the scale's floor) are clipped to zero.
@@ -200,11 +207,11 @@ class Normalizer:
     min_, max_
         Per-gene minimum and maximum of the training ``cpm_log1p`` values
         (``minmax`` only).
-    library_, panel_fraction_, n_genes_
+    library_, panel_fraction_, stnet_denominator_
         Training constants used only by :meth:`convert` (see the module
-        docstring): geometric mean of the spots' all-gene totals, geometric
-        mean of the panel's share of them, mean number of genes per slide
-        (None for ``raw``, which may hold no counts).
+        docstring): geometric means over the training spots of the all-gene
+        totals, of the panel's share of them and of ST-Net's denominator
+        ``n_genes + total`` (None for ``raw``, which may hold no counts).
 
     Examples
     --------
@@ -223,7 +230,7 @@ class Normalizer:
         self.max_: np.ndarray | None = None
         self.library_: float | None = None
         self.panel_fraction_: float | None = None
-        self.n_genes_: float | None = None
+        self.stnet_denominator_: float | None = None
 
     def __repr__(self) -> str:
         fitted = f", {len(self.genes_)} genes" if self.genes_ is not None else ""
@@ -274,17 +281,19 @@ class Normalizer:
         """Training constants of :meth:`convert` (geometric means over spots with positive totals)."""
         log_lib: list[np.ndarray] = []
         log_share: list[np.ndarray] = []
+        log_denom: list[np.ndarray] = []
         for s in slides:
             totals = _totals(s)
             panel = _raw(s, genes, fill_missing).astype(np.float64).sum(axis=1)
             ok = totals > 0
             log_lib.append(np.log(totals[ok]))
+            log_denom.append(np.log(s.n_vars + totals))
             both = ok & (panel > 0)
             log_share.append(np.log(panel[both] / totals[both]))
         lib, share = np.concatenate(log_lib), np.concatenate(log_share)
         self.library_ = float(np.exp(lib.mean())) if lib.size else 1.0
         self.panel_fraction_ = float(np.exp(share.mean())) if share.size else 1.0
-        self.n_genes_ = float(np.mean([s.n_vars for s in slides]))
+        self.stnet_denominator_ = float(np.exp(np.concatenate(log_denom).mean()))
 
     # -- transforms -------------------------------------------------------
     def transform(self, slide: Any, genes: Sequence[str] | None = None, fill_missing: bool = False) -> np.ndarray:
@@ -398,7 +407,7 @@ class Normalizer:
             f = (np.power(10.0, v) - 1.0) / SCPREP_SCALE * self._constant("panel_fraction_")
         elif m == "stnet_norm":
             lib = self._constant("library_")
-            f = (np.exp(v) * (self._constant("n_genes_") + lib) - 1.0) / lib
+            f = (np.exp(v) * self._constant("stnet_denominator_") - 1.0) / lib
         else:
             counts = np.expm1(v) if m == "log1p" else v
             f = counts / self._constant("library_")
@@ -429,7 +438,7 @@ class Normalizer:
             out = np.log10(1.0 + SCPREP_SCALE * f / self._constant("panel_fraction_"))
         elif m == "stnet_norm":
             lib = self._constant("library_")
-            out = np.log((1.0 + f * lib) / (self._constant("n_genes_") + lib))
+            out = np.log((1.0 + f * lib) / self._constant("stnet_denominator_"))
         else:
             counts = f * self._constant("library_")
             out = np.log1p(counts) if m == "log1p" else counts
@@ -491,7 +500,7 @@ class Normalizer:
             # float64 -> JSON float is exact (repr round-trips), so a reloaded scaler is identical.
             state["min"] = [float(v) for v in self.min_]
             state["max"] = [float(v) for v in self.max_]
-        for key in ("library", "panel_fraction", "n_genes"):
+        for key in ("library", "panel_fraction", "stnet_denominator"):
             value = getattr(self, f"{key}_")
             if value is not None:
                 state[key] = float(value)
@@ -503,7 +512,7 @@ class Normalizer:
         obj = cls(state["method"])
         genes = state.get("genes")
         obj.genes_ = None if genes is None else [str(g) for g in genes]
-        for key in ("library", "panel_fraction", "n_genes"):
+        for key in ("library", "panel_fraction", "stnet_denominator"):
             if state.get(key) is not None:
                 setattr(obj, f"{key}_", float(state[key]))
         if "min" in state and "max" in state:

@@ -446,7 +446,34 @@ class SlideRegressor(Method):
         )
         self.model_ = model.cpu().eval()
         self.history_ = history.as_dict()
+        self.history_["train_fit"] = self._train_fit(train)
         self._structure_cache = {}
+
+    def _train_fit(self, train: list[SlideData]) -> dict[str, float]:
+        """Training-section MSE of the fitted model next to the mean predictor's.
+
+        Both on the training scale, averaged over spots and genes of all
+        training slides; the mean predictor is the per-gene mean over those
+        spots. A model whose MSE does not fall below the mean predictor's on
+        the sections it was trained on has not learnt anything (issue 12 asks
+        this of HisToGene); it is recorded for every slide method.
+        """
+        targets = [d.targets for d in train if d.targets is not None]
+        if not targets:
+            return {}
+        mean = np.concatenate(targets).astype(np.float64).mean(axis=0)
+        sq_model = sq_mean = 0.0
+        n = 0
+        with torch.no_grad():
+            for d in train:
+                if d.targets is None:
+                    continue
+                y = d.targets.astype(np.float64)
+                pred = self._predict_data(d).astype(np.float64)
+                sq_model += float(((pred - y) ** 2).sum())
+                sq_mean += float(((mean - y) ** 2).sum())
+                n += y.size
+        return {"mse_model": sq_model / n, "mse_mean_predictor": sq_mean / n}
 
     # -- prediction ---------------------------------------------------------------------
     def _require_model(self) -> nn.Module:
