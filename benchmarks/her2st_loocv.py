@@ -224,7 +224,8 @@ def _train_fit(run: Path, label: str) -> dict:
     folds = {}
     for p in sorted((run / "folds" / label).glob("*.json")):
         rec = json.loads(p.read_text())
-        fit = (rec.get("extra") or {}).get("history", {}).get("train_fit")
+        history = (rec.get("extra") or {}).get("history")
+        fit = history.get("train_fit") if isinstance(history, dict) else None  # spot methods: one per member
         if fit:
             folds[rec["fold"]["name"]] = {k: _num(v) for k, v in fit.items()}
     if not folds:
