@@ -55,3 +55,11 @@ class DiskFullError(He2stInputError, OSError):
 
 class RandomWeightsWarning(UserWarning):
     """A method computes its features with an encoder that was never trained (random initialisation)."""
+
+
+class UnknownMppError(ImageError):
+    """An image's microns per pixel is needed but neither the file nor the caller gives it."""
+
+
+class InferredMppWarning(UserWarning):
+    """Microns per pixel was not read from the file nor given: it was inferred from an assumption (spot lattice)."""
