@@ -103,3 +103,25 @@ def test_user_mpp_wins_and_warns_on_mismatch(tmp_path) -> None:
         assert resolve_mpp(path, 0.51) == (0.51, "user")  # within 5 %: silent
     with pytest.warns(UserWarning, match="records 0.5"):
         assert resolve_mpp(path, 0.25) == (0.25, "user")
+
+
+def test_openslide_branch_with_a_fake_module(tmp_path, monkeypatch) -> None:
+    import he2st.image.lazy.mpp as mpp_mod
+
+    class FakeSlide:
+        def __init__(self, path: str) -> None:
+            self.properties = {"openslide.mpp-x": "0.4990", "openslide.vendor": "hamamatsu"}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            return None
+
+    class FakeOpenSlide:
+        OpenSlide = FakeSlide
+
+    path = tmp_path / "a.ndpi"
+    path.write_bytes(b"not really a slide")
+    monkeypatch.setattr(mpp_mod, "openslide_module", lambda: FakeOpenSlide)
+    assert read_mpp(path) == (pytest.approx(0.499), "file:openslide.mpp-x")

@@ -16,7 +16,8 @@ Two ST array layouts exist, told apart by their array coordinates
 - the "1k" array (her2st and most ST v1 data): every integer ``(x, y)`` cell,
   100 µm spots 200 µm apart, i.e. 200 µm per array unit;
 - the "2k" array: a checkerboard (``x + y`` of one parity only, so that
-  neighbouring spots are diagonal), 100 µm per array unit.
+  neighbouring spots are diagonal), 100 µm per array unit (spot diameter taken
+  as 100 µm for both layouts).
 
 The pitch of the grid in pixels per array unit then gives the pixel size
 (µm per unit / pitch) when it is not known otherwise, recorded in
@@ -150,16 +151,15 @@ def read_st_legacy(
             )
         spot_diameter_px = pitch * ST_SPOT_DIAMETER_UM / um_per_unit
     mpp_source = "user" if mpp is not None else ""
+    inferred_note = ""
     if mpp is None and pitch is not None:
         mpp = um_per_unit / pitch
         how = "detected from the spot coordinates" if array_type == "auto" else "array_type given"
         mpp_source = f"lattice:ST {layout} array ({how}), {um_per_unit:g} µm per array unit"
-        warnings.warn(
+        inferred_note = (
             f"slide {sid!r}: microns per pixel inferred from the spot lattice of {str(spots)!r}: ST {layout} "
             f"array ({how}), {um_per_unit:g} µm per array unit / {pitch:.1f} px per unit = {mpp:.4f} µm/px; "
-            "pass mpp= if the scanner's value is known",
-            InferredMppWarning,
-            stacklevel=2,
+            "pass mpp= if the scanner's value is known"
         )
 
     common = table.index[table.index.isin(spot_table.index)]
@@ -205,7 +205,7 @@ def read_st_legacy(
 
     from he2st.data import make_slide
 
-    return make_slide(
+    slide = make_slide(
         values,
         common,
         table.columns,
@@ -224,6 +224,9 @@ def read_st_legacy(
         source=source,
         image_size=size,
     )
+    if inferred_note:
+        warnings.warn(inferred_note, InferredMppWarning, stacklevel=2)
+    return slide
 
 
 def detect_st_array(xy: np.ndarray) -> str:
