@@ -22,7 +22,7 @@ from he2st.inference import (
 )
 from he2st.methods import create_method
 
-RIDGE = dict(encoder="color_stats", weights=None, patch_px=32, n_components=8)
+RIDGE = {"encoder": "color_stats", "weights": None, "patch_px": 32, "n_components": 8}
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_image_only_prediction_equals_the_sequenced_one(cohort4, model, tmp_path
 
 
 def test_uncertainty_goes_to_layer_sd(cohort4):
-    params = dict(encoder="color_stats", weights=None, patch_px=32, stain=None, n_models=1, lr=3e-2, epochs=2)
+    params = {"encoder": "color_stats", "weights": None, "patch_px": 32, "stain": None, "n_models": 1, "lr": 3e-2, "epochs": 2}
     m = create_method("stimage", **params).fit(list(cohort4)[:2], list(cohort4[0].var_names)[:5])
     pred = predict(m, _unsequenced(cohort4[3]))
     assert pred.layers["sd"].shape == pred.shape and (pred.layers["sd"] >= 0).all() and pred.layers["sd"].max() > 0
@@ -251,3 +251,25 @@ def test_her2st_train_c2_c5_predict_c6_from_its_image(her2st_root):
     assert pred.n_obs == test.n_obs and pred.uns["he2st_prediction"]["input_image_only"]
     r, _ = pearson_per_gene(m.targets(test), np.asarray(pred.X))
     assert np.nanmean(r) > 0.08 and np.nanmedian(r) > 0.05, f"mean PCC over 50 genes {np.nanmean(r):.3f}"
+
+
+def test_demo_prediction_uses_the_best_method_and_draws_its_best_genes(tmp_path, cohort4):
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from PIL import Image
+
+    from he2st.benchmark.demo import demo_prediction, format_prediction
+
+    summary = pd.DataFrame({"method": ["mean", "ridge", "knn"], "metric": "pcc", "gene_set": "ACG", "mean": [np.nan, 0.2, 0.4]})
+    per_gene = pd.DataFrame({"method": "knn", "gene": ["GENE007", "GENE003", "GENE001"], "pcc": [0.9, 0.8, 0.1]})
+    info = demo_prediction(tmp_path, SimpleNamespace(summary=summary, per_gene=per_gene), n_maps=2, cohort=cohort4)
+    assert info["method"] == "knn" and info["slide"] == "syn3" and info["train_slides"] == ["syn0", "syn1", "syn2"]
+    assert [p.rsplit("/", 1)[-1] for p in info["maps"]] == ["syn3_GENE007.png", "syn3_GENE003.png"]
+    import anndata as ad
+
+    pred = ad.read_h5ad(info["h5ad"])
+    assert pred.n_obs == cohort4[3].n_obs and pred.uns["he2st_prediction"]["input_image_only"]
+    with Image.open(info["maps"][0]) as im:
+        assert np.asarray(im.convert("RGB")).std() > 10
+    assert "predicts syn3 from its image alone" in format_prediction(info)

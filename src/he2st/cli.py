@@ -154,7 +154,13 @@ def demo(
     seed
         ``--seed``: seed of the synthetic cohort and of the methods (default 0).
     """
-    from he2st.benchmark.demo import demo_config, demo_prediction, format_demo, format_prediction, run_demo
+    from he2st.benchmark.demo import (
+        demo_config,
+        demo_prediction,
+        format_demo,
+        format_prediction,
+        run_demo,
+    )
     from he2st.benchmark.run import run_benchmark
 
     summary = run_demo(out, seed=seed)
@@ -323,9 +329,8 @@ def predict(
     csv, parquet
         ``--csv``/``--parquet``: also export the matrix as a table.
     """
-    from he2st.inference.files import predict_file
-
     from he2st.errors import He2stInputError
+    from he2st.inference.files import predict_file
 
     if csv and parquet:
         raise He2stInputError("--csv, --parquet: give one of them, not both")

@@ -153,7 +153,9 @@ def format_demo(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def demo_prediction(out: str | os.PathLike, result: Any = None, *, seed: int = 0, n_maps: int = 3) -> dict[str, Any]:
+def demo_prediction(
+    out: str | os.PathLike, result: Any = None, *, seed: int = 0, n_maps: int = 3, cohort: Any = None
+) -> dict[str, Any]:
     """Predict the last synthetic slide as if unsequenced, with the demo's best method; write it and its maps.
 
     The method with the highest mean PCC(ACG) in ``result`` (else the first of
@@ -174,6 +176,8 @@ def demo_prediction(out: str | os.PathLike, result: Any = None, *, seed: int = 0
         Seed of the synthetic cohort and of the method.
     n_maps
         How many genes to draw.
+    cohort
+        The cohort to use instead of the demo's synthetic one (e.g. a smaller one in tests).
 
     Returns
     -------
@@ -183,6 +187,7 @@ def demo_prediction(out: str | os.PathLike, result: Any = None, *, seed: int = 0
     from he2st.datasets import synthetic
     from he2st.evaluate.protocol import choose_panel
     from he2st.inference import image_only, plot_maps, predict
+    from he2st.inference.output import write_h5ad
     from he2st.methods import create_method
 
     t0 = time.perf_counter()
@@ -190,7 +195,8 @@ def demo_prediction(out: str | os.PathLike, result: Any = None, *, seed: int = 0
     specs = {s.label: s for s in cfg.method_specs()}
     label = _best_method(result, list(specs)) or next(iter(specs))
     spec = specs[label]
-    cohort = synthetic(seed=seed)
+    if cohort is None:
+        cohort = synthetic(seed=seed)
     train, test = list(cohort)[:-1], list(cohort)[-1]
     panel = choose_panel(train, cfg.genes, min_spots=cfg.min_spots, markers=cfg.markers)
     model = create_method(spec.name, **spec.params).fit(train, panel)
@@ -198,8 +204,7 @@ def demo_prediction(out: str | os.PathLike, result: Any = None, *, seed: int = 0
     sid = meta(test).slide_id
     folder = Path(out) / "prediction"
     h5ad = folder / f"{sid}.h5ad"
-    with atomic_path(h5ad, suffix=".h5ad") as tmp:
-        pred.write_h5ad(tmp, compression="gzip")
+    write_h5ad(pred, h5ad)
     genes = _best_genes(result, label, list(model.genes), n_maps)
     maps = plot_maps(pred, genes, folder, prefix=f"{sid}_")
     return {

@@ -66,8 +66,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from he2st._utils import atomic_path, atomic_write_json, clean_temp_files, jsonable, progress
-from he2st.benchmark.config import BenchmarkConfig, MethodSpec, RunConfigError, load_config
+from he2st._utils import (
+    atomic_path,
+    atomic_write_json,
+    clean_temp_files,
+    jsonable,
+    progress,
+)
+from he2st.benchmark.config import (
+    BenchmarkConfig,
+    MethodSpec,
+    RunConfigError,
+    load_config,
+)
 from he2st.benchmark.lock import run_lock
 from he2st.benchmark.provenance import check_or_write_config
 from he2st.datasets import load as load_cohort
@@ -407,7 +418,7 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
 
 
 def _write_predictions(out: Path, label: str, fold: Fold, outcome: Any, cohort: Any, per_fold: bool) -> list[str]:
-    from he2st.inference.output import prediction_adata
+    from he2st.inference.output import prediction_adata, write_h5ad
 
     files = []
     genes = list(outcome.model.genes)
@@ -434,7 +445,6 @@ def _write_predictions(out: Path, label: str, fold: Fold, outcome: Any, cohort: 
         rel = Path(PREDICTIONS_DIR) / label
         rel = rel / _safe(fold.name) if per_fold else rel
         rel = rel / f"{_safe(p.slide_id)}.h5ad"
-        with atomic_path(out / rel, suffix=".h5ad") as tmp:
-            a.write_h5ad(tmp, compression="gzip")
+        write_h5ad(a, out / rel)
         files.append(str(rel))
     return files

@@ -28,7 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from he2st.benchmark.config import BenchmarkConfig, MethodSpec, RunConfigError, config_from_options
+from he2st.benchmark.config import (
+    BenchmarkConfig,
+    MethodSpec,
+    RunConfigError,
+    config_from_options,
+)
 from he2st.errors import He2stInputError
 
 

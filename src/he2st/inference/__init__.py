@@ -27,6 +27,7 @@ _EXPORTS = {
     "image_only": "core",
     "prediction_adata": "output",
     "spatial_library": "output",
+    "write_h5ad": "output",
     "save_model": "card",
     "load_model": "card",
     "model_card": "card",
@@ -41,6 +42,24 @@ _EXPORTS = {
     "read_input": "files",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ModelCardError",
+    "ModelTamperedError",
+    "ModelVersionError",
+    "check_map_genes",
+    "export_table",
+    "image_only",
+    "load_model",
+    "model_card",
+    "plot_maps",
+    "predict",
+    "predict_file",
+    "prediction_adata",
+    "read_card",
+    "read_input",
+    "save_model",
+    "spatial_library",
+    "write_h5ad",
+]
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -78,7 +78,7 @@ def _fallback_card_info(model: Any, training_slides: Sequence[Any]) -> dict[str,
             wid = weights_id(use.encoder, use.weights, seed=int(params.get("seed", 0) or 0))
             entry["weights_sha256"] = wid if re.fullmatch(r"[0-9a-f]{64}", wid) else None
             entry["weights_id"] = wid
-        except Exception as exc:  # an encoder from another package, weights gone since fit
+        except Exception as exc:  # noqa: BLE001 - an encoder from another package, weights gone since fit: recorded, not fatal
             entry["weights_error"] = f"{type(exc).__name__}: {exc}"
         encoders.append(entry)
     patch_px = params.get("patch_px")

@@ -9,11 +9,12 @@ prediction, and both give the same values.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 
-from he2st.data.slide import make_slide, meta, validate_slide
+from he2st.data.slide import make_slide, validate_slide
 from he2st.errors import He2stInputError
 from he2st.inference.output import THUMBNAIL_MAX_SIDE, prediction_adata
 
@@ -129,6 +130,7 @@ def predict(model: Any, slide: Any, *, uncertainty: bool = True, thumbnail_max_s
         if raw is not None:
             sd = _check_values(raw, shape, "uncertainty", name, m.slide_id)
     card = getattr(model, "he2st_card_", None) or {}
+    _warn_other_resolution(card, m)
     normalizer = getattr(model, "normalizer_", None)
     scale = getattr(normalizer, "method", None) or model.params.get("normalization", "")
     info = {
@@ -142,6 +144,21 @@ def predict(model: Any, slide: Any, *, uncertainty: bool = True, thumbnail_max_s
         "input_image_only": bool(m.image_only),
     }
     return prediction_adata(slide, values, genes, sd=sd, info=info, thumbnail_max_side=thumbnail_max_side)
+
+
+def _warn_other_resolution(card: dict[str, Any], m: Any) -> None:
+    """Warn when the slide's microns per pixel differ from the training slides' (patches see another field of view)."""
+    train_mpp = (card.get("model") or {}).get("training_mpp")
+    if not train_mpp or not m.mpp:
+        return
+    ratio = float(m.mpp) / float(train_mpp)
+    if not 0.8 <= ratio <= 1.25:
+        warnings.warn(
+            f"slide {m.slide_id!r} has {m.mpp:.3g} um/px but the model was trained on {float(train_mpp):.3g} um/px: "
+            "its patches cover a field of view {:.2g}x the training one; resample the image or pass the right --mpp".format(ratio),
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _params_json(params: dict[str, Any]) -> str:

@@ -169,9 +169,9 @@ def predict_file(
         A bad option, model folder, input file or gene name; nothing is written then.
     """
     from he2st.inference.card import load_model
-    from he2st.inference.maps import check_map_genes, plot_maps
-    from he2st.inference.output import THUMBNAIL_MAX_SIDE
     from he2st.inference.core import predict
+    from he2st.inference.maps import check_map_genes, plot_maps
+    from he2st.inference.output import THUMBNAIL_MAX_SIDE, write_h5ad
 
     out = Path(out)
     if out.suffix.lower() != ".h5ad":
@@ -186,8 +186,7 @@ def predict_file(
     pred = predict(model, slide, uncertainty=uncertainty,
                    thumbnail_max_side=THUMBNAIL_MAX_SIDE if thumbnail_max_side is None else thumbnail_max_side)
     pred.uns["he2st_prediction"]["input"] = str(input_path)
-    with atomic_path(out, suffix=".h5ad") as tmp:
-        pred.write_h5ad(tmp, compression="gzip")
+    write_h5ad(pred, out)
     table_path = export_table(pred, out.with_suffix(f".{table.lower()}")) if table else None
     written = plot_maps(pred, genes, out.parent, prefix=f"{out.stem}_") if genes else []
     return {"prediction": pred, "h5ad": out, "table": table_path, "maps": written, "card": card}

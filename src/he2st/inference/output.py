@@ -228,3 +228,46 @@ def prediction_adata(
     }
     a.uns[PREDICTION_KEY] = _h5_safe(record)
     return a
+
+
+def write_h5ad(adata: Any, path: str | os.PathLike, *, compression: str | None = "gzip") -> Path:
+    """Write an AnnData as ``.h5ad`` atomically, failing cleanly on a full disk.
+
+    The file is built in memory and then written with plain file I/O through
+    :func:`he2st._utils.atomic_path`: HDF5 writing straight to a disk that fills
+    up leaves h5py objects that crash the interpreter when freed, whereas this
+    raises :class:`he2st.errors.DiskFullError` and leaves nothing behind.
+
+    Parameters
+    ----------
+    adata
+        The AnnData (string columns become categoricals, as ``write_h5ad`` does).
+    path
+        The ``.h5ad`` file.
+    compression
+        HDF5 compression of the arrays (``"gzip"``, or None).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    import io
+
+    import h5py
+
+    try:
+        from anndata.io import write_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import write_elem
+
+    from he2st._utils import atomic_path
+
+    adata.strings_to_categoricals()
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        write_elem(f, "/", adata, dataset_kwargs={"compression": compression} if compression else {})
+    path = Path(path)
+    with atomic_path(path, suffix=".h5ad") as tmp, open(tmp, "wb") as fh:
+        fh.write(buf.getbuffer())
+    return path
