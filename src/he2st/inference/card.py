@@ -1,0 +1,388 @@
+"""A model folder: the fitted method plus ``card.json``, what it was trained on and how, verified on load.
+
+::
+
+    model/
+      method.json          Method.save: name, parameters, genes, normalisers
+      state.safetensors    Method.save: the learned arrays (no code)
+      card.json            this module: the model card
+
+``card.json`` holds the training slides and their patients, the genes, the
+target normalisation(s), the image encoder(s) with the sha256 of their weights
+where known, the patch size and field of view, the he2st version, the options
+the model was trained with, optional inner cross-validation metrics and the
+sha256 of ``method.json`` and ``state.safetensors``. :func:`load_model`
+refuses a folder whose files do not match those digests
+(:class:`ModelTamperedError`), one written by another he2st major.minor
+version (:class:`ModelVersionError`), and one whose frozen encoder weights
+differ from the ones the model was trained on.
+
+The folder is written into a temporary folder beside it and renamed when
+complete: it appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from he2st._utils import atomic_dir, json_default_or_str, jsonable, sha256_file
+from he2st.data.slide import meta
+from he2st.errors import He2stInputError
+
+CARD_FILE = "card.json"
+#: Format of ``card.json``: bump when a reader of an older card would misread a new one.
+CARD_FORMAT = 1
+#: Files of the saved method whose digests the card records.
+DIGESTED = ("method.json", "state.safetensors")
+
+
+class ModelCardError(He2stInputError):
+    """A model folder has no readable ``card.json``, or a card that does not describe it."""
+
+
+class ModelTamperedError(ModelCardError):
+    """A model folder's files do not match the sha256 digests of its card (edited or damaged)."""
+
+
+class ModelVersionError(ModelCardError):
+    """A model folder was written by another he2st major.minor version."""
+
+
+def _major_minor(version: str) -> tuple[str, str]:
+    parts = re.findall(r"\d+", str(version))
+    return (parts + ["0", "0"])[0], (parts + ["0", "0"])[1]
+
+
+def _fallback_card_info(model: Any, training_slides: Sequence[Any]) -> dict[str, Any]:
+    """What ``Method.card_info()`` reports, read from the method's parameters where that is missing."""
+    from he2st.encoders._base import encoder_kind, weights_id
+
+    params = dict(model.params)
+    encoders = []
+    for use in model.encoders():
+        entry: dict[str, Any] = {
+            "encoder": use.encoder,
+            "weights": None if use.weights is None else str(use.weights),
+            "trained": bool(use.trained),
+            "weights_sha256": None,
+        }
+        try:
+            entry["kind"] = encoder_kind(use.encoder)
+            wid = weights_id(use.encoder, use.weights, seed=int(params.get("seed", 0) or 0))
+            entry["weights_sha256"] = wid if re.fullmatch(r"[0-9a-f]{64}", wid) else None
+            entry["weights_id"] = wid
+        except Exception as exc:  # noqa: BLE001 - an encoder from another package, weights gone since fit: recorded, not fatal
+            entry["weights_error"] = f"{type(exc).__name__}: {exc}"
+        encoders.append(entry)
+    patch_px = params.get("patch_px")
+    mpps = sorted(m.mpp for m in (meta(s) for s in training_slides) if m.mpp)
+    mpp = mpps[len(mpps) // 2] if mpps else None
+    train_norm = getattr(model, "train_normalizer_", None) or getattr(model, "normalizer_", None)
+    return {
+        "method": model.name,
+        "params": params,
+        "genes": list(model.genes),
+        "normalizations": {
+            "evaluation": getattr(model.normalizer_, "method", params.get("normalization")),
+            "training": getattr(train_norm, "method", params.get("train_normalization")),
+        },
+        "encoders": encoders,
+        "pretrained": model.pretrained,
+        "patch_px": patch_px,
+        "patch_um": float(patch_px * mpp) if patch_px and mpp else None,
+        "training_mpp": mpp,
+    }
+
+
+def model_card(
+    model: Any,
+    training_slides: Sequence[Any],
+    *,
+    cv_metrics: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The card of a fitted model (without the file digests, which :func:`save_model` adds).
+
+    Parameters
+    ----------
+    model
+        A fitted method.
+    training_slides
+        The slides it was fitted on.
+    cv_metrics
+        Optional inner cross-validation metrics (e.g. leave-one-slide-out on the
+        training slides).
+    options
+        How the model was trained (data, gene spec, command-line options...).
+
+    Returns
+    -------
+    dict
+        JSON-ready card; ``model`` holds ``Method.card_info()`` when the method has
+        it, else the same facts read from its parameters.
+    """
+    from he2st import __version__
+
+    if getattr(model, "genes", None) is None:
+        raise He2stInputError(f"method {getattr(model, 'name', '?')!r} is not fitted: nothing to save")
+    slides = list(training_slides)
+    if not slides:
+        raise He2stInputError("save_model: training_slides is empty; name the slides the model was fitted on")
+    fallback = _fallback_card_info(model, slides)
+    card_info = getattr(model, "card_info", None)
+    info = dict(card_info()) if callable(card_info) else fallback
+    # Facts the card always has, whatever card_info reports.
+    for key in ("patch_um", "training_mpp", "normalizations", "encoders"):
+        info.setdefault(key, fallback[key])
+    metas = [meta(s) for s in slides]
+    training = {
+        "slides": [
+            {
+                "slide_id": m.slide_id,
+                "patient": m.patient,
+                "n_spots": int(s.n_obs),
+                "n_genes": int(s.n_vars),
+                "mpp": m.mpp,
+                "spot_diameter_px": m.spot_diameter_px,
+                "image": os.path.basename(m.image_path) if m.image_path else None,
+            }
+            for m, s in zip(metas, slides)
+        ],
+        "patients": sorted({m.patient for m in metas}),
+        "n_spots": int(sum(s.n_obs for s in slides)),
+    }
+    return jsonable(
+        {
+            "format": "he2st-model-card",
+            "card_format": CARD_FORMAT,
+            "he2st_version": __version__,
+            "created_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "method": model.name,
+            "family": getattr(model, "family", ""),
+            "paper": getattr(model, "paper", ""),
+            "genes": list(model.genes),
+            "n_genes": len(model.genes),
+            "normalization": info["normalizations"],
+            "uncertainty": bool(getattr(getattr(model, "capabilities", None), "uncertainty", False)),
+            "training": training,
+            "model": info,
+            "options": dict(options or {}),
+            "cv_metrics": None if cv_metrics is None else dict(cv_metrics),
+        }
+    )
+
+
+def _card_digest(card: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in card.items() if k not in ("card_sha256", "model_dir")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=json_default_or_str).encode()).hexdigest()
+
+
+def check_model_dir(out_dir: str | os.PathLike) -> Path:
+    """Check that a model may be saved to ``out_dir`` (new, empty, or a model folder to replace).
+
+    Parameters
+    ----------
+    out_dir
+        The model folder to be.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir`` as a path.
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        ``out_dir`` is a file, or a non-empty folder that holds no model (it is
+        never deleted).
+    """
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise He2stInputError(f"{str(out)!r} exists and is not a folder; choose another model folder")
+        if any(out.iterdir()) and not ((out / CARD_FILE).is_file() or (out / DIGESTED[0]).is_file()):
+            raise He2stInputError(
+                f"{str(out)!r} is a non-empty folder that holds no he2st model; choose a new or empty folder"
+            )
+    return out
+
+
+def save_model(
+    model: Any,
+    out_dir: str | os.PathLike,
+    *,
+    training_slides: Sequence[Any],
+    cv_metrics: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a fitted model and its card into a model folder, atomically.
+
+    Parameters
+    ----------
+    model
+        A fitted method.
+    out_dir
+        The model folder. An existing model folder is replaced once the new one
+        is complete; an existing folder that is not a model folder (and not
+        empty) is refused, never deleted.
+    training_slides
+        The slides the model was fitted on (ids, patients, spots and
+        microns per pixel go into the card).
+    cv_metrics
+        Optional inner cross-validation metrics stored in the card.
+    options
+        How the model was trained (stored in the card as ``options``).
+
+    Returns
+    -------
+    pathlib.Path
+        The model folder.
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        An unfitted model, no training slides, or ``out_dir`` an unrelated non-empty folder.
+    """
+    out = check_model_dir(out_dir)
+    card = model_card(model, training_slides, cv_metrics=cv_metrics, options=options)
+    with atomic_dir(out) as tmp:
+        model.save(tmp)
+        card["files"] = {name: sha256_file(tmp / name) for name in DIGESTED}
+        card["card_sha256"] = _card_digest(card)
+        (tmp / CARD_FILE).write_text(json.dumps(card, indent=2, default=json_default_or_str) + "\n")
+    return out
+
+
+def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The card of a model folder, checked for form (not for digests or version).
+
+    Parameters
+    ----------
+    model_dir
+        A folder written by :func:`save_model`.
+
+    Returns
+    -------
+    dict
+        The card.
+
+    Raises
+    ------
+    ModelCardError
+        The folder or its ``card.json`` is missing, unreadable or not a card.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelCardError(f"{str(path)!r} is not a folder; expected a model folder written by 'he2st train'")
+    f = path / CARD_FILE
+    if not f.is_file():
+        hint = " (a bare Method.save folder: load it with he2st.methods.load_method)" if (path / DIGESTED[0]).is_file() else ""
+        raise ModelCardError(f"{str(f)!r} does not exist: {str(path)!r} is not a he2st model folder{hint}")
+    try:
+        card = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ModelCardError(f"{str(f)!r} is not valid JSON ({exc}); expected the card 'he2st train' writes") from exc
+    if not isinstance(card, dict) or card.get("format") != "he2st-model-card":
+        raise ModelCardError(f"{str(f)!r} is not a he2st model card (no format 'he2st-model-card')")
+    missing = [k for k in ("he2st_version", "method", "genes", "files", "card_format") if k not in card]
+    if missing:
+        raise ModelCardError(f"{str(f)!r} lacks keys {missing}; expected the card 'he2st train' writes")
+    return card
+
+
+def load_model(model_dir: str | os.PathLike, *, check_weights: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Load a model folder, verifying its card; returns ``(model, card)``.
+
+    Parameters
+    ----------
+    model_dir
+        A folder written by :func:`save_model` (or ``he2st train``).
+    check_weights
+        Check that each frozen encoder's weights file (needed again to compute
+        features at prediction) still has the sha256 recorded at training.
+
+    Returns
+    -------
+    model : he2st.methods.base.Method
+        The fitted method (``model.he2st_card_`` holds the card).
+    card : dict
+        The card, with ``model_dir`` added.
+
+    Raises
+    ------
+    ModelVersionError
+        The folder was written by another he2st major.minor version.
+    ModelTamperedError
+        ``method.json`` or ``state.safetensors`` does not match the card's
+        sha256, the card disagrees with ``method.json`` (method, genes), or a
+        frozen encoder's weights file differs from the one trained with.
+    ModelCardError
+        No folder, no card, or a malformed one.
+    """
+    from he2st import __version__
+    from he2st.methods import load_method
+
+    path = Path(model_dir)
+    card = read_card(path)
+    if _major_minor(card["he2st_version"]) != _major_minor(__version__):
+        raise ModelVersionError(
+            f"{str(path)!r}: model saved by he2st {card['he2st_version']}, this is he2st {__version__}; "
+            "models are read by the same major.minor version only: retrain it with 'he2st train' "
+            f"or use he2st {'.'.join(_major_minor(card['he2st_version']))}.x"
+        )
+    files = card.get("files")
+    if not isinstance(files, Mapping) or set(DIGESTED) - set(files):
+        raise ModelCardError(f"{str(path / CARD_FILE)!r}: 'files' must give the sha256 of {list(DIGESTED)}")
+    for name in DIGESTED:
+        f = path / name
+        if not f.is_file():
+            raise ModelTamperedError(f"{str(f)!r} is missing: the model folder {str(path)!r} is incomplete")
+        digest = sha256_file(f)
+        if digest != files[name]:
+            raise ModelTamperedError(
+                f"{str(f)!r}: sha256 {digest[:12]}... does not match the card's {str(files[name])[:12]}...; "
+                "the model was changed after it was saved (or damaged): retrain it or restore the folder"
+            )
+    if card.get("card_sha256") and card["card_sha256"] != _card_digest(card):
+        raise ModelTamperedError(
+            f"{str(path / CARD_FILE)!r} was edited after the model was saved (its content does not match card_sha256)"
+        )
+    model = load_method(path)
+    if model.name != card["method"] or [str(g) for g in model.genes] != [str(g) for g in card["genes"]]:
+        raise ModelTamperedError(
+            f"{str(path / CARD_FILE)!r} describes method {card['method']!r} with {len(card['genes'])} genes, "
+            f"but the folder holds {model.name!r} with {len(model.genes)} genes"
+        )
+    if check_weights:
+        _check_encoder_weights(path, card)
+    card = {**card, "model_dir": str(path)}
+    model.he2st_card_ = card
+    return model, card
+
+
+def _check_encoder_weights(path: Path, card: Mapping[str, Any]) -> None:
+    """A frozen encoder recomputes features at prediction: its weights file must be the one trained with."""
+    encoders = (card.get("model") or {}).get("encoders") or []
+    for e in encoders:
+        if not isinstance(e, Mapping):
+            continue
+        want = e.get("weights_sha256")
+        if not want or e.get("weights") is None or e.get("trained"):
+            continue
+        from he2st.encoders._base import resolve_weights
+        from he2st.encoders._weights import file_sha256
+
+        got = file_sha256(resolve_weights(str(e["encoder"]), str(e["weights"])))
+        if got != want:
+            raise ModelTamperedError(
+                f"{str(path)!r}: encoder {e['encoder']!r} weights {e['weights']!r} now have sha256 {got[:12]}..., "
+                f"the model was trained with {str(want)[:12]}...; predictions would use other features: "
+                "put back the original weights file (or retrain)"
+            )
