@@ -95,8 +95,6 @@ def test_predict_h5ad_writes_anndata_table_and_maps(trained, tmp_path):
 
 
 def test_predict_image_input(trained, tmp_path):
-    if not hasattr(he2st.io, "read_image"):
-        pytest.xfail("he2st.io.read_image (H&E image + spot table) comes with the image-reader branch")
     fourth = trained["fourth"]
     m = he2st.data.meta(fourth)
     spots = tmp_path / "spots.csv"
@@ -113,6 +111,24 @@ def test_predict_image_input(trained, tmp_path):
 
     model, _ = load_model(trained["model"])
     np.testing.assert_allclose(ad.read_h5ad(out).X, model.predict(fourth), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_image_on_a_grid_and_without_mpp(trained, tmp_path):
+    fourth = trained["fourth"]
+    m = he2st.data.meta(fourth)
+    out = tmp_path / "grid.h5ad"
+    result = runner.invoke(
+        app, ["predict", str(trained["model"]), m.image_path, "--grid-um", "100", "--mpp", str(m.mpp), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    import anndata as ad
+
+    pred = ad.read_h5ad(out)
+    assert pred.n_obs > 0.5 * fourth.n_obs and np.isfinite(pred.X).all()
+    # A PNG has no pixel size: the reader refuses and says how to pass it; nothing is written.
+    bad = tmp_path / "nompp.h5ad"
+    result = runner.invoke(app, ["predict", str(trained["model"]), m.image_path, "--grid-um", "100", "--out", str(bad)])
+    assert result.exit_code == 2 and "mpp" in result.output and not bad.exists()
 
 
 def _copy_model(trained, tmp_path):

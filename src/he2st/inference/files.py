@@ -93,8 +93,8 @@ def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: float | N
     Raises
     ------
     he2st.errors.He2stInputError
-        Spots or grid given for an .h5ad, both given, or this he2st cannot read
-        images without a spot table.
+        Spots or grid given for an .h5ad, or both given (the image reader's own
+        errors: no µm per pixel, no tissue, spots outside the image).
     """
     path = Path(path)
     if path.suffix.lower() == ".h5ad":
@@ -105,13 +105,8 @@ def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: float | N
         return read_h5ad(path, mpp=mpp)
     if spots is not None and grid_um is not None:
         raise He2stInputError(f"{str(path)!r}: give --spots or --grid-um, not both")
-    try:
-        from he2st.io import read_image
-    except ImportError:
-        raise He2stInputError(
-            f"{str(path)!r}: this he2st cannot read a bare H&E image (he2st.io.read_image is missing); "
-            "give an .h5ad slide instead"
-        ) from None
+    from he2st.io import read_image
+
     kwargs: dict[str, Any] = {"mpp": mpp}
     if spots is not None:
         kwargs["spots"] = spots
