@@ -63,3 +63,31 @@ class UnknownMppError(ImageError):
 
 class InferredMppWarning(UserWarning):
     """Microns per pixel was not read from the file nor given: it was inferred from an assumption (spot lattice)."""
+
+
+class MissingImageError(SlideError):
+    """A method that predicts from the H&E image was given a slide without one.
+
+    Parameters
+    ----------
+    slide
+        Id of the slide at fault (see :class:`SlideError`).
+    message
+        What is wrong and what was expected.
+    """
+
+
+class MissingMppError(SlideError):
+    """A slide's microns per pixel are unknown where a physical field of view needs them.
+
+    Parameters
+    ----------
+    slide
+        Id of the slide at fault (see :class:`SlideError`).
+    message
+        What is wrong and how to set the slide's mpp.
+    """
+
+
+class WeightsMismatchError(He2stInputError):
+    """The encoder weights found now differ from those a model was trained on."""

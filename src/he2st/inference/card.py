@@ -15,7 +15,9 @@ sha256 of ``method.json`` and ``state.safetensors``. :func:`load_model`
 refuses a folder whose files do not match those digests
 (:class:`ModelTamperedError`), one written by another he2st major.minor
 version (:class:`ModelVersionError`), and one whose frozen encoder weights
-differ from the ones the model was trained on.
+differ from the ones the model was trained on
+(:class:`he2st.errors.WeightsMismatchError`, from
+:meth:`he2st.methods.base.Method.check_weights_identity`).
 
 The folder is written into a temporary folder beside it and renamed when
 complete: it appears whole or not at all.
@@ -60,47 +62,6 @@ def _major_minor(version: str) -> tuple[str, str]:
     return (parts + ["0", "0"])[0], (parts + ["0", "0"])[1]
 
 
-def _fallback_card_info(model: Any, training_slides: Sequence[Any]) -> dict[str, Any]:
-    """What ``Method.card_info()`` reports, read from the method's parameters where that is missing."""
-    from he2st.encoders._base import encoder_kind, weights_id
-
-    params = dict(model.params)
-    encoders = []
-    for use in model.encoders():
-        entry: dict[str, Any] = {
-            "encoder": use.encoder,
-            "weights": None if use.weights is None else str(use.weights),
-            "trained": bool(use.trained),
-            "weights_sha256": None,
-        }
-        try:
-            entry["kind"] = encoder_kind(use.encoder)
-            wid = weights_id(use.encoder, use.weights, seed=int(params.get("seed", 0) or 0))
-            entry["weights_sha256"] = wid if re.fullmatch(r"[0-9a-f]{64}", wid) else None
-            entry["weights_id"] = wid
-        except Exception as exc:  # noqa: BLE001 - an encoder from another package, weights gone since fit: recorded, not fatal
-            entry["weights_error"] = f"{type(exc).__name__}: {exc}"
-        encoders.append(entry)
-    patch_px = params.get("patch_px")
-    mpps = sorted(m.mpp for m in (meta(s) for s in training_slides) if m.mpp)
-    mpp = mpps[len(mpps) // 2] if mpps else None
-    train_norm = getattr(model, "train_normalizer_", None) or getattr(model, "normalizer_", None)
-    return {
-        "method": model.name,
-        "params": params,
-        "genes": list(model.genes),
-        "normalizations": {
-            "evaluation": getattr(model.normalizer_, "method", params.get("normalization")),
-            "training": getattr(train_norm, "method", params.get("train_normalization")),
-        },
-        "encoders": encoders,
-        "pretrained": model.pretrained,
-        "patch_px": patch_px,
-        "patch_um": float(patch_px * mpp) if patch_px and mpp else None,
-        "training_mpp": mpp,
-    }
-
-
 def model_card(
     model: Any,
     training_slides: Sequence[Any],
@@ -125,8 +86,8 @@ def model_card(
     Returns
     -------
     dict
-        JSON-ready card; ``model`` holds ``Method.card_info()`` when the method has
-        it, else the same facts read from its parameters.
+        JSON-ready card; ``model`` holds :meth:`he2st.methods.base.Method.card_info`
+        (encoders with the sha256 of their weights, field of view, training mpp).
     """
     from he2st import __version__
 
@@ -135,12 +96,7 @@ def model_card(
     slides = list(training_slides)
     if not slides:
         raise He2stInputError("save_model: training_slides is empty; name the slides the model was fitted on")
-    fallback = _fallback_card_info(model, slides)
-    card_info = getattr(model, "card_info", None)
-    info = dict(card_info()) if callable(card_info) else fallback
-    # Facts the card always has, whatever card_info reports.
-    for key in ("patch_um", "training_mpp", "normalizations", "encoders"):
-        info.setdefault(key, fallback[key])
+    info = model.card_info()
     metas = [meta(s) for s in slides]
     training = {
         "slides": [
@@ -169,7 +125,7 @@ def model_card(
             "paper": getattr(model, "paper", ""),
             "genes": list(model.genes),
             "n_genes": len(model.genes),
-            "normalization": info["normalizations"],
+            "normalization": {"evaluation": info["normalization"], "training": info["train_normalization"]},
             "uncertainty": bool(getattr(getattr(model, "capabilities", None), "uncertainty", False)),
             "training": training,
             "model": info,
@@ -361,28 +317,9 @@ def load_model(model_dir: str | os.PathLike, *, check_weights: bool = True) -> t
             f"but the folder holds {model.name!r} with {len(model.genes)} genes"
         )
     if check_weights:
-        _check_encoder_weights(path, card)
+        model.check_weights_identity()  # a frozen encoder's weights file must be the one trained with
     card = {**card, "model_dir": str(path)}
     model.he2st_card_ = card
     return model, card
 
 
-def _check_encoder_weights(path: Path, card: Mapping[str, Any]) -> None:
-    """A frozen encoder recomputes features at prediction: its weights file must be the one trained with."""
-    encoders = (card.get("model") or {}).get("encoders") or []
-    for e in encoders:
-        if not isinstance(e, Mapping):
-            continue
-        want = e.get("weights_sha256")
-        if not want or e.get("weights") is None or e.get("trained"):
-            continue
-        from he2st.encoders._base import resolve_weights
-        from he2st.encoders._weights import file_sha256
-
-        got = file_sha256(resolve_weights(str(e["encoder"]), str(e["weights"])))
-        if got != want:
-            raise ModelTamperedError(
-                f"{str(path)!r}: encoder {e['encoder']!r} weights {e['weights']!r} now have sha256 {got[:12]}..., "
-                f"the model was trained with {str(want)[:12]}...; predictions would use other features: "
-                "put back the original weights file (or retrain)"
-            )

@@ -147,15 +147,22 @@ def predict(model: Any, slide: Any, *, uncertainty: bool = True, thumbnail_max_s
 
 
 def _warn_other_resolution(card: dict[str, Any], m: Any) -> None:
-    """Warn when the slide's microns per pixel differ from the training slides' (patches see another field of view)."""
-    train_mpp = (card.get("model") or {}).get("training_mpp")
-    if not train_mpp or not m.mpp:
+    """Warn when a model with pixel patches (no field of view) meets a slide of another resolution.
+
+    A model with a field of view in microns reads every slide at that field of
+    view (:meth:`he2st.methods.base.Method.read_mpp`); one trained on slides
+    without mpp cuts patches in pixels, which cover another area here.
+    """
+    info = card.get("model") or {}
+    train_mpp = info.get("train_mpp")
+    if info.get("patch_um") or not train_mpp or not m.mpp:
         return
     ratio = float(m.mpp) / float(train_mpp)
     if not 0.8 <= ratio <= 1.25:
         warnings.warn(
-            f"slide {m.slide_id!r} has {m.mpp:.3g} um/px but the model was trained on {float(train_mpp):.3g} um/px: "
-            "its patches cover a field of view {:.2g}x the training one; resample the image or pass the right --mpp".format(ratio),
+            f"slide {m.slide_id!r} has {m.mpp:.3g} um/px but the model cuts patches in pixels and was trained on "
+            f"{float(train_mpp):.3g} um/px: its patches cover a field of view {ratio:.2g}x the training one; "
+            "resample the image or retrain with patch_um",
             UserWarning,
             stacklevel=3,
         )
