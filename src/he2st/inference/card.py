@@ -277,8 +277,9 @@ def load_model(model_dir: str | os.PathLike, *, check_weights: bool = True) -> t
         The folder was written by another he2st major.minor version.
     ModelTamperedError
         ``method.json`` or ``state.safetensors`` does not match the card's
-        sha256, the card disagrees with ``method.json`` (method, genes), or a
-        frozen encoder's weights file differs from the one trained with.
+        sha256, or the card disagrees with ``method.json`` (method, genes).
+    he2st.errors.WeightsMismatchError
+        A frozen encoder's weights file differs from the one trained with.
     ModelCardError
         No folder, no card, or a malformed one.
     """

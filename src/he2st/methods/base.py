@@ -577,12 +577,23 @@ class Method(abc.ABC):
         else:
             norm = self.params.get("normalization")
             train_norm = self.params.get("train_normalization") or norm
+        from he2st.encoders._base import encoder_kind
+
         recorded = list(self.encoder_ids_)
         if not recorded:
             recorded = [{"encoder": u.encoder, "weights": None if u.weights is None else str(u.weights),
                          "trained": bool(u.trained), "weights_id": _known_weights_id(u)}
                         for u in self._weighted_encoders()]
-        encoders = [{**e, "pretrained": e.get("weights") is not None} for e in recorded]
+        # Every encoder in the order the method uses them; statistics "encoders" (colour
+        # histograms) have no weights and are listed with weights_id None.
+        encoders, rec = [], iter(recorded)
+        for u in self.encoders():
+            if encoder_kind(u.encoder) == "stats":
+                e = {"encoder": u.encoder, "weights": None, "trained": False, "weights_id": None}
+            else:
+                e = next(rec, None) or {"encoder": u.encoder, "weights": None, "trained": bool(u.trained),
+                                        "weights_id": None}
+            encoders.append({**e, "pretrained": e.get("weights") is not None})
         return jsonable({
             "method": self.name,
             "family": self.family,
