@@ -125,6 +125,18 @@ def test_predict_image_on_a_grid_and_without_mpp(trained, tmp_path):
 
     pred = ad.read_h5ad(out)
     assert pred.n_obs > 0.5 * fourth.n_obs and np.isfinite(pred.X).all()
+    # Without --spots or --grid-um: a grid like the training spots (the card records their layout).
+    card = json.loads((trained["model"] / "card.json").read_text())
+    layout = card["training"]["spots"]
+    assert layout["pitch_um"] == pytest.approx(100.0, rel=0.02) and layout["kind"] in ("hex", "square")
+    assert layout["spot_diameter_um"] == pytest.approx(m.spot_diameter_px * m.mpp)
+    default = tmp_path / "default.h5ad"
+    result = runner.invoke(app, ["predict", str(trained["model"]), m.image_path, "--mpp", str(m.mpp), "--out", str(default)])
+    assert result.exit_code == 0, result.output
+    got = ad.read_h5ad(default)
+    assert got.n_obs > 0.5 * fourth.n_obs
+    d = np.sort(np.linalg.norm(got.obsm["spatial"][1:] - got.obsm["spatial"][:-1], axis=1))[0]
+    assert d * m.mpp == pytest.approx(100.0, rel=0.05)  # neighbouring grid spots one training pitch apart
     # A PNG has no pixel size: the reader refuses and says how to pass it; nothing is written.
     bad = tmp_path / "nompp.h5ad"
     result = runner.invoke(app, ["predict", str(trained["model"]), m.image_path, "--grid-um", "100", "--out", str(bad)])

@@ -72,6 +72,19 @@ def test_spots_from_tables(png, tmp_path) -> None:
     assert list(arr.obs_names) == ["spot0", "spot1"]
 
 
+def test_legacy_st_spot_file(png, tmp_path) -> None:
+    # her2st's *_selection.tsv: x, y are ARRAY coordinates, pixel_x, pixel_y the pixels, and only
+    # spots with selected == 1 were kept for the count matrix (ids "<x>x<y>").
+    tsv = tmp_path / "S1_selection.tsv"
+    pd.DataFrame({"x": [18, 17, 3], "y": [9, 10, 4], "new_x": [17.9, 16.86, 3.0], "new_y": [9.1, 10.1, 4.0],
+                  "pixel_x": [49.5, 46.0, 30.0], "pixel_y": [23.6, 26.5, 12.0], "selected": [1, 1, 0]}
+                 ).to_csv(tsv, sep="\t", index=False)
+    s = read_image(png, mpp=0.5, spots=tsv)
+    assert list(s.obs_names) == ["18x9", "17x10"]
+    np.testing.assert_allclose(s.obsm["spatial"], [[49.5, 23.6], [46.0, 26.5]])
+    assert list(s.obs["array_col"]) == [18, 17] and list(s.obs["array_row"]) == [9, 10]
+
+
 def test_mpp_from_the_file(tif) -> None:
     s = read_image(tif, spots=np.array([[50.0, 50.0]]))
     assert meta(s).mpp == pytest.approx(0.5) and meta(s).mpp_source == "file:TIFF XResolution (cm)"

@@ -186,6 +186,7 @@ def benchmark(
     config: Path = typer.Option(None, "--config", "-c", help="TOML run configuration; options given here override it."),
     seed: int = typer.Option(None, help="Seed of every method and of k-fold shuffling (default 0)."),
     save_models: bool = typer.Option(None, "--save-models/--no-save-models", help="Save each fitted model."),
+    maps: str = typer.Option(None, help="Comma-separated genes: predicted and observed maps of each test slide (run/maps/)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Hide progress bars and logs."),
 ) -> None:
     """Run (or resume) a benchmark: every method on every fold, metrics, predictions and report.
@@ -229,6 +230,9 @@ def benchmark(
         ``--seed``: seed of every method and of k-fold shuffling (default 0).
     save_models
         ``--save-models/--no-save-models``: save each fitted model.
+    maps
+        ``--maps``: genes whose predicted and observed maps are drawn for every
+        test slide into ``<out>/maps/`` (:func:`he2st.benchmark.maps.write_run_maps`).
     quiet
         ``--quiet``/``-q``: hide progress bars and logs.
     """
@@ -244,6 +248,11 @@ def benchmark(
     )
     result = run_benchmark(cfg)
     typer.echo(result.format_table())
+    if maps:
+        from he2st.benchmark.maps import write_run_maps
+
+        written = write_run_maps(result.out, maps)
+        typer.echo(f"maps: {len(written)} PNG files in {Path(result.out) / 'maps'}")
 
 
 @app.command()
@@ -297,9 +306,9 @@ def train(
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="Model folder written by 'he2st train'."),
-    input_path: Path = typer.Argument(..., metavar="IMAGE_OR_H5AD", help="An H&E image (with --spots or --grid-um) or an .h5ad slide."),
+    input_path: Path = typer.Argument(..., metavar="IMAGE_OR_H5AD", help="An H&E image or an .h5ad slide. An image is predicted at --spots, on a --grid-um grid, or by default on a grid like the model's training spots."),
     out: Path = typer.Option(..., "--out", "-o", help="Prediction AnnData to write (.h5ad)."),
-    spots: Path = typer.Option(None, help="Image input: spot table (CSV: spot id, x, y in image pixels)."),
+    spots: Path = typer.Option(None, help="Image input: spot table (CSV/TSV: id, x, y in image pixels; a legacy ST *_selection.tsv works too)."),
     grid_um: float = typer.Option(None, "--grid-um", help="Image input: predict on a generated grid with this spacing in micrometres."),
     mpp: float = typer.Option(None, help="Microns per pixel of the image, when its file does not say."),
     maps: str = typer.Option(None, help="Comma-separated genes: one PNG each, over the H&E thumbnail, next to --out."),

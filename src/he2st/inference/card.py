@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from he2st._utils import atomic_dir, json_default_or_str, jsonable, sha256_file
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
@@ -60,6 +62,50 @@ class ModelVersionError(ModelCardError):
 def _major_minor(version: str) -> tuple[str, str]:
     parts = re.findall(r"\d+", str(version))
     return (parts + ["0", "0"])[0], (parts + ["0", "0"])[1]
+
+
+def training_spot_layout(slides: Sequence[Any]) -> dict[str, Any] | None:
+    """Pitch, spot diameter (µm) and lattice kind of the training spots (medians over slides).
+
+    The pitch of a slide is the median distance from each spot to its nearest
+    neighbour; the lattice is ``"hex"`` when the typical spot has about six
+    neighbours within 1.2 pitches (Visium), ``"square"`` when about four (legacy ST).
+
+    Parameters
+    ----------
+    slides
+        Training slides.
+
+    Returns
+    -------
+    dict or None
+        ``pitch_um``, ``spot_diameter_um``, ``kind``; None when no slide has µm per
+        pixel and at least three spots.
+    """
+    from scipy.spatial import cKDTree
+
+    pitch, diameter, neighbours = [], [], []
+    for s in slides:
+        m = meta(s)
+        if not m.mpp or s.n_obs < 3:
+            continue
+        xy = np.asarray(s.obsm["spatial"], dtype=np.float64)
+        tree = cKDTree(xy)
+        d, _ = tree.query(xy, k=2)
+        p = float(np.median(d[:, 1]))
+        if p <= 0:
+            continue
+        counts = [len(n) - 1 for n in tree.query_ball_point(xy, r=1.2 * p)]
+        pitch.append(p * m.mpp)
+        diameter.append(m.spot_diameter_px * m.mpp)
+        neighbours.append(float(np.median(counts)))
+    if not pitch:
+        return None
+    return {
+        "pitch_um": float(np.median(pitch)),
+        "spot_diameter_um": float(np.median(diameter)),
+        "kind": "hex" if np.median(neighbours) >= 5 else "square",
+    }
 
 
 def model_card(
@@ -113,6 +159,8 @@ def model_card(
         ],
         "patients": sorted({m.patient for m in metas}),
         "n_spots": int(sum(s.n_obs for s in slides)),
+        # The default grid of `he2st predict` on an image: the training spots' lattice.
+        "spots": training_spot_layout(slides),
     }
     return jsonable(
         {

@@ -69,7 +69,7 @@ def export_table(pred: Any, path: str | os.PathLike, fmt: str | None = None) -> 
     return path
 
 
-def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: float | None = None, mpp: float | None = None) -> Any:
+def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: Any = None, mpp: float | None = None) -> Any:
     """The slide to predict: an ``.h5ad`` slide, or an H&E image with a spot table or a generated grid.
 
     Parameters
@@ -81,7 +81,8 @@ def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: float | N
     spots
         Image only: a spot table (CSV with spot id and x, y pixel columns).
     grid_um
-        Image only: spacing in micrometres of a generated spot grid.
+        Image only: spacing in micrometres of a generated spot grid (hexagonal),
+        or a grid specification ``{"pitch_um", "spot_diameter_um", "kind"}``.
     mpp
         Microns per pixel of the image (when the file does not record it).
 
@@ -113,6 +114,36 @@ def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: float | N
     if grid_um is not None:
         kwargs["grid"] = grid_um
     return read_image(path, **kwargs)
+
+
+def default_grid(card: dict[str, Any], input_path: str | os.PathLike) -> dict[str, Any]:
+    """The grid of an image given without ``--spots`` or ``--grid-um``: the model's training spots.
+
+    Parameters
+    ----------
+    card
+        The model card (:func:`he2st.inference.load_model`).
+    input_path
+        The image, named in the error.
+
+    Returns
+    -------
+    dict
+        ``pitch_um``, ``spot_diameter_um`` and ``kind`` of the training spots.
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        The card records no training spot layout (training slides without µm per pixel).
+    """
+    layout = (card.get("training") or {}).get("spots")
+    if not layout:
+        raise He2stInputError(
+            f"{str(input_path)!r}: give --spots CSV or --grid-um N; the model's card records no training spot "
+            "layout to default to (its training slides had no µm per pixel)"
+        )
+    return {"pitch_um": float(layout["pitch_um"]), "spot_diameter_um": float(layout["spot_diameter_um"]),
+            "kind": str(layout["kind"])}
 
 
 def predict_file(
@@ -177,7 +208,10 @@ def predict_file(
         raise He2stInputError(f"{str(input_path)!r} does not exist; expected an H&E image or an .h5ad slide")
     model, card = load_model(model_dir)
     genes = check_map_genes(model.genes, maps) if maps else []
-    slide = read_input(input_path, spots=spots, grid_um=grid_um, mpp=mpp)
+    grid: Any = grid_um
+    if spots is None and grid_um is None and Path(input_path).suffix.lower() != ".h5ad":
+        grid = default_grid(card, input_path)
+    slide = read_input(input_path, spots=spots, grid_um=grid, mpp=mpp)
     pred = predict(model, slide, uncertainty=uncertainty,
                    thumbnail_max_side=THUMBNAIL_MAX_SIDE if thumbnail_max_side is None else thumbnail_max_side)
     pred.uns["he2st_prediction"]["input"] = str(input_path)

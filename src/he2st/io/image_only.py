@@ -23,7 +23,14 @@ from he2st.io._common import READ_ERRORS, PathLike, image_frame, logger, require
 DEFAULT_SPOT_DIAMETER_UM = 55.0
 
 #: Pixel-coordinate column pairs accepted in a spot table, (x = column, y = row), in order of preference.
-XY_COLUMNS = (("x", "y"), ("pxl_col_in_fullres", "pxl_row_in_fullres"), ("imagecol", "imagerow"))
+#: Legacy ST spot files (``*_selection.tsv``) hold pixels in ``pixel_x, pixel_y`` and ARRAY
+#: coordinates in ``x, y``, so ``pixel_x, pixel_y`` win over ``x, y``.
+XY_COLUMNS = (
+    ("pixel_x", "pixel_y"),
+    ("pxl_col_in_fullres", "pxl_row_in_fullres"),
+    ("imagecol", "imagerow"),
+    ("x", "y"),
+)
 _ID_COLUMNS = ("id", "barcode")
 
 
@@ -51,7 +58,10 @@ def read_image(
         Spot centres in level-0 pixels: a CSV/TSV file or a DataFrame with columns
         ``x, y`` (or ``pxl_col_in_fullres, pxl_row_in_fullres``, or ``imagecol,
         imagerow``), an optional ``id``/``barcode`` column and optional
-        ``array_row, array_col``; or an ``(n, 2)`` array of ``(x, y)``.
+        ``array_row, array_col``; or an ``(n, 2)`` array of ``(x, y)``. A legacy ST
+        spot file (``x, y, pixel_x, pixel_y[, selected]``: array coordinates and
+        pixels) is read as such: pixels from ``pixel_x, pixel_y``, the selected
+        spots only, ids ``"<x>x<y>"`` as in its count matrix.
     grid
         A lattice over the tissue instead of ``spots``: a :class:`he2st.image.GridSpec`,
         a dict ``{"pitch_um": 100, "spot_diameter_um": 55, "kind": "hex"}``, or a bare
@@ -173,12 +183,19 @@ def _spot_table(spots: Any, sid: str) -> tuple[np.ndarray, list[str], Any, Any, 
 def _from_frame(df: pd.DataFrame, sid: str, what: str, use_index: bool) -> tuple[np.ndarray, list[str], Any, Any, str]:
     if len(df) == 0:
         raise SlideError(sid, f"{what} has no rows (empty slide)")
+    st_layout = {"pixel_x", "pixel_y", "x", "y"} <= set(df.columns)
+    if st_layout and "selected" in df.columns:
+        # Legacy ST spot file: only spots marked selected (under the tissue) were kept by the
+        # pipeline that made the count matrix.
+        df = df[pd.to_numeric(df["selected"], errors="coerce") == 1]
+        if len(df) == 0:
+            raise SlideError(sid, f"{what} has no spot with selected == 1")
     pair = next(((cx, cy) for cx, cy in XY_COLUMNS if cx in df.columns and cy in df.columns), None)
     if pair is None:
         raise SlideError(
             sid,
             f"{what} has columns {list(df.columns)[:8]}; expected pixel columns x, y "
-            "(or pxl_col_in_fullres, pxl_row_in_fullres, or imagecol, imagerow)",
+            "(or pixel_x, pixel_y, or pxl_col_in_fullres, pxl_row_in_fullres, or imagecol, imagerow)",
         )
     xy = df[list(pair)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     id_col = next((c for c in _ID_COLUMNS if c in df.columns), None)
@@ -186,6 +203,9 @@ def _from_frame(df: pd.DataFrame, sid: str, what: str, use_index: bool) -> tuple
         ids = [str(v) for v in df[id_col]]
     elif use_index:
         ids = [str(v) for v in df.index]
+    elif st_layout:
+        # The legacy ST spot id, "<x>x<y>" of the array coordinates, as in its count matrix.
+        ids = [f"{round(float(a))}x{round(float(b))}" for a, b in zip(df["x"], df["y"])]
     else:
         ids = [f"spot{i}" for i in range(len(df))]
     dup = pd.Index(ids)[pd.Index(ids).duplicated()].unique()
@@ -195,6 +215,9 @@ def _from_frame(df: pd.DataFrame, sid: str, what: str, use_index: bool) -> tuple
     rows = cols = None
     if {"array_row", "array_col"} <= set(df.columns):
         rows, cols = df["array_row"].to_numpy(), df["array_col"].to_numpy()
+    elif st_layout:
+        rows = df["y"].round().astype(int).to_numpy()
+        cols = df["x"].round().astype(int).to_numpy()
     return xy, ids, rows, cols, what
 
 
