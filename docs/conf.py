@@ -39,6 +39,7 @@ API_PACKAGES = [
     "he2st.encoders",
     "he2st.retrieval",
     "he2st.methods",
+    "he2st.inference",
     "he2st.evaluate",
     "he2st.analysis",
     "he2st.benchmark",

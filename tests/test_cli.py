@@ -80,6 +80,9 @@ def test_demo_command_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "syn3 (P3): 300 spots" in result.output
     assert (out / "summary.json").is_file() and (out / "spots_syn0.png").is_file()
+    # It ends by predicting the last slide from its image alone, with maps next to the report.
+    assert "predicts syn3 from its image alone" in result.output
+    assert (out / "prediction" / "syn3.h5ad").is_file() and len(list((out / "prediction").glob("syn3_*.png"))) == 3
 
 
 def test_plot_spots_colour_modes(tmp_path):

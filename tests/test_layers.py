@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("encoders",),
     ("retrieval",),
     ("methods",),
+    ("inference",),
     ("evaluate",),
     ("analysis",),
     ("benchmark",),

@@ -6,6 +6,7 @@ stay fast (torch, scanpy and friends load only when used)::
     import he2st
     cohort = he2st.datasets.synthetic()
     panel = he2st.pp.select_genes(cohort[:3], min_spots=10, n_top_hvg=30)
+    pred = he2st.predict(model, slide)   # he2st.inference.predict: an AnnData scanpy/squidpy draw
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _SUBMODULES = (
     "encoders",
     "evaluate",
     "image",
+    "inference",
     "io",
     "methods",
     "pp",
@@ -30,10 +32,17 @@ _SUBMODULES = (
     "errors",
 )
 
-__all__ = [*_SUBMODULES, "__version__"]
+#: Top-level functions, imported from their stage on first use.
+_FUNCTIONS = {"predict": "he2st.inference.core"}
+
+__all__ = [*_SUBMODULES, *_FUNCTIONS, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _FUNCTIONS:
+        value = getattr(importlib.import_module(_FUNCTIONS[name]), name)
+        globals()[name] = value
+        return value
     if name in _SUBMODULES:
         module = importlib.import_module(f"he2st.{name}")
         globals()[name] = module

@@ -6,6 +6,8 @@ function body, so ``he2st --help`` and ``import he2st`` stay fast.
     he2st info PATH          summary of a slide or cohort (``synthetic`` for the toy cohort)
     he2st demo --out DIR     the full benchmark protocol on the synthetic cohort, with a report
     he2st benchmark ...      every method on every fold of a cohort (resumable run folder)
+    he2st train ...          fit one method on every slide of a dataset; a model folder with its card
+    he2st predict MODEL IN   predict an H&E image or .h5ad slide: AnnData (+ maps, CSV/Parquet)
     he2st methods [NAME]     registered methods: family, paper, defaults, capabilities
     he2st encoders           registered image encoders
 
@@ -137,7 +139,9 @@ def demo(
 
     Leave-one-slide-out over 4 synthetic slides with every fast method
     (he2st.benchmark.DEMO_METHODS) on color_stats features; also draws the
-    spots over each slide. Finishes in well under 2 minutes on a laptop CPU.
+    spots over each slide, and ends by predicting the last slide from its
+    image alone with the best method (prediction/ and its maps). Finishes in
+    well under 2 minutes on a laptop CPU.
 
     \f
 
@@ -150,13 +154,20 @@ def demo(
     seed
         ``--seed``: seed of the synthetic cohort and of the methods (default 0).
     """
-    from he2st.benchmark.demo import demo_config, format_demo, run_demo
+    from he2st.benchmark.demo import (
+        demo_config,
+        demo_prediction,
+        format_demo,
+        format_prediction,
+        run_demo,
+    )
     from he2st.benchmark.run import run_benchmark
 
     summary = run_demo(out, seed=seed)
     typer.echo(format_demo(summary))
     result = run_benchmark(demo_config(out, seed=seed))
     typer.echo(result.format_table())
+    typer.echo(format_prediction(demo_prediction(out, result, seed=seed)))
 
 
 @app.command()
@@ -175,6 +186,7 @@ def benchmark(
     config: Path = typer.Option(None, "--config", "-c", help="TOML run configuration; options given here override it."),
     seed: int = typer.Option(None, help="Seed of every method and of k-fold shuffling (default 0)."),
     save_models: bool = typer.Option(None, "--save-models/--no-save-models", help="Save each fitted model."),
+    maps: str = typer.Option(None, help="Comma-separated genes: predicted and observed maps of each test slide (run/maps/)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Hide progress bars and logs."),
 ) -> None:
     """Run (or resume) a benchmark: every method on every fold, metrics, predictions and report.
@@ -218,6 +230,9 @@ def benchmark(
         ``--seed``: seed of every method and of k-fold shuffling (default 0).
     save_models
         ``--save-models/--no-save-models``: save each fitted model.
+    maps
+        ``--maps``: genes whose predicted and observed maps are drawn for every
+        test slide into ``<out>/maps/`` (:func:`he2st.benchmark.maps.write_run_maps`).
     quiet
         ``--quiet``/``-q``: hide progress bars and logs.
     """
@@ -233,6 +248,111 @@ def benchmark(
     )
     result = run_benchmark(cfg)
     typer.echo(result.format_table())
+    if maps:
+        from he2st.benchmark.maps import write_run_maps
+
+        written = write_run_maps(result.out, maps)
+        typer.echo(f"maps: {len(written)} PNG files in {Path(result.out) / 'maps'}")
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write (method, state and card.json)."),
+    method: str = typer.Option(None, help="Method to train (e.g. ridge, stnet); see 'he2st methods'."),
+    data: str = typer.Option(None, help="'synthetic' (default), 'her2st', or a dataset path."),
+    params: list[str] = typer.Option(None, "--params", help="Method parameters: key=value or a JSON object; repeatable."),
+    genes: str = typer.Option(None, help="Panel: hvg:N (default hvg:1000), mean:N, all, or a gene-list file."),
+    config: Path = typer.Option(None, "--config", "-c", help="TOML run configuration; options given here override it."),
+    cv: bool = typer.Option(False, "--cv", help="Also run leave-one-slide-out on the training slides; metrics go into the card."),
+    encoder: str = typer.Option(None, help="Feature encoder, if the method has one (e.g. color_stats)."),
+    weights: str = typer.Option(None, help="Encoder weights: 'imagenet' or a local file."),
+    patch_px: int = typer.Option(None, help="Patch side in image pixels (synthetic: its spot pitch)."),
+    seed: int = typer.Option(None, help="Seed of the method (default 0)."),
+) -> None:
+    """Fit one method on every slide of a dataset and save it as a model folder with its card.
+    \f
+
+    Parameters
+    ----------
+    out
+        ``--out``/``-o``: the model folder (``method.json``, ``state.safetensors``,
+        ``card.json``); written complete or not at all.
+    method
+        ``--method``: registered method (or a label of the config file's methods).
+    data
+        ``--data``: ``synthetic`` (default), ``her2st`` or a dataset path.
+    params
+        ``--params``: method parameters, ``key=value`` or a JSON object; repeatable.
+    genes
+        ``--genes``: panel recipe chosen on the training slides.
+    config
+        ``--config``/``-c``: TOML run configuration.
+    cv
+        ``--cv``: leave-one-slide-out metrics on the training slides, stored in the card.
+    encoder, weights, patch_px
+        Run-wide feature settings, as ``he2st benchmark`` takes them.
+    seed
+        ``--seed``: seed of the method.
+    """
+    from he2st.benchmark.train import format_training, train_model
+
+    result = train_model(
+        out, data=data, method=method, params=list(params or []), genes=genes, config_file=config, cv=cv,
+        encoder=encoder, weights=weights, patch_px=patch_px, seed=seed,
+    )
+    typer.echo(format_training(result))
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="Model folder written by 'he2st train'."),
+    input_path: Path = typer.Argument(..., metavar="IMAGE_OR_H5AD", help="An H&E image or an .h5ad slide. An image is predicted at --spots, on a --grid-um grid, or by default on a grid like the model's training spots."),
+    out: Path = typer.Option(..., "--out", "-o", help="Prediction AnnData to write (.h5ad)."),
+    spots: Path = typer.Option(None, help="Image input: spot table (CSV/TSV: id, x, y in image pixels; a legacy ST *_selection.tsv works too)."),
+    grid_um: float = typer.Option(None, "--grid-um", help="Image input: predict on a generated grid with this spacing in micrometres."),
+    mpp: float = typer.Option(None, help="Microns per pixel of the image, when its file does not say."),
+    maps: str = typer.Option(None, help="Comma-separated genes: one PNG each, over the H&E thumbnail, next to --out."),
+    csv: bool = typer.Option(False, "--csv", help="Also write the matrix as <out>.csv (spot_id, x, y, genes)."),
+    parquet: bool = typer.Option(False, "--parquet", help="Also write the matrix as <out>.parquet."),
+) -> None:
+    """Predict the expression of an H&E image or an .h5ad slide with a trained model.
+    \f
+
+    Parameters
+    ----------
+    model
+        The model folder (verified against its card: digests and version).
+    input_path
+        An H&E image (read as an image-only slide) or an ``.h5ad`` slide (its
+        counts, if any, are ignored).
+    out
+        ``--out``/``-o``: the prediction ``.h5ad`` (scanpy/squidpy layout).
+    spots
+        ``--spots``: spot table of an image input.
+    grid_um
+        ``--grid-um``: spacing of a generated spot grid on an image input.
+    mpp
+        ``--mpp``: microns per pixel of the image.
+    maps
+        ``--maps``: genes to draw, ``<out stem>_<gene>.png`` next to ``--out``.
+    csv, parquet
+        ``--csv``/``--parquet``: also export the matrix as a table.
+    """
+    from he2st.errors import He2stInputError
+    from he2st.inference.files import predict_file
+
+    if csv and parquet:
+        raise He2stInputError("--csv, --parquet: give one of them, not both")
+    result = predict_file(
+        model, input_path, out, spots=spots, grid_um=grid_um, mpp=mpp, maps=maps,
+        table="csv" if csv else "parquet" if parquet else None,
+    )
+    pred = result["prediction"]
+    typer.echo(f"predicted {pred.n_vars} genes at {pred.n_obs} spots ({pred.uns['he2st_prediction']['scale']}): {result['h5ad']}")
+    if result["table"] is not None:
+        typer.echo(f"table: {result['table']}")
+    for p in result["maps"]:
+        typer.echo(f"map: {p}")
 
 
 @app.command()

@@ -55,3 +55,39 @@ class DiskFullError(He2stInputError, OSError):
 
 class RandomWeightsWarning(UserWarning):
     """A method computes its features with an encoder that was never trained (random initialisation)."""
+
+
+class UnknownMppError(ImageError):
+    """An image's microns per pixel is needed but neither the file nor the caller gives it."""
+
+
+class InferredMppWarning(UserWarning):
+    """Microns per pixel was not read from the file nor given: it was inferred from an assumption (spot lattice)."""
+
+
+class MissingImageError(SlideError):
+    """A method that predicts from the H&E image was given a slide without one.
+
+    Parameters
+    ----------
+    slide
+        Id of the slide at fault (see :class:`SlideError`).
+    message
+        What is wrong and what was expected.
+    """
+
+
+class MissingMppError(SlideError):
+    """A slide's microns per pixel are unknown where a physical field of view needs them.
+
+    Parameters
+    ----------
+    slide
+        Id of the slide at fault (see :class:`SlideError`).
+    message
+        What is wrong and how to set the slide's mpp.
+    """
+
+
+class WeightsMismatchError(He2stInputError):
+    """The encoder weights found now differ from those a model was trained on."""

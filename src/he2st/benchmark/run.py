@@ -33,7 +33,10 @@ Run folder
     genes, seed...), is refused.
 ``predictions/<method>/<test_slide>.h5ad``
     ``.X`` predicted, ``layers["observed"]``, ``layers["uncertainty"]`` (when the
-    method has one), ``obsm["spatial"]``, ``var`` = panel genes, normalised scale.
+    method has one), ``obsm["spatial"]``, ``var`` = panel genes, normalised scale;
+    laid out as :func:`he2st.predict` writes it (:mod:`he2st.inference.output`:
+    ``uns["spatial"]`` with a 1000-pixel H&E thumbnail, so ``scanpy.pl.spatial``
+    and ``squidpy.pl.spatial_scatter`` draw it as is).
 ``metrics.csv``
     Long table ``method, fold, test_slide, metric, gene_set, value, n_genes, n_nan``.
 ``per_gene.csv``
@@ -63,8 +66,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from he2st._utils import atomic_path, atomic_write_json, clean_temp_files, jsonable, progress
-from he2st.benchmark.config import BenchmarkConfig, MethodSpec, RunConfigError, load_config
+from he2st._utils import (
+    atomic_path,
+    atomic_write_json,
+    clean_temp_files,
+    jsonable,
+    progress,
+)
+from he2st.benchmark.config import (
+    BenchmarkConfig,
+    MethodSpec,
+    RunConfigError,
+    load_config,
+)
 from he2st.benchmark.lock import run_lock
 from he2st.benchmark.provenance import check_or_write_config
 from he2st.datasets import load as load_cohort
@@ -83,6 +97,8 @@ from he2st.evaluate.splits import Fold, make_splits
 
 #: Version of the per-(method, fold) result records; older records are rerun.
 _RESULT_VERSION = 1
+#: Longer side of the H&E thumbnail in each prediction file's ``uns["spatial"]``.
+PREDICTION_THUMBNAIL_MAX_SIDE = 1000
 
 
 def run_benchmark(config: BenchmarkConfig | Mapping[str, Any] | str | os.PathLike, cohort: Any = None) -> RunResult:
@@ -402,36 +418,33 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
 
 
 def _write_predictions(out: Path, label: str, fold: Fold, outcome: Any, cohort: Any, per_fold: bool) -> list[str]:
-    import anndata as ad
+    from he2st.inference.output import prediction_adata, write_h5ad
 
     files = []
     genes = list(outcome.model.genes)
     for p in outcome.predictions:
         slide = cohort[p.slide_id]
-        a = ad.AnnData(X=p.predicted, obs=pd.DataFrame(index=slide.obs_names.copy()), var=pd.DataFrame(index=pd.Index(genes)))
-        a.layers["observed"] = p.observed
-        if p.uncertainty is not None:
-            a.layers["uncertainty"] = p.uncertainty
-        a.obsm["spatial"] = np.asarray(slide.obsm["spatial"], dtype=np.float64)
-        for col in ("array_row", "array_col", "label"):
-            if col in slide.obs:
-                a.obs[col] = slide.obs[col].to_numpy()
-        a.uns["he2st_prediction"] = {
-            "method": label,
-            "method_name": outcome.model.name,
-            "fold": fold.name,
-            "slide_id": p.slide_id,
-            "normalization": outcome.model.normalizer_.method,
-            "missing_genes": list(p.missing_genes),
-            "image_path": str(slide.uns.get("he2st", {}).get("image_path") or ""),
-            "spot_diameter_px": float(slide.uns.get("he2st", {}).get("spot_diameter_px", 0.0)),
-        }
+        # The layout of he2st.predict (scanpy/squidpy draw it as is), plus the observed values.
+        a = prediction_adata(
+            slide,
+            p.predicted,
+            genes,
+            sd=p.uncertainty,
+            sd_layer="uncertainty",
+            thumbnail_max_side=PREDICTION_THUMBNAIL_MAX_SIDE,
+            info={
+                "method": label,
+                "method_name": outcome.model.name,
+                "fold": fold.name,
+                "normalization": outcome.model.normalizer_.method,
+                "scale": outcome.model.normalizer_.method,
+                "missing_genes": list(p.missing_genes),
+            },
+        )
+        a.layers["observed"] = np.asarray(p.observed, dtype=np.float32)
         rel = Path(PREDICTIONS_DIR) / label
         rel = rel / _safe(fold.name) if per_fold else rel
         rel = rel / f"{_safe(p.slide_id)}.h5ad"
-        with atomic_path(out / rel, suffix=".h5ad") as tmp:
-            a.write_h5ad(tmp, compression="gzip")
+        write_h5ad(a, out / rel)
         files.append(str(rel))
     return files
-
-

@@ -4,6 +4,8 @@ A slide is a plain :class:`anndata.AnnData`:
 
 - ``.X``: raw UMI counts, CSR, float32 (or, for sources that ship only
   normalised values, those values with ``uns["he2st"]["counts"] = False``);
+  an image-only slide (an H&E image that was never sequenced, the input of
+  prediction) has zero genes and ``counts = False``;
 - ``.obs``: ``array_row``, ``array_col`` (ints), ``slide``, ``patient``
   (categoricals) and optional ``label``; ``obs_names`` unique within the slide;
 - ``.obsm["spatial"]``: float64 (x, y) pixel centre of each spot in the slide's
@@ -37,6 +39,7 @@ META_KEYS = {
     "image_path": "path of the full-resolution H&E image, or None",
     "spot_diameter_px": "spot diameter in image pixels (float)",
     "mpp": "microns per image pixel (float) or None when unknown",
+    "mpp_source": "how mpp was obtained: 'file:<tag>', 'user', 'lattice:<assumption>', 'spot:<assumption>' or ''",
     "scale": "factor from the source's pixel frame to the image's pixels (float)",
     "counts": "True when .X holds raw counts; False for pre-normalised sources",
     "source": "reader that made the slide and the files it read (str)",
@@ -65,6 +68,10 @@ class SlideMeta:
         True when ``.X`` holds raw counts; False for pre-normalised sources.
     source
         Reader that made the slide and the files it read.
+    mpp_source
+        How ``mpp`` was obtained (see :data:`META_KEYS`); empty when not recorded.
+    n_genes
+        Number of genes of the slide (0 for an image-only slide; -1 when unknown).
     """
 
     slide_id: str
@@ -75,6 +82,13 @@ class SlideMeta:
     scale: float
     counts: bool
     source: str
+    mpp_source: str = ""
+    n_genes: int = -1
+
+    @property
+    def image_only(self) -> bool:
+        """True for a slide without expression (never sequenced)."""
+        return not self.counts and self.n_genes == 0
 
 
 def make_slide(
@@ -95,13 +109,15 @@ def make_slide(
     counts: bool = True,
     source: str = "",
     image_size: tuple[int, int] | None = None,
+    mpp_source: str = "",
 ) -> Any:
     """Build and validate a slide AnnData.
 
     Parameters
     ----------
     X
-        Spots x genes matrix (dense or sparse). Stored as CSR float32.
+        Spots x genes matrix (dense or sparse). Stored as CSR float32. ``None``
+        (with no ``var_names`` and ``counts=False``) makes an image-only slide.
     obs_names, var_names
         Spot ids (unique) and gene symbols.
     spatial
@@ -127,6 +143,9 @@ def make_slide(
         Free text naming the reader and files, kept for provenance.
     image_size
         ``(width, height)`` of the image; when given, every spot centre must lie inside it.
+    mpp_source
+        How ``mpp`` was obtained, e.g. ``"file:aperio MPP"``, ``"user"`` or
+        ``"lattice:ST 1k array, 200 um per unit"`` (recorded, see :data:`META_KEYS`).
 
     Returns
     -------
@@ -137,7 +156,8 @@ def make_slide(
     ------
     SlideError
         Empty slide, duplicated spot ids or genes, NaN coordinates, negative or
-        non-integral counts, spots outside the image, shape mismatches.
+        non-integral counts, spots outside the image, shape mismatches, no
+        genes on a slide that claims counts.
     """
     import anndata as ad
 
@@ -146,8 +166,10 @@ def make_slide(
     n = len(obs_names)
     if n == 0:
         raise SlideError(slide_id, "has no spots (empty slide)")
-    if len(var_names) == 0:
-        raise SlideError(slide_id, "has no genes")
+    if X is None:
+        X = sp.csr_matrix((n, len(var_names)), dtype=np.float32)
+    if len(var_names) == 0 and counts:
+        raise SlideError(slide_id, "has no genes (an image-only slide is made with counts=False)")
     dup = obs_names[obs_names.duplicated()].unique()
     if len(dup):
         raise SlideError(slide_id, f"duplicated spot ids: {list(dup[:5])}")
@@ -205,6 +227,7 @@ def make_slide(
         "scale": float(scale),
         "counts": bool(counts),
         "source": str(source),
+        "mpp_source": str(mpp_source),
     }
     return adata
 
@@ -298,6 +321,8 @@ def meta(adata: Any) -> SlideMeta:
         scale=float(m.get("scale", 1.0)),
         counts=bool(m.get("counts", True)),
         source=str(m.get("source", "")),
+        mpp_source=str(m.get("mpp_source", "")),
+        n_genes=int(adata.n_vars),
     )
 
 
@@ -333,6 +358,11 @@ def require_counts(adata: Any, operation: str) -> None:
         The slide's ``uns["he2st"]["counts"]`` is False (pre-normalised values).
     """
     m = meta(adata)
+    if m.image_only:
+        raise NotCountsError(
+            f"slide {m.slide_id!r}: {operation} needs raw counts, but this is an image-only slide "
+            f"(no expression; source: {m.source or 'unknown'})"
+        )
     if not m.counts:
         raise NotCountsError(
             f"slide {m.slide_id!r}: {operation} needs raw counts, but this slide holds "

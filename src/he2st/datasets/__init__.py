@@ -21,6 +21,7 @@ _EXPORTS = {
     "her2st_panel": "_her2st",
     "visium_mouse_brain_crop": "_squidpy",
     "synthetic": "_synthetic",
+    "synthetic_truth": "_synthetic",
     "load": "_load",
     "read_any": "_load",
     "summarize": "_load",

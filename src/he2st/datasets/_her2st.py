@@ -8,13 +8,14 @@ downloaded. Section ids are ``<patient letter><section number>`` (``C2`` is pati
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from he2st.datasets._paths import resolve_root
-from he2st.errors import He2stInputError
+from he2st.errors import He2stInputError, InferredMppWarning
 from he2st.io._common import require_file
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -116,10 +117,14 @@ def her2st(
                     "pass with_images_only=False to load them without one"
                 )
     slides = []
+    inferred = []
     for sec in progress(chosen, description="reading her2st"):
         labels = base / "ST-pat" / "lbl" / f"{sec}_labeled_coordinates.tsv"
-        slides.append(
-            read_st_legacy(
+        # One warning for the cohort instead of one per section (the pixel size of
+        # every section comes from the ST array lattice).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InferredMppWarning)
+            slide = read_st_legacy(
                 base / "ST-cnts" / f"{sec}.tsv.gz",
                 base / "ST-spotfiles" / f"{sec}_selection.tsv",
                 image=available[sec],
@@ -127,6 +132,16 @@ def her2st(
                 slide_id=sec,
                 patient=sec[0],
             )
+        m = slide.uns["he2st"]
+        if str(m.get("mpp_source", "")).startswith("lattice:"):
+            inferred.append(f"{sec} {m['mpp']:.3f}")
+        slides.append(slide)
+    if inferred:
+        warnings.warn(
+            f"her2st: microns per pixel of {len(inferred)} sections inferred from the ST spot lattice "
+            f"(see uns['he2st']['mpp_source']): {', '.join(inferred)} µm/px",
+            InferredMppWarning,
+            stacklevel=2,
         )
     return Cohort(slides, name="her2st")
 

@@ -41,7 +41,9 @@ predictable from the image), ``F_j`` three smooth spatial fields per slide
 biology.
 
 The true mean ``mu`` is stored in ``obsm["true_mean"]`` for tests of the
-generator itself. No method may read it: methods see ``.X``, the image and the
+generator itself; :func:`synthetic_truth` gives the noise-free mean (without the
+per-spot library noise) at any pixel position, e.g. on a grid read with
+:func:`he2st.io.read_image`. No method may read it: methods see ``.X``, the image and the
 coordinates only.
 
 Images (PNG, or tiled TIFF above 4096 px) and counts are cached under
@@ -52,6 +54,7 @@ counts and identical image bytes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -179,9 +182,8 @@ def _slide(k: int, params: dict[str, Any], genes: dict[str, np.ndarray], folder:
         # PNG has no random access: large images go to a tiled TIFF that is read tile by tile.
         image_path = tiff_path if max(rgb.shape[:2]) > _PNG_MAX_SIDE else folder / f"{sid}.png"
         _write_image(image_path, rgb)
-        with atomic_path(arrays_path) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
+        with atomic_path(arrays_path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
     with np.load(arrays_path, allow_pickle=False) as z:
         arrays = {name: z[name] for name in z.files}
     P = params["patch_px"]
@@ -286,9 +288,13 @@ def _hex_grid(rng: np.random.Generator, n_spots: int, P: float) -> dict[str, Any
 
 
 def _draw_slide(
-    k: int, params: dict[str, Any], genes: dict[str, np.ndarray]
+    k: int, params: dict[str, Any], genes: dict[str, np.ndarray], keep: dict[str, Any] | None = None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Draw slide ``k``: returns the RGB image and the arrays cached next to it."""
+    """Draw slide ``k``: returns the RGB image and the arrays cached next to it.
+
+    ``keep``, when given, receives the maps the expression is computed from
+    (for :func:`synthetic_truth`); the draw itself is the same either way.
+    """
     rng = np.random.default_rng([params["seed"], 1, k, GENERATOR_VERSION])
     P = float(params["patch_px"])
     grid = _hex_grid(rng, params["n_spots"], P)
@@ -334,7 +340,13 @@ def _draw_slide(
     feats, frac = _spot_features(nuclei, H, E, cover, region, tissue, sx, sy, P)
     z = (feats - _FEATURE_CENTER) / _FEATURE_SCALE
     spatial_fields = f[10:13][:, gy[order], gx[order]].T  # (n, 3), invisible in the image
-    lib = rng.normal(0.0, 0.25, size=len(order)) + rng.normal(0.0, 0.15)
+    lib_spot = rng.normal(0.0, 0.25, size=len(order))
+    lib_slide = rng.normal(0.0, 0.15)
+    lib = lib_spot + lib_slide
+    if keep is not None:
+        keep.update(
+            nuclei=nuclei, H=H, E=E, cover=cover, region=region, tissue=tissue, fields=f[10:13], lib_slide=lib_slide
+        )
     log_mu = genes["base"][None, :] + z @ genes["W"].T + spatial_fields @ genes["V"].T + lib[:, None]
     mu = np.exp(np.clip(log_mu, -10.0, 9.0))
     theta = genes["theta"][None, :]
@@ -499,4 +511,74 @@ def _spot_features(
     return feats, frac
 
 
-__all__ = ["FEATURES", "GENERATOR_VERSION", "REGIONS", "synthetic"]
+# -- ground truth off the spots ---------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _slide_maps(params_json: str, k: int) -> dict[str, Any]:
+    """The maps slide ``k`` was drawn from (redrawn deterministically; the last two kept in memory)."""
+    params = json.loads(params_json)
+    genes = _gene_model(params)
+    keep: dict[str, Any] = {}
+    _draw_slide(k, params, genes, keep=keep)
+    keep["genes"] = genes
+    return keep
+
+
+def synthetic_truth(slide: Any, xy: Any) -> np.ndarray:
+    """Noise-free expected counts of a synthetic slide at any pixel positions.
+
+    The same model as the slide's counts (module notes), evaluated at ``xy``:
+    morphology features of the ``patch_px`` square around each position,
+    the expression-only spatial fields at the position, and the slide's library
+    offset; the per-spot library noise is left out, so at the slide's own
+    spots the result is ``obsm["true_mean"]`` divided by a per-spot factor
+    common to all genes. The slide is redrawn from its parameters (about a
+    second for the default sizes; the last two slides are kept in memory).
+
+    Parameters
+    ----------
+    slide
+        A slide of :func:`synthetic` (it carries ``uns["he2st_synthetic"]``).
+    xy
+        ``(n, 2)`` pixel positions ``(x, y)`` in the slide's image.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64 (n, n_genes)`` expected counts, genes in the slide's order (``GENE000`` ...).
+
+    Raises
+    ------
+    He2stInputError
+        ``slide`` is not a synthetic slide, or ``xy`` is not an ``(n, 2)`` array of finite numbers.
+    """
+    from he2st.errors import He2stInputError
+
+    info = getattr(slide, "uns", {}).get("he2st_synthetic")
+    if not isinstance(info, dict) or "slide_index" not in info:
+        raise He2stInputError("synthetic_truth: expected a slide of he2st.datasets.synthetic() (uns['he2st_synthetic'])")
+    pts = np.asarray(xy, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[1] != 2 or not np.isfinite(pts).all():
+        raise He2stInputError(f"synthetic_truth: xy must be a finite (n, 2) array of pixel (x, y), got shape {pts.shape}")
+    params = {key: int(info[key]) for key in ("n_spots", "n_genes", "patch_px", "seed", "version")}
+    if params["version"] != GENERATOR_VERSION:
+        raise He2stInputError(
+            f"synthetic_truth: slide drawn by generator version {params['version']}, this is version {GENERATOR_VERSION}"
+        )
+    maps = _slide_maps(json.dumps(params, sort_keys=True), int(info["slide_index"]))
+    h, w = maps["H"].shape
+    P = float(params["patch_px"])
+    feats, _ = _spot_features(
+        maps["nuclei"], maps["H"], maps["E"], maps["cover"], maps["region"], maps["tissue"], pts[:, 0], pts[:, 1], P
+    )
+    z = (feats - _FEATURE_CENTER) / _FEATURE_SCALE
+    gy = np.clip(np.round(pts[:, 1]).astype(int), 0, h - 1)
+    gx = np.clip(np.round(pts[:, 0]).astype(int), 0, w - 1)
+    fields = maps["fields"][:, gy, gx].T
+    genes = maps["genes"]
+    log_mu = genes["base"][None, :] + z @ genes["W"].T + fields @ genes["V"].T + maps["lib_slide"]
+    return np.exp(np.clip(log_mu, -10.0, 9.0))
+
+
+__all__ = ["FEATURES", "GENERATOR_VERSION", "REGIONS", "synthetic", "synthetic_truth"]

@@ -9,19 +9,36 @@ computed with the same settings, else reads them from the on-disk cache
 (:mod:`he2st.encoders.cache`), else extracts patches
 (:func:`he2st.image.extract_patches`, itself cached), runs the encoder
 (:func:`~he2st.encoders.inference.run_encoder`) and writes both.
+
+Large slides stream: above :data:`STREAM_MIN_SPOTS` spots (``$HE2ST_STREAM_MIN_SPOTS``,
+or ``stream=True``) the spots are processed :data:`STREAM_CHUNK_SPOTS` at a time
+(``$HE2ST_STREAM_CHUNK``, ``chunk_spots=``, rounded down to whole batches): a chunk's
+patches are read through the lazy image (:class:`he2st.image.PatchReader`, no
+patch cache) while the previous chunk is encoded, and each finished chunk is
+appended to a partial cache entry (:class:`~he2st.encoders.cache.PartialCache`),
+so memory is bounded by two chunks of patches, not by the slide, and a killed
+run resumes from its last finished chunk. The finished entry holds the same
+values the one-pass path gives (the encoder sees the same batches). With a
+stain normaliser the slide's source stains are estimated once, from a seeded
+sample of at most :data:`STREAM_STAIN_SAMPLE` spots (all spots when there are no
+more; the one-pass path uses every patch), recorded as ``stain_source`` in the
+settings when it is a sample.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from he2st._utils import progress
 from he2st.encoders.cache import (
     FEATURES_VERSION,
+    PartialCache,
     cache_path,
     feature_settings,
     read_cache,
@@ -43,6 +60,9 @@ __all__ = [
     "BF16_MIN_COSINE",
     "FEATURES_VERSION",
     "PRECISIONS",
+    "STREAM_CHUNK_SPOTS",
+    "STREAM_MIN_SPOTS",
+    "STREAM_STAIN_SAMPLE",
     "UNS_KEY",
     "extract_features",
     "feature_key",
@@ -57,6 +77,43 @@ __all__ = [
 
 #: ``slide.uns`` entry recording the settings behind each ``obsm["X_<encoder>"]``.
 UNS_KEY = "he2st_features"
+
+#: Slides with more spots than this stream (``$HE2ST_STREAM_MIN_SPOTS`` overrides it).
+STREAM_MIN_SPOTS = 4096
+#: Spots per streamed chunk, rounded down to whole batches (``$HE2ST_STREAM_CHUNK`` overrides it).
+STREAM_CHUNK_SPOTS = 512
+#: Most spots whose patches estimate a streamed slide's source stains.
+STREAM_STAIN_SAMPLE = 1024
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise He2stInputError(f"${name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _streaming(n_spots: int, stream: bool | None) -> bool:
+    """Whether a slide of ``n_spots`` streams: ``stream`` when given, else above the threshold."""
+    if stream is not None:
+        return bool(stream)
+    return n_spots > _env_int("HE2ST_STREAM_MIN_SPOTS", STREAM_MIN_SPOTS)
+
+
+def _chunk_spots(chunk_spots: int | None, batch_size: int) -> int:
+    """Spots per chunk: the option, else ``$HE2ST_STREAM_CHUNK``, else the default, in whole batches."""
+    if chunk_spots is None:
+        chunk_spots = _env_int("HE2ST_STREAM_CHUNK", STREAM_CHUNK_SPOTS)
+    elif int(chunk_spots) < 1:
+        raise He2stInputError(f"chunk_spots must be a positive integer, got {chunk_spots!r}")
+    # Whole batches: the encoder then sees the same batches as in one pass.
+    return max(1, int(chunk_spots) // batch_size) * batch_size
 
 
 def feature_key(encoder: str | Any) -> str:
@@ -120,6 +177,8 @@ def get_features(
     num_workers: int = 1,
     device: Any = None,
     seed: int = 0,
+    stream: bool | None = None,
+    chunk_spots: int | None = None,
 ) -> np.ndarray:
     """Features of every spot of a slide, ``(n_spots, dim)`` float32, cached.
 
@@ -155,6 +214,12 @@ def get_features(
         ``None`` (CUDA if available, else CPU) or a torch device.
     seed
         Seed of the random initialisation when ``weights`` is None.
+    stream
+        Extract chunk by chunk, resumably (see the module notes); None: when the
+        slide has more than :data:`STREAM_MIN_SPOTS` spots (``$HE2ST_STREAM_MIN_SPOTS``).
+    chunk_spots
+        Spots per streamed chunk (rounded down to whole batches); None:
+        ``$HE2ST_STREAM_CHUNK`` or :data:`STREAM_CHUNK_SPOTS`.
 
     Returns
     -------
@@ -165,26 +230,31 @@ def get_features(
     """
     return _features(
         slide, _LazyEncoder(encoder, weights, seed), weights, patch_px, tta, stain, batch_size, precision,
-        target_mpp, cache, num_workers, device, seed,
+        target_mpp, cache, num_workers, device, seed, stream, chunk_spots,
     )
 
 
 def _features(
     slide: Any, lazy: _LazyEncoder, weights: Any, patch_px: int, tta: bool, stain: Any, batch_size: int,
     precision: str, target_mpp: float | None, cache: bool, num_workers: int, device: Any, seed: int,
+    stream: bool | None = None, chunk_spots: int | None = None,
 ) -> np.ndarray:
     from he2st.data.slide import meta
 
     m = meta(slide)
+    streams = _streaming(slide.n_obs, stream)
     dev, prec, settings, path = _resolve(slide, lazy, weights, patch_px, target_mpp, tta, stain, precision, device,
-                                         seed, cache, tokens=False)
+                                         seed, cache, tokens=False, stream=streams)
     key = feature_key(lazy.name)
     recorded = slide.uns.get(UNS_KEY, {}).get(key)
     if key in slide.obsm and recorded is not None and _same(recorded, settings):
         return np.asarray(slide.obsm[key], dtype=np.float32)
 
     feats = read_cache(path, slide.n_obs) if path is not None else None
-    if feats is None:
+    if feats is None and streams:
+        feats = _stream_extract(slide, lazy.get(), patch_px, target_mpp, tta, stain, batch_size, prec, num_workers,
+                                dev, False, _chunk_spots(chunk_spots, batch_size), path, settings)
+    elif feats is None:
         feats = _extract(slide, lazy.get(), patch_px, target_mpp, tta, stain, batch_size, prec, num_workers, dev, False)
         if path is not None:
             write_cache(path, feats, settings, slide)
@@ -200,11 +270,14 @@ def _features(
 
 def _resolve(slide: Any, lazy: _LazyEncoder, weights: Any, patch_px: int, target_mpp: float | None, tta: bool,
              stain: Any, precision: str, device: Any, seed: int, cache: bool,
-             tokens: bool) -> tuple[Any, str, dict[str, Any], Path | None]:
+             tokens: bool, stream: bool = False) -> tuple[Any, str, dict[str, Any], Path | None]:
     """Device, precision, the settings that key the cache, and the cache file (None without cache)."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, lazy.spec, dev)
     settings = feature_settings(lazy.ref, weights, patch_px, target_mpp, tta, stain, prec, seed)
+    if stream and stain is not None and slide.n_obs > STREAM_STAIN_SAMPLE:
+        # The source stains come from a sample of the spots, not all of them: other values, another key.
+        settings["stain_source"] = f"sample{STREAM_STAIN_SAMPLE}"
     path = cache_path(settings, slide_content_key(slide, patch_px, target_mpp), tokens=tokens) if cache else None
     return dev, prec, settings, path
 
@@ -239,6 +312,99 @@ def _extract(
     )
 
 
+def _stain_sample(n: int) -> np.ndarray:
+    """Seeded, sorted positions of the spots whose patches estimate a streamed slide's stains."""
+    if n <= STREAM_STAIN_SAMPLE:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, size=STREAM_STAIN_SAMPLE, replace=False))
+
+
+def _stream_extract(
+    slide: Any, enc: Any, patch_px: int, target_mpp: float | None, tta: bool, stain: Any, batch_size: int,
+    precision: str, num_workers: int, device: Any, tokens: bool, chunk: int, path: Path | None,
+    settings: dict[str, Any],
+) -> np.ndarray:
+    """Features (or tokens) of every spot, ``chunk`` spots at a time, resuming a partial cache entry.
+
+    Reads the next chunk's patches in a background thread while this one is encoded;
+    with a cache, each finished chunk is committed to the :class:`PartialCache` and
+    the complete entry is read back from its final file.
+    """
+    from he2st.data.slide import meta
+    from he2st.encoders.cache import entry_lock
+
+    m = meta(slide)
+    n = int(slide.n_obs)
+    if n == 0:
+        raise He2stInputError(f"slide {m.slide_id!r}: no spots to encode")
+    if path is None:
+        return _stream_chunks(slide, enc, patch_px, target_mpp, tta, stain, batch_size, precision, num_workers,
+                              device, tokens, chunk, None, m.slide_id)
+    with entry_lock(path):  # one writer per entry; a waiter then finds it done
+        hit = read_cache(path, n, mmap=tokens)
+        if hit is not None:
+            return hit
+        part = PartialCache(path, n, settings)
+        _stream_chunks(slide, enc, patch_px, target_mpp, tta, stain, batch_size, precision, num_workers, device,
+                       tokens, chunk, part, m.slide_id)
+        part.finish(m.slide_id)
+    result = read_cache(path, n, mmap=tokens)
+    if result is None:  # pragma: no cover - only if the disk vanished under us
+        raise He2stInputError(f"slide {m.slide_id!r}: streamed cache entry {path} could not be read back")
+    return result
+
+
+def _stream_chunks(
+    slide: Any, enc: Any, patch_px: int, target_mpp: float | None, tta: bool, stain: Any, batch_size: int,
+    precision: str, num_workers: int, device: Any, tokens: bool, chunk: int, part: PartialCache | None,
+    slide_id: str,
+) -> np.ndarray:
+    """The chunk loop of :func:`_stream_extract`: rows ``[part.done, n)`` encoded into ``part`` (or memory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from he2st.image.patches import PatchReader
+
+    n = int(slide.n_obs)
+    out = part.array if part is not None else None
+    start = part.done if part is not None else 0
+    what = "tokens" if tokens else "features"
+    spans = [(s, min(s + chunk, n)) for s in range(start, n, chunk)]
+    with PatchReader(slide, patch_px, target_mpp) as reader:
+        if spans and stain is not None and hasattr(stain, "with_source"):
+            # One estimate for the whole slide, the same on every resume (seeded sample).
+            stain = stain.with_source(reader.read(_stain_sample(n)))
+        bar = iter(progress(range(start, n), description=f"{enc.info.name} {what} {slide_id}", total=n - start))
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="he2st-patches")
+        try:
+            ahead = pool.submit(reader.read, np.arange(*spans[0])) if spans else None
+            for k, (s, e) in enumerate(spans):
+                images = ahead.result()  # type: ignore[union-attr]
+                ahead = pool.submit(reader.read, np.arange(*spans[k + 1])) if k + 1 < len(spans) else None
+                y = run_encoder(
+                    enc, images, batch_size=batch_size, precision=precision, tta=tta, tokens=tokens, stain=stain,
+                    num_workers=num_workers, device=device, description=f"{enc.info.name} {what} {slide_id}",
+                    progress_bar=False,
+                )
+                del images
+                if out is None:
+                    shape = (n, *y.shape[1:])
+                    out = part.allocate(shape, y.dtype) if part is not None else np.empty(shape, dtype=y.dtype)
+                if out.shape[1:] != y.shape[1:] or out.dtype != y.dtype:
+                    raise He2stInputError(
+                        f"slide {slide_id!r}: the encoder gave {y.dtype} {y.shape[1:]} rows, the partial cache "
+                        f"holds {out.dtype} {out.shape[1:]}"
+                    )
+                out[s:e] = y
+                if part is not None:
+                    part.commit(e)
+                for _ in range(e - s):
+                    next(bar, None)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()  # type: ignore[attr-defined]
+    return out  # type: ignore[return-value]
+
+
 def get_tokens(
     slide: Any,
     encoder: str | Any,
@@ -253,6 +419,8 @@ def get_tokens(
     num_workers: int = 1,
     device: Any = None,
     seed: int = 0,
+    stream: bool | None = None,
+    chunk_spots: int | None = None,
 ) -> np.ndarray:
     """Token outputs of every spot, ``(n_spots, T, token_dim)`` **float16**, cached on disk.
 
@@ -264,6 +432,8 @@ def get_tokens(
     ----------
     slide, encoder, weights, patch_px, stain, batch_size, precision, target_mpp, cache, num_workers, device, seed
         As :func:`get_features` (tokens have no test-time augmentation).
+    stream, chunk_spots
+        Chunked, resumable extraction, as :func:`get_features`.
 
     Returns
     -------
@@ -271,12 +441,16 @@ def get_tokens(
         float16 ``(n_spots, T, token_dim)``, rows aligned with ``slide.obs_names``.
     """
     lazy = _LazyEncoder(encoder, weights, seed)
+    streams = _streaming(slide.n_obs, stream)
     dev, prec, settings, path = _resolve(slide, lazy, weights, patch_px, target_mpp, False, stain, precision, device,
-                                         seed, cache, tokens=True)
+                                         seed, cache, tokens=True, stream=streams)
     if path is not None:
         hit = read_cache(path, slide.n_obs, mmap=True)
         if hit is not None:
             return hit
+    if streams:
+        return _stream_extract(slide, lazy.get(), patch_px, target_mpp, False, stain, batch_size, prec, num_workers,
+                               dev, True, _chunk_spots(chunk_spots, batch_size), path, settings)
     toks = _extract(slide, lazy.get(), patch_px, target_mpp, False, stain, batch_size, prec, num_workers, dev, True)
     if path is not None:
         write_cache(path, toks, settings, slide)
@@ -305,8 +479,8 @@ def extract_features(
     encoder, weights, patch_px, tta, stain, batch_size, precision
         As :func:`get_features`.
     **kw
-        ``target_mpp``, ``cache``, ``num_workers``, ``device`` and ``seed``, as
-        :func:`get_features`.
+        ``target_mpp``, ``cache``, ``num_workers``, ``device``, ``seed``, ``stream``
+        and ``chunk_spots``, as :func:`get_features`.
 
     Returns
     -------
@@ -314,7 +488,7 @@ def extract_features(
         One float32 ``(n_spots, dim)`` array per slide.
     """
     slides = [slides] if hasattr(slides, "obsm") else list(slides)  # one slide, a Cohort or a list
-    known = {"target_mpp", "cache", "num_workers", "device", "seed"}
+    known = {"target_mpp", "cache", "num_workers", "device", "seed", "stream", "chunk_spots"}
     unknown = set(kw) - known
     if unknown:
         raise He2stInputError(f"extract_features: unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -323,7 +497,8 @@ def extract_features(
     return [
         _features(
             s, lazy, weights, patch_px, tta, stain, batch_size, precision, kw.get("target_mpp"),
-            kw.get("cache", True), kw.get("num_workers", 1), kw.get("device"), seed,
+            kw.get("cache", True), kw.get("num_workers", 1), kw.get("device"), seed, kw.get("stream"),
+            kw.get("chunk_spots"),
         )
         for s in slides
     ]

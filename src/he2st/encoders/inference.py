@@ -152,6 +152,7 @@ def run_encoder(
     device: Any = None,
     description: str = "features",
     stats: dict[str, float] | None = None,
+    progress_bar: bool = True,
 ) -> np.ndarray:
     """Run ``encoder`` over uint8 images ``(N, H, W, 3)`` in batches; features ``(N, dim)`` float32.
 
@@ -188,6 +189,9 @@ def run_encoder(
         Label of the progress bar.
     stats
         Dict receiving the timings, or None.
+    progress_bar
+        Show a progress bar over the batches (False when the caller shows its own,
+        e.g. the streaming extraction's bar over spots).
 
     Returns
     -------
@@ -215,9 +219,10 @@ def run_encoder(
 
     n = int(images.shape[0])
     spans = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    if stain is not None and hasattr(stain, "with_source"):
+    if stain is not None and hasattr(stain, "with_source") and getattr(stain, "fixed_source_", None) is None:
         # One source-stain estimate for the whole slide: per-batch estimates would
-        # give neighbouring batches different colours.
+        # give neighbouring batches different colours. A normaliser that already has
+        # one (the streaming extraction estimates it once per slide) keeps it.
         stain = stain.with_source(images)
 
     def load(span: tuple[int, int]) -> Any:
@@ -228,14 +233,14 @@ def run_encoder(
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     try:
-        return _loop(encoder, load, spans, n, num_workers, device, bf16, tta, tokens, description, stats)
+        return _loop(encoder, load, spans, n, num_workers, device, bf16, tta, tokens, description, stats, progress_bar)
     finally:
         encoder.train(was_training)  # a model being fine-tuned goes back to training mode
 
 
 def _loop(
     encoder: Any, load: Any, spans: list[tuple[int, int]], n: int, num_workers: int, device: Any, bf16: bool,
-    tta: bool, tokens: bool, description: str, stats: dict[str, float] | None,
+    tta: bool, tokens: bool, description: str, stats: dict[str, float] | None, progress_bar: bool = True,
 ) -> np.ndarray:
     import time
 
@@ -246,7 +251,8 @@ def _loop(
     out: np.ndarray | None = None
     wait = fwd = 0.0
     with torch.inference_mode(), _prefetch(load, spans, num_workers) as batches:
-        it = iter(progress(zip(spans, batches), description=description, total=len(spans)))
+        pairs = zip(spans, batches)
+        it = iter(progress(pairs, description=description, total=len(spans)) if progress_bar else pairs)
         while True:
             t0 = time.perf_counter()
             try:

@@ -339,6 +339,161 @@ def _read_order(tops: np.ndarray, lefts: np.ndarray, tile_h: int) -> np.ndarray:
     return np.lexsort((lefts, tops // max(1, tile_h)))
 
 
+class PatchReader:
+    """Reads the patches of chosen spots of a slide through its lazy image, without the patch cache.
+
+    The reading and resampling of :func:`extract_patches` (which uses it for
+    every spot): the window of ``read_size_px`` level-0 pixels around each spot,
+    read from the coarsest pyramid level still fine enough and resized to
+    ``size_px`` with an antialiasing (Lanczos) filter. Only the patches asked
+    for are held in memory, so a whole slide can be read chunk by chunk.
+
+    Parameters
+    ----------
+    slide
+        A slide AnnData (``obsm["spatial"]`` pixel centres, ``uns["he2st"]["image_path"]``).
+    size_px
+        Side of the returned patches in pixels.
+    target_mpp
+        Resample to this many microns per pixel (needs the slide's ``mpp``), or None.
+
+    Attributes
+    ----------
+    n
+        Number of spots of the slide.
+    level, level_px
+        The pyramid level read and the side of the window in its pixels.
+    read_px
+        Side of the square read around each spot, in level-0 pixels.
+    mpp
+        Microns per pixel of the patches (None when unknown).
+    image
+        The open :class:`~he2st.image.lazy.LazyImage`.
+
+    Raises
+    ------
+    SlideError
+        No image or no ``obsm["spatial"]``, or ``target_mpp`` given but the slide's ``mpp`` is unknown.
+    ImageError
+        The image is missing or unreadable.
+
+    Examples
+    --------
+    >>> with PatchReader(slide, 224) as reader:
+    ...     first = reader.read(np.arange(1024))  # uint8 (1024, 224, 224, 3)
+    """
+
+    def __init__(self, slide: Any, size_px: int = 224, target_mpp: float | None = None) -> None:
+        from he2st.data.slide import meta
+        from he2st.image.lazy import open_image
+
+        m = meta(slide)
+        self.size_px = int(size_px)
+        if self.size_px <= 0:
+            raise ValueError(f"size_px must be positive, got {size_px}")
+        if "spatial" not in slide.obsm:
+            raise SlideError(m.slide_id, "obsm['spatial'] is missing; patches are centred on the spot pixel coordinates")
+        self.slide_id = m.slide_id
+        self.read_px = read_size_px(self.size_px, target_mpp, m.mpp, m.slide_id)
+        self.path = _image_path(slide)
+        self.mpp = float(target_mpp) if target_mpp is not None else m.mpp
+        spatial = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+        self.n = int(spatial.shape[0])
+        half = self.read_px // 2
+        self.lefts = np.floor(spatial[:, 0]).astype(np.int64) - half
+        self.tops = np.floor(spatial[:, 1]).astype(np.int64) - half
+        self.image = open_image(self.path)
+        try:
+            img = self.image
+            # The coarsest level that still has at least size_px pixels across the read window.
+            ratio = self.read_px / self.size_px
+            fine_enough = [i for i, d in enumerate(img.downsamples) if d <= ratio + 1e-9]
+            self.level = max(fine_enough, key=lambda i: img.downsamples[i], default=0)
+            ds = img.downsamples[self.level]
+            self.level_px = max(1, int(round(self.read_px / ds)))
+            self._tile_h = int((img.tile_size or (256, 256))[1] * ds)
+        except BaseException:
+            self.image.close()
+            raise
+
+    def __enter__(self) -> PatchReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the image."""
+        self.image.close()
+
+    def read(self, index: Any = None, out: np.ndarray | None = None, description: str | None = None) -> np.ndarray:
+        """Patches of the spots ``index`` (positions in the slide), in that order.
+
+        Parameters
+        ----------
+        index
+            Spot positions (integers ``0 <= i < n``); None for every spot.
+        out
+            Array ``uint8 (len(index), size_px, size_px, 3)`` to fill (e.g. a memory map), or None.
+        description
+            Label of a progress bar over the spots; None shows none.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``uint8 (len(index), size_px, size_px, 3)``; ``out`` when given. Spots near
+            the image edge are padded with white.
+        """
+        from he2st.image.lazy.pixels import resize
+
+        idx = np.arange(self.n) if index is None else np.asarray(index, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(
+                f"slide {self.slide_id!r}: spot positions must be in [0, {self.n}), got {idx.min()}..{idx.max()}"
+            )
+        k, s = int(idx.size), self.size_px
+        if out is None:
+            out = np.empty((k, s, s, 3), dtype=np.uint8)
+        elif out.shape != (k, s, s, 3) or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 {(k, s, s, 3)}, got {out.dtype} {out.shape}")
+        # Read by tile row, then column, so consecutive reads share decoded tiles.
+        order = _read_order(self.tops[idx], self.lefts[idx], self._tile_h)
+        rows = order if description is None else progress(order, description=description, total=k)
+        for j in rows:
+            i = idx[j]
+            patch = self.image.read_region(
+                int(self.lefts[i]), int(self.tops[i]), self.level_px, self.level_px, level=self.level
+            )
+            if self.level_px != s:
+                patch = resize(patch, s, s)
+            out[j] = patch
+        return out
+
+
+def read_patches(slide: Any, index: Any = None, size_px: int = 224, target_mpp: float | None = None) -> np.ndarray:
+    """Patches of some spots of a slide, read now, without the patch cache.
+
+    Parameters
+    ----------
+    slide
+        A slide AnnData with an image.
+    index
+        Spot positions to read (None: every spot).
+    size_px
+        Side of the patches in pixels.
+    target_mpp
+        Resampling in microns per pixel, or None.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``uint8 (len(index), size_px, size_px, 3)``, the pixels :func:`extract_patches` gives
+        for those spots.
+    """
+    with PatchReader(slide, size_px, target_mpp) as reader:
+        return reader.read(index)
+
+
 def extract_patches(
     slide: Any,
     size_px: int = 224,
@@ -385,11 +540,10 @@ def extract_patches(
     -----
     The patch of a spot at ``(x, y)`` starts at ``(floor(x) - r // 2, floor(y) - r // 2)``
     with ``r`` the read size: for ``r = 224`` this is the ``img[y-112:y+112, x-112:x+112]``
-    crop of Hist2ST/HisToGene on integer centres.
+    crop of Hist2ST/HisToGene on integer centres. :class:`PatchReader` reads the
+    patches of a subset of spots the same way, without the cache.
     """
     from he2st.data.slide import meta
-    from he2st.image.lazy import open_image
-    from he2st.image.lazy.pixels import resize
     from he2st.image.tissue import slide_tissue_threshold, tissue_fraction
 
     m = meta(slide)
@@ -410,22 +564,10 @@ def extract_patches(
         if hit is not None:
             return hit
 
-    spatial = np.asarray(slide.obsm["spatial"], dtype=np.float64)
-    n = spatial.shape[0]
-    half = read_px // 2
-    lefts = np.floor(spatial[:, 0]).astype(np.int64) - half
-    tops = np.floor(spatial[:, 1]).astype(np.int64) - half
-
-    with open_image(path) as img:
-        # The coarsest level that still has at least size_px pixels across the read window.
-        ratio = read_px / size_px
-        fine_enough = [i for i, d in enumerate(img.downsamples) if d <= ratio + 1e-9]
-        level = max(fine_enough, key=lambda i: img.downsamples[i], default=0)
-        ds = img.downsamples[level]
-        level_px = max(1, int(round(read_px / ds)))
-        tile_h = (img.tile_size or (256, 256))[1]
-        order = _read_order(tops, lefts, int(tile_h * ds))
-
+    n = int(np.asarray(slide.obsm["spatial"]).shape[0])
+    with PatchReader(slide, size_px, target_mpp) as reader:
+        img = reader.image
+        level = reader.level
         images_tmp = None
         ctx = None
         if store is not None:
@@ -436,11 +578,7 @@ def extract_patches(
         else:
             images = np.empty((n, size_px, size_px, 3), dtype=np.uint8)
         try:
-            for i in progress(order, description=f"patches {m.slide_id}", total=n):
-                patch = img.read_region(int(lefts[i]), int(tops[i]), level_px, level_px, level=level)
-                if level_px != size_px:
-                    patch = resize(patch, size_px, size_px)
-                images[i] = patch
+            reader.read(None, out=images, description=f"patches {m.slide_id}")
             if tissue_threshold is None:
                 tissue_threshold = slide_tissue_threshold(img.thumbnail(THUMBNAIL_SIDE))
             block = tissue_block(img.width, img.height, read_px, size_px)

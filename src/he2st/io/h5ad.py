@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 
 from he2st.errors import SlideError
-from he2st.io._common import PathLike, check_count_values, image_frame, is_raw_counts, logger, require_file
+from he2st.io._common import (
+    PathLike,
+    check_count_values,
+    image_frame,
+    is_raw_counts,
+    logger,
+    require_file,
+)
 
 _RESERVED_OBS = ("array_row", "array_col", "slide", "patient", "label")
 _VISIUM_SPOT_UM = 55.0
@@ -109,6 +116,7 @@ def slide_from_anndata(
     layer: str | None = None,
     reader: str = "read_h5ad",
     notes: list[str] | None = None,
+    mpp_source: str | None = None,
 ) -> Any:
     """Turn a loaded AnnData into a slide (shared by :func:`read_h5ad` and :func:`he2st.io.read_hest`).
 
@@ -128,6 +136,9 @@ def slide_from_anndata(
         Name of the calling reader, recorded in the provenance.
     notes
         Provenance notes of the caller, prepended to this function's own.
+    mpp_source
+        How the caller obtained ``mpp`` (recorded as ``uns["he2st"]["mpp_source"]``);
+        None: ``"user"`` when ``mpp`` is given, else what this function infers.
 
     Returns
     -------
@@ -201,11 +212,15 @@ def slide_from_anndata(
                 f"{str(path)!r} records no spot diameter (no uns['spatial'][lib]['scalefactors']"
                 "['spot_diameter_fullres']); pass spot_diameter_px",
             )
+    if mpp_source is None:
+        mpp_source = "user" if mpp is not None else ""
     if mpp is None:
         if prior.get("mpp") is not None:
             mpp = float(prior["mpp"])
+            mpp_source = str(prior.get("mpp_source") or "file:uns['he2st']['mpp']")
         elif _is_visium(lib_data):
             mpp = _VISIUM_SPOT_UM / float(spot_diameter_px)
+            mpp_source = "spot:Visium 55 µm spot diameter / scalefactors spot_diameter_fullres"
             notes.append("mpp = 55 µm / Visium spot diameter")
 
     if image is None and prior.get("image_path"):
@@ -245,6 +260,7 @@ def slide_from_anndata(
         image_path=image_path,
         spot_diameter_px=float(spot_diameter_px),
         mpp=mpp,
+        mpp_source=mpp_source,
         scale=scale,
         array_row=_obs_int("array_row"),
         array_col=_obs_int("array_col"),

@@ -142,11 +142,13 @@ def read_hest(
         )
 
     notes = []
+    mpp_source = "user" if mpp is not None else ""
     if mpp is None:
         for key in ("pixel_size_um_estimated", "pixel_size_um_embedded"):
             value = _number(meta.get(key))
             if value is not None and value > 0:
                 mpp = value
+                mpp_source = f"file:HEST metadata {key}"
                 notes.append(f"mpp from {key}")
                 break
         else:
@@ -185,6 +187,7 @@ def read_hest(
         patient=patient,
         spot_diameter_px=float(spot_diameter_px),
         mpp=float(mpp),
+        mpp_source=mpp_source,
         reader="read_hest",
         notes=notes,
     )

@@ -10,9 +10,19 @@ The layout (Andersson et al. 2021, github ``almaan/her2st``) per section:
 - ``ST-pat/lbl/<sec>_labeled_coordinates.tsv`` (optional): a pathologist label per
   spot, with float ``x y`` matched to the counts by ``f"{round(x)}x{round(y)}"``.
 
-ST v1 spots are 100 µm wide on a 200 µm centre-to-centre grid, so the pitch of
-the grid in pixels gives both the spot diameter (pitch / 2) and the pixel size
-(200 µm / pitch) when they are not known otherwise.
+Two ST array layouts exist, told apart by their array coordinates
+(:func:`detect_st_array`):
+
+- the "1k" array (her2st and most ST v1 data): every integer ``(x, y)`` cell,
+  100 µm spots 200 µm apart, i.e. 200 µm per array unit;
+- the "2k" array: a checkerboard (``x + y`` of one parity only, so that
+  neighbouring spots are diagonal), 100 µm per array unit (spot diameter taken
+  as 100 µm for both layouts).
+
+The pitch of the grid in pixels per array unit then gives the pixel size
+(µm per unit / pitch) when it is not known otherwise, recorded in
+``uns["he2st"]["mpp_source"]`` as ``"lattice:..."`` with an
+:class:`~he2st.errors.InferredMppWarning`, and the spot diameter (100 µm).
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from he2st.errors import SlideError
+from he2st.errors import InferredMppWarning, SlideError
 from he2st.io._common import (
     READ_ERRORS,
     PathLike,
@@ -41,6 +51,9 @@ from he2st.io._common import (
 ST_SPOT_DIAMETER_UM = 100.0
 ST_PITCH_UM = 200.0
 
+#: Microns per array-coordinate unit of each ST array layout (see the module notes).
+ST_UM_PER_UNIT = {"1k": ST_PITCH_UM, "2k": 100.0}
+
 _TABLE_SUFFIXES = (".tsv.gz", ".tsv", ".csv.gz", ".csv", ".txt.gz", ".txt")
 _SPOT_COLUMNS = ("x", "y", "pixel_x", "pixel_y")
 
@@ -54,6 +67,7 @@ def read_st_legacy(
     patient: str | None = None,
     spot_diameter_px: float | None = None,
     mpp: float | None = None,
+    array_type: str = "auto",
 ) -> Any:
     """Read one ST v1 section (her2st layout) into a slide.
 
@@ -78,7 +92,12 @@ def read_st_legacy(
     spot_diameter_px
         Spot diameter in image pixels. Default: half the grid pitch fitted from the spot table.
     mpp
-        Microns per pixel. Default: 200 µm divided by the fitted grid pitch.
+        Microns per pixel. Default: the array's µm per array unit (200 for "1k", 100
+        for "2k") divided by the fitted grid pitch in pixels per unit, with an
+        :class:`~he2st.errors.InferredMppWarning`.
+    array_type
+        ``"1k"``, ``"2k"`` or ``"auto"`` (detected from the spot coordinates with
+        :func:`detect_st_array`).
 
     Returns
     -------
@@ -103,6 +122,8 @@ def read_st_legacy(
     UserWarning
         When rows with missing (NaN) coordinates are dropped from the spot table or
         the label table.
+    InferredMppWarning
+        When ``mpp`` is inferred from the array lattice.
     """
     counts = require_file(counts, "ST counts file")
     spots = require_file(spots, "ST spot file")
@@ -114,6 +135,11 @@ def read_st_legacy(
     table = _read_counts(counts, sid)
     spot_table, n_unselected, n_nan = _read_spot_table(spots, sid)
 
+    if array_type not in ("auto", "1k", "2k"):
+        raise SlideError(sid, f"array_type must be '1k', '2k' or 'auto', got {array_type!r}")
+    detected = detect_st_array(spot_table[["x", "y"]].to_numpy(int))
+    layout = detected if array_type == "auto" else array_type
+    um_per_unit = ST_UM_PER_UNIT[layout]
     steps = fit_pitch(_grid(spot_table), spot_table[["pixel_x", "pixel_y"]].to_numpy(float))
     pitch = None if steps is None else float(steps.mean())
     if spot_diameter_px is None:
@@ -123,9 +149,18 @@ def read_st_legacy(
                 f"cannot fit the spot grid pitch from {str(spots)!r} (fewer than 3 spots or all on one line); "
                 "pass spot_diameter_px",
             )
-        spot_diameter_px = pitch * ST_SPOT_DIAMETER_UM / ST_PITCH_UM
+        spot_diameter_px = pitch * ST_SPOT_DIAMETER_UM / um_per_unit
+    mpp_source = "user" if mpp is not None else ""
+    inferred_note = ""
     if mpp is None and pitch is not None:
-        mpp = ST_PITCH_UM / pitch
+        mpp = um_per_unit / pitch
+        how = "detected from the spot coordinates" if array_type == "auto" else "array_type given"
+        mpp_source = f"lattice:ST {layout} array ({how}), {um_per_unit:g} µm per array unit"
+        inferred_note = (
+            f"slide {sid!r}: microns per pixel inferred from the spot lattice of {str(spots)!r}: ST {layout} "
+            f"array ({how}), {um_per_unit:g} µm per array unit / {pitch:.1f} px per unit = {mpp:.4f} µm/px; "
+            "pass mpp= if the scanner's value is known"
+        )
 
     common = table.index[table.index.isin(spot_table.index)]
     only_counts = len(table) - len(common)
@@ -157,7 +192,8 @@ def read_st_legacy(
     if label_note:
         notes.append(label_note)
     if pitch is not None:
-        notes.append(f"grid pitch {pitch:.1f} px")
+        notes.append(f"grid pitch {pitch:.1f} px per array unit")
+    notes.append(f"ST {layout} array" + (" (detected)" if array_type == "auto" else ""))
     files = f"counts={str(counts)!r}, spots={str(spots)!r}"
     if labels is not None:
         files += f", labels={str(labels)!r}"
@@ -169,7 +205,7 @@ def read_st_legacy(
 
     from he2st.data import make_slide
 
-    return make_slide(
+    slide = make_slide(
         values,
         common,
         table.columns,
@@ -179,6 +215,7 @@ def read_st_legacy(
         image_path=image_path,
         spot_diameter_px=float(spot_diameter_px),
         mpp=mpp,
+        mpp_source=mpp_source,
         scale=1.0,
         array_row=kept["y"].to_numpy(int),
         array_col=kept["x"].to_numpy(int),
@@ -187,6 +224,35 @@ def read_st_legacy(
         source=source,
         image_size=size,
     )
+    if inferred_note:
+        warnings.warn(inferred_note, InferredMppWarning, stacklevel=2)
+    return slide
+
+
+def detect_st_array(xy: np.ndarray) -> str:
+    """Which ST array layout integer spot coordinates come from: ``"1k"`` or ``"2k"``.
+
+    A "2k" array is a checkerboard: every ``x + y`` has the same parity, no two
+    spots are axis neighbours (distance 1) and some are diagonal neighbours.
+    Anything else is the "1k" array.
+
+    Parameters
+    ----------
+    xy
+        ``(n, 2)`` integer array coordinates ``(x, y)`` of the spots.
+
+    Returns
+    -------
+    str
+        ``"2k"`` for a checkerboard lattice, else ``"1k"``.
+    """
+    xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+    if len(xy) < 2 or len(np.unique((xy[:, 0] + xy[:, 1]) % 2)) != 1:
+        return "1k"
+    cells = {(int(x), int(y)) for x, y in xy}
+    axis = any((x + 1, y) in cells or (x, y + 1) in cells for x, y in cells)
+    diagonal = any((x + 1, y + 1) in cells or (x + 1, y - 1) in cells for x, y in cells)
+    return "2k" if diagonal and not axis else "1k"
 
 
 def _read_counts(path: Path, sid: str) -> pd.DataFrame:

@@ -192,12 +192,15 @@ def read_visium(
         spot_diameter_px = _positive(scalefactors, "spot_diameter_fullres", scalefactors_path, sid) * scale
 
     pixels_all = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float) * scale
+    mpp_source = "user" if mpp is not None else ""
     if mpp is None:
         steps = fit_pitch(positions[["array_col", "array_row"]].to_numpy(float), pixels_all)
         if steps is not None:
             mpp = float(np.mean([VISIUM_COL_STEP_UM / steps[0], VISIUM_ROW_STEP_UM / steps[1]]))
+            mpp_source = "lattice:Visium array, 100 µm spot pitch"
         else:
             mpp = VISIUM_SPOT_DIAMETER_UM / float(spot_diameter_px)
+            mpp_source = "spot:Visium 55 µm spot diameter / scalefactors spot_diameter_fullres"
 
     in_tissue = positions[positions["in_tissue"] == 1]
     n_off = len(positions) - len(in_tissue)
@@ -239,6 +242,7 @@ def read_visium(
         image_path=image_path,
         spot_diameter_px=float(spot_diameter_px),
         mpp=mpp,
+        mpp_source=mpp_source,
         scale=scale,
         array_row=pos["array_row"].to_numpy(int),
         array_col=pos["array_col"].to_numpy(int),

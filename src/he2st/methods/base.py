@@ -18,6 +18,19 @@ the protocol scores (default ``cpm_log1p``, the same for every method), and
 = the same). A method that trains on its own scale maps its outputs to the
 evaluation scale with :meth:`Method.to_eval_scale`
 (:meth:`he2st.pp.normalize.Normalizer.convert`, training constants only).
+
+Physical scale. A method that reads image patches (one with a ``patch_px``
+parameter) has a field of view in microns, ``patch_um_``, fixed at ``fit``:
+the ``patch_um`` parameter when given, else ``patch_px`` times the median
+microns per pixel (mpp) of the training slides. Every slide, training or test,
+is then read at ``target_mpp = patch_um_ / patch_px``
+(:meth:`Method.read_mpp`), so a model trained at 0.5 um/px sees the same tissue
+on a 0.25 um/px image. A slide whose read would differ from ``patch_px`` pixels
+by less than half a pixel is read as it is (nothing is resampled, cache keys
+unchanged). When a training slide has no mpp and ``patch_um`` is None, the
+model keeps the legacy pixel behaviour (``patch_um_ = None``: patches of
+``patch_px`` image pixels on every slide). The field of view, the training mpp
+and the identity of the encoder weights are saved with the model.
 """
 
 from __future__ import annotations
@@ -33,8 +46,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from he2st._utils import json_default_or_str
-from he2st.errors import He2stInputError, RandomWeightsWarning
+from he2st._utils import json_default_or_str, jsonable
+from he2st.errors import (
+    He2stInputError,
+    MissingImageError,
+    MissingMppError,
+    RandomWeightsWarning,
+    WeightsMismatchError,
+)
 
 #: Set while :meth:`Method.load` rebuilds a saved method: its encoder weights come from the saved
 #: state, so the pretrained file need not exist on this machine.
@@ -42,6 +61,9 @@ _LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("he2st_method_lo
 
 STATE_FILE = "state.safetensors"
 CONFIG_FILE = "method.json"
+
+#: The shared parameter of every method that reads image patches (see the module docstring).
+FIELD_OF_VIEW_DEFAULTS: dict[str, Any] = {"patch_um": None}
 
 
 @dataclass(frozen=True)
@@ -186,6 +208,15 @@ class Method(abc.ABC):
         self.genes: list[str] | None = None
         self.normalizer_: Any = None
         self.train_normalizer_: Any = None
+        #: Field of view of a patch in microns (None: patches in image pixels, the legacy behaviour).
+        self.patch_um_: float | None = None
+        #: Median microns per pixel of the training slides: the pixel frame of positions and windows.
+        self.train_mpp_: float | None = None
+        #: Encoder weights the model was trained with: ``{"encoder", "weights", "trained", "weights_id"}``.
+        self.encoder_ids_: list[dict[str, Any]] = []
+        um = merged.get("patch_um")
+        if um is not None and not (isinstance(um, (int, float)) and not isinstance(um, bool) and np.isfinite(um) and um > 0):
+            raise He2stInputError(f"method {self.name!r}: patch_um must be a positive number of microns or None, got {um!r}")
         self.check_weights()
 
     # -- encoder weights --------------------------------------------------
@@ -288,6 +319,8 @@ class Method(abc.ABC):
             )
         else:
             self.train_normalizer_ = Normalizer(train_method).fit(train_slides, self.genes)
+        self._fit_scale(train_slides)
+        self.encoder_ids_ = self._encoder_ids()
         self._warn_random_weights()
         self._fit(train_slides, list(val_slides) if val_slides else None)
         return self
@@ -343,6 +376,240 @@ class Method(abc.ABC):
         train = self.train_normalizer_ or self.normalizer_
         return train.convert(values, self.normalizer_, self.genes)
 
+    # -- physical scale and serving checks ------------------------------------------
+    @property
+    def reads_images(self) -> bool:
+        """Whether the method predicts from image patches (it has a ``patch_px`` parameter)."""
+        return "patch_px" in self.params
+
+    def _patch_px(self, slide: Any) -> int:
+        """Side of the patch given to the network for ``slide``, in output pixels."""
+        return int(self.params["patch_px"])
+
+    def _fit_scale(self, slides: Sequence[Any]) -> None:
+        """Set :attr:`patch_um_` and :attr:`train_mpp_` from the training slides (see the module docstring)."""
+        from he2st.data.slide import meta
+
+        self.patch_um_ = self.train_mpp_ = None
+        if not self.reads_images:
+            return
+        given = self.params.get("patch_um")
+        mpps = [meta(s).mpp for s in slides]
+        if given is None:
+            if not slides or any(m is None for m in mpps):
+                return  # legacy: patches in image pixels
+            self.patch_um_ = float(np.median([self._patch_px(s) * float(meta(s).mpp) for s in slides]))
+        else:
+            for s in slides:
+                self._slide_mpp(s, float(given))
+            self.patch_um_ = float(given)
+        self.train_mpp_ = float(np.median([float(m) for m in mpps]))
+
+    def _slide_mpp(self, slide: Any, patch_um: float | None = None) -> float:
+        """Microns per pixel of ``slide``; a specific error when unknown."""
+        from he2st.data.slide import meta
+
+        m = meta(slide)
+        if m.mpp is None:
+            um = self.patch_um_ if patch_um is None else patch_um
+            raise MissingMppError(
+                m.slide_id,
+                f"its microns per pixel are unknown (uns['he2st']['mpp'] is None), but method {self.name!r} "
+                f"reads patches of {um:g} um; set slide.uns['he2st']['mpp'] (from the scanner metadata, or "
+                "the spot pitch in microns divided by the pitch in pixels), or pass mpp= to the reader",
+            )
+        return float(m.mpp)
+
+    def read_mpp(self, slide: Any, size_px: int | None = None) -> float | None:
+        """The ``target_mpp`` to read ``slide``'s patches at, so that they cover :attr:`patch_um_` microns.
+
+        Parameters
+        ----------
+        slide
+            A slide AnnData.
+        size_px
+            Side of the output patch (default: :meth:`_patch_px` of the slide).
+
+        Returns
+        -------
+        float or None
+            ``patch_um_ / size_px``; None without a field of view (legacy pixels)
+            or when the slide's own pixels already give it (the read would
+            differ from ``size_px`` by under half a pixel: nothing is resampled
+            and feature-cache keys stay those of ``target_mpp=None``).
+
+        Raises
+        ------
+        he2st.errors.MissingMppError
+            The model has a field of view and the slide has no mpp.
+        """
+        if self.patch_um_ is None:
+            return None
+        size = self._patch_px(slide) if size_px is None else int(size_px)
+        mpp = self._slide_mpp(slide)
+        target = self.patch_um_ / size
+        if round(self.patch_um_ / mpp) == size or abs(mpp - target) <= 1e-6 * target:
+            return None
+        return target
+
+    def pixel_scale(self, slide: Any) -> float:
+        """Factor from ``slide``'s pixels to the training pixel frame (``slide mpp / train_mpp_``).
+
+        Spot coordinates, windows, radii and pixel positions of a slide are
+        multiplied by it, so they mean the same microns as during training. 1.0
+        without a field of view, or when the difference would move a patch by
+        under half a pixel.
+
+        Parameters
+        ----------
+        slide
+            A slide AnnData.
+
+        Returns
+        -------
+        float
+            The factor.
+        """
+        if self.patch_um_ is None or self.train_mpp_ is None:
+            return 1.0
+        f = self._slide_mpp(slide) / self.train_mpp_
+        return 1.0 if abs(f - 1.0) * self._patch_px(slide) < 0.5 else float(f)
+
+    def _encoder_ids(self) -> list[dict[str, Any]]:
+        """The weights identity of each encoder (sha256 of its file; None for a random init)."""
+        from he2st.encoders._base import weights_id
+
+        out = []
+        for u in self._weighted_encoders():
+            wid = None if u.weights is None else weights_id(u.encoder, u.weights)
+            out.append({"encoder": u.encoder, "weights": None if u.weights is None else str(u.weights),
+                        "trained": bool(u.trained), "weights_id": wid})
+        return out
+
+    def check_servable(self, slide: Any) -> None:
+        """Refuse a slide this model cannot predict, with a specific error.
+
+        Parameters
+        ----------
+        slide
+            The slide to predict (or train on).
+
+        Raises
+        ------
+        he2st.errors.MissingImageError
+            The method reads images and the slide has none.
+        he2st.errors.MissingMppError
+            The model has a field of view in microns and the slide has no mpp.
+        he2st.errors.WeightsMismatchError
+            A frozen encoder's weights file now differs (sha256) from the one
+            the model was trained with.
+        """
+        if not self.reads_images:
+            return
+        from he2st.data.slide import meta
+
+        m = meta(slide)
+        if not m.image_path:
+            raise MissingImageError(
+                m.slide_id,
+                f"has no image (uns['he2st']['image_path'] is None); method {self.name!r} predicts from the H&E "
+                "image of each spot",
+            )
+        if self.patch_um_ is not None:
+            self._slide_mpp(slide)
+        self.check_weights_identity()
+
+    def check_weights_identity(self) -> None:
+        """Check that every frozen encoder's weights file is the one the model was trained with.
+
+        Raises
+        ------
+        he2st.errors.WeightsMismatchError
+            A file's sha256 differs from the recorded one.
+        """
+        from he2st.encoders._base import resolve_weights, weights_id
+
+        if not self.encoder_ids_:
+            return  # not fitted, or saved before weights were recorded
+        for rec, use in zip(self.encoder_ids_, self._weighted_encoders()):
+            if use.trained or use.weights is None or not rec.get("weights_id"):
+                continue  # trained encoders carry their weights in the state; random inits have no file
+            now = weights_id(use.encoder, use.weights)
+            if use.encoder != rec.get("encoder") or now != rec["weights_id"]:
+                path = resolve_weights(use.encoder, use.weights)
+                raise WeightsMismatchError(
+                    f"method {self.name!r}: encoder {use.encoder!r} weights {str(use.weights)!r} resolve to "
+                    f"{str(path)!r} (sha256 {now[:16]}...), but the model was trained on features of "
+                    f"{rec.get('encoder')!r} weights with sha256 {rec['weights_id'][:16]}...; its predictions "
+                    "would be meaningless. Restore the training weights file (see $HE2ST_WEIGHTS_DIR) or refit "
+                    "the model"
+                )
+
+    def _serving_state(self) -> dict[str, Any]:
+        """What :meth:`save` records for serving: field of view, training mpp, encoder weights."""
+        return jsonable({"patch_um": self.patch_um_, "train_mpp": self.train_mpp_, "encoders": self.encoder_ids_})
+
+    def _set_serving_state(self, state: dict[str, Any] | None) -> None:
+        """Inverse of :meth:`_serving_state`; a model saved without it keeps the legacy pixel behaviour."""
+        state = state or {}
+        um, mpp = state.get("patch_um"), state.get("train_mpp")
+        self.patch_um_ = None if um is None else float(um)
+        self.train_mpp_ = None if mpp is None else float(mpp)
+        self.encoder_ids_ = [dict(e) for e in state.get("encoders", [])]
+
+    def card_info(self) -> dict[str, Any]:
+        """A read-only summary of the model for its model card.
+
+        Returns
+        -------
+        dict
+            ``method``, ``family``, ``paper``, ``params``, ``genes`` (None before
+            ``fit``), ``normalization``, ``train_normalization``, ``encoders``
+            (name, weights, trained, pretrained, ``weights_id``: the sha256 of the
+            weights file, or None for a random init or when unknown), ``patch_px``,
+            ``patch_um`` (field of view in microns, None for pixel patches),
+            ``train_mpp``, ``pretrained`` and ``fitted``; JSON values only.
+        """
+        fitted = self.genes is not None and self.normalizer_ is not None
+        if fitted:
+            norm = self.normalizer_.method
+            train_norm = (self.train_normalizer_ or self.normalizer_).method
+        else:
+            norm = self.params.get("normalization")
+            train_norm = self.params.get("train_normalization") or norm
+        from he2st.encoders._base import encoder_kind
+
+        recorded = list(self.encoder_ids_)
+        if not recorded:
+            recorded = [{"encoder": u.encoder, "weights": None if u.weights is None else str(u.weights),
+                         "trained": bool(u.trained), "weights_id": _known_weights_id(u)}
+                        for u in self._weighted_encoders()]
+        # Every encoder in the order the method uses them; statistics "encoders" (colour
+        # histograms) have no weights and are listed with weights_id None.
+        encoders, rec = [], iter(recorded)
+        for u in self.encoders():
+            if encoder_kind(u.encoder) == "stats":
+                e = {"encoder": u.encoder, "weights": None, "trained": False, "weights_id": None}
+            else:
+                e = next(rec, None) or {"encoder": u.encoder, "weights": None, "trained": bool(u.trained),
+                                        "weights_id": None}
+            encoders.append({**e, "pretrained": e.get("weights") is not None})
+        return jsonable({
+            "method": self.name,
+            "family": self.family,
+            "paper": self.paper,
+            "params": dict(self.params),
+            "genes": list(self.genes) if self.genes is not None else None,
+            "normalization": norm,
+            "train_normalization": train_norm,
+            "encoders": encoders,
+            "patch_px": self.params.get("patch_px"),
+            "patch_um": self.patch_um_,
+            "train_mpp": self.train_mpp_,
+            "pretrained": self.pretrained,
+            "fitted": fitted,
+        })
+
     # -- persistence ----------------------------------------------------
     @abc.abstractmethod
     def get_state(self) -> dict[str, np.ndarray]:
@@ -379,6 +646,7 @@ class Method(abc.ABC):
                 "normalizer": self.normalizer_.get_state(),
                 "train_normalizer": (self.train_normalizer_ or self.normalizer_).get_state(),
                 "extra": self.get_extra(),
+                "serving": self._serving_state(),
                 "he2st_version": _version(),
             }
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, default=json_default_or_str))
@@ -444,6 +712,7 @@ class Method(abc.ABC):
             obj.genes = [str(g) for g in config["genes"]]
             obj.normalizer_ = Normalizer.from_state(config["normalizer"])
             obj.train_normalizer_ = Normalizer.from_state(config.get("train_normalizer") or config["normalizer"])
+            obj._set_serving_state(config.get("serving"))
             obj.set_extra(config.get("extra", {}))
             obj.set_state(state)
         except He2stInputError:
@@ -472,6 +741,18 @@ def _gene_list(genes: Any) -> list[str]:
     if not names:
         raise He2stInputError("the gene panel is empty")
     return [str(g) for g in names]
+
+
+def _known_weights_id(use: EncoderUse) -> str | None:
+    """sha256 of an encoder's weights file when it can be resolved now, else None."""
+    if use.weights is None:
+        return None
+    try:
+        from he2st.encoders._base import weights_id
+
+        return weights_id(use.encoder, use.weights)
+    except He2stInputError:
+        return None
 
 
 def _version() -> str:

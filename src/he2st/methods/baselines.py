@@ -14,6 +14,10 @@
 All three are fitted on the training (and validation) slides only: the scaler,
 the PCA, the ridge weights, the retrieval bank and the target normalisation
 never see a test slide.
+
+``ridge`` and ``knn`` read every slide's patches at the model's field of view
+``patch_um`` (default: ``patch_px`` times the training slides' median microns
+per pixel; see :meth:`he2st.methods.base.Method.read_mpp`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import Capabilities, Method
+from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities, Method
 from he2st.methods.registry import register_method
 
 #: Ridge penalties searched by the inner cross-validation: 10^-2 ... 10^6 in half-decade steps.
@@ -37,6 +41,7 @@ _FEATURE_DEFAULTS: dict[str, Any] = {
     "patch_px": 224,
     "tta": False,
     "stain": None,
+    **FIELD_OF_VIEW_DEFAULTS,
 }
 
 
@@ -45,8 +50,9 @@ def _features(method: Method, slide: Any) -> np.ndarray:
     from he2st.methods.nn.inputs import encoder_inputs
 
     p = method.params
+    method.check_servable(slide)
     return encoder_inputs(slide, p["encoder"], p["weights"], p["patch_px"], tta=p["tta"],
-                          stain=getattr(method, "stain_", None), dtype=np.float64)
+                          stain=getattr(method, "stain_", None), dtype=np.float64, target_mpp=method.read_mpp(slide))
 
 
 def _fit_stain(method: Method, slides: Sequence[Any]) -> None:
@@ -61,7 +67,8 @@ def _fit_stain(method: Method, slides: Sequence[Any]) -> None:
     rng = np.random.default_rng(method.params["seed"])
     sample = []
     for s in slides:
-        patches = extract_patches(s, size_px=method.params["patch_px"]).images
+        size = int(method.params["patch_px"])
+        patches = extract_patches(s, size_px=size, target_mpp=method.read_mpp(s, size)).images
         take = rng.choice(len(patches), size=min(len(patches), 64), replace=False)
         sample.append(patches[np.sort(take)])
     method.stain_ = StainNormalizer(name).fit(np.concatenate(sample))  # type: ignore[attr-defined]

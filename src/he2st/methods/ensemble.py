@@ -111,6 +111,14 @@ class Ensemble(Method):
             warnings.simplefilter("ignore", RandomWeightsWarning)
             for i in range(int(self.params["n_members"])):
                 self.members_.append(self._member(i).fit(train_slides, self.genes, val_slides))
+        self._share_serving()
+
+    def _share_serving(self) -> None:
+        """The members' field of view and encoder weights (the same for all) as the ensemble's own."""
+        if self.members_:
+            first = self.members_[0]
+            self.patch_um_, self.train_mpp_ = first.patch_um_, first.train_mpp_
+            self.encoder_ids_ = list(first.encoder_ids_)
 
     def _predict_all(self, slide: Any) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation over the members (one pass for both)."""
@@ -156,6 +164,7 @@ class Ensemble(Method):
                     "normalizer": m.normalizer_.get_state(),
                     "train_normalizer": (m.train_normalizer_ or m.normalizer_).get_state(),
                     "extra": m.get_extra(),
+                    "serving": m._serving_state(),
                 }
                 for m in self.members_
             ]
@@ -170,5 +179,7 @@ class Ensemble(Method):
             m.genes = list(cfg["genes"])
             m.normalizer_ = Normalizer.from_state(cfg["normalizer"])
             m.train_normalizer_ = Normalizer.from_state(cfg.get("train_normalizer") or cfg["normalizer"])
+            m._set_serving_state(cfg.get("serving"))
             m.set_extra(cfg.get("extra", {}))
             self.members_.append(m)
+        self._share_serving()

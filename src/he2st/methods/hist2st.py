@@ -441,7 +441,7 @@ class Hist2ST(SlideRegressor):
     def _features(self, slide: Any) -> np.ndarray:
         """Frozen features ``(n, d)`` float32 of a slide, checked for shape and NaN/inf."""
         p = self.params
-        return encoder_inputs(slide, p["encoder"], p["weights"], int(p["patch_px"]))
+        return encoder_inputs(slide, p["encoder"], p["weights"], int(p["patch_px"]), target_mpp=self.read_mpp(slide))
 
     def _slide_inputs(self, slide: Any, train: bool) -> np.ndarray:
         if self.frozen:
@@ -476,7 +476,8 @@ class Hist2ST(SlideRegressor):
             self._encoder_cache = create_encoder(p["encoder"], weights=p["weights"])
         enc = self._encoder_cache
         aug = self.augmenter
-        images = extract_patches(slide, size_px=int(p["patch_px"])).images
+        size = int(p["patch_px"])
+        images = extract_patches(slide, size_px=size, target_mpp=self.read_mpp(slide, size)).images
         views = []
         with torch.no_grad():
             for _ in range(int(p["distill_views"])):

@@ -237,7 +237,9 @@ class HisToGene(SlideRegressor):
         import pandas as pd
 
         from he2st.image import open_image
+        from he2st.image.patches import read_size_px
         from he2st.methods.nn.graphs import spot_spacing
+        from he2st.methods.nn.inputs import resize_uint8
 
         self._require_model()
         if int(factor) != factor or factor < 1:
@@ -246,20 +248,27 @@ class HisToGene(SlideRegressor):
         if not m.image_path:
             raise He2stInputError(f"slide {m.slide_id!r}: predict_superres needs an image (uns['he2st']['image_path'] is empty)")
         base = self.slide_data(slide, train=False)
-        pitch = spot_spacing(base.coords)
+        # Sub-spot centres in the slide's own pixels (where the image is read); the model
+        # sees them in the training pixel frame, like the spots (``pixel_scale``).
+        xy = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+        pitch = spot_spacing(xy)
         step = ((np.arange(factor) + 0.5) / factor - 0.5) * pitch
         offs = np.array([(dx, dy) for dy in step for dx in step], dtype=np.float64)
         parent = np.repeat(np.arange(base.n), len(offs))
-        centres = np.repeat(base.coords, len(offs), axis=0) + np.tile(offs, (base.n, 1))
+        centres = np.repeat(xy, len(offs), axis=0) + np.tile(offs, (base.n, 1))
         size = int(self.params["patch_px"])
-        patches = np.empty((len(centres), size, size, 3), dtype=np.uint8)
+        target = self.read_mpp(slide, size)
+        read = size if target is None else read_size_px(size, target, meta(slide).mpp, m.slide_id)
+        patches = np.empty((len(centres), read, read, 3), dtype=np.uint8)
         with open_image(m.image_path) as img:
             for i, (x, y) in enumerate(centres):
-                patches[i] = img.read_region(int(np.floor(x)) - size // 2, int(np.floor(y)) - size // 2, size, size)
+                patches[i] = img.read_region(int(np.floor(x)) - read // 2, int(np.floor(y)) - read // 2, read, read)
+        if read != size:
+            patches = resize_uint8(patches, size)
         sub = SlideData(
             slide_id=f"{m.slide_id}:superres{factor}",
             inputs=patches,
-            coords=centres,
+            coords=centres * self.pixel_scale(slide),
             grid=base.grid[parent],
         )
         pred = self.to_eval_scale(self._predict_data(sub))

@@ -17,8 +17,8 @@ from typing import Any
 from he2st.errors import ImageError
 
 #: Extensions handled by OpenSlide (vendor whole-slide formats). Plain ``.tif``
-#: files go to tifffile even when OpenSlide could read them: tifffile + zarr
-#: gives tile-level random access without a native dependency.
+#: files go to tifffile even when OpenSlide could read them: tifffile's segment
+#: reads give tile-level random access without a native dependency.
 OPENSLIDE_EXTS = frozenset({".svs", ".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide"})
 TIFF_EXTS = frozenset({".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8", ".qptiff"})
 

@@ -2,9 +2,9 @@
 
 tifffile decodes only the tiles (or strips) that overlap the region, straight
 from the file's segment offsets, with a small per-image LRU of decoded tiles so
-neighbouring spots do not decode the same tile twice. (tifffile's ``aszarr``
-needs zarr>=3 from tifffile 2025 on, and he2st pins zarr 2 for anndata; reading
-the segments directly needs neither.) Uncompressed, contiguous, untiled pages
+neighbouring spots do not decode the same tile twice. (Reading the segments
+directly needs no zarr store, unlike tifffile's ``aszarr``, and keeps he2st out
+of the zarr 2/3 question.) Uncompressed, contiguous, untiled pages
 are memory-mapped.
 """
 

@@ -62,6 +62,15 @@ authors select by cosine similarity and weight by another distance: mclSTExp
 (eq. 14-16) by inverse squared Euclidean distance, BLEEP's
 ``weighted_average`` by ``exp(-d^2)`` (``aggregation="softmax"``,
 ``weight_metric="l2"``).
+
+Physical scale
+--------------
+``patch_um`` (default None: ``patch_px`` times the training slides' median
+microns per pixel) is the field of view of a spot's patch; features, tokens and
+finetuning patches of every slide are read at ``patch_um_ / patch_px`` microns
+per pixel (:meth:`he2st.methods.base.Method.read_mpp`), and pixel positions
+(``position_source="pixel"``) are expressed in the training slides' pixels.
+Prediction needs only the image: the bank holds the expression.
 """
 
 from __future__ import annotations
@@ -76,7 +85,7 @@ from torch import nn
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import Capabilities, Method
+from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities, Method
 from he2st.methods.nn.inputs import image_inputs, make_augmenter, to_unit, unit_batch
 from he2st.methods.nn.train import (
     MODES,
@@ -138,6 +147,7 @@ CONTRASTIVE_DEFAULTS: dict[str, Any] = {
     "exclude_test_patient": "auto",
     "on_bank_overlap": "error",
     "device": "auto",
+    **FIELD_OF_VIEW_DEFAULTS,
 }
 
 
@@ -300,15 +310,20 @@ class ContrastiveRetrieval(Method):
     def _positions(self, slide: Any) -> np.ndarray:
         """``(n, 2)`` int64 spot coordinates (x, y): array col/row, or rounded pixels."""
         if self.params.get("position_source", "array") == "pixel":
-            return np.rint(np.asarray(slide.obsm["spatial"], dtype=np.float64)).astype(np.int64)
+            # An expression-only reference slide may lack mpp: its pixels are taken as they are.
+            scale = self.pixel_scale(slide) if meta(slide).mpp is not None else 1.0
+            xy = np.asarray(slide.obsm["spatial"], dtype=np.float64) * scale
+            return np.rint(xy).astype(np.int64)
         return np.stack([slide.obs["array_col"].to_numpy(), slide.obs["array_row"].to_numpy()], axis=1).astype(np.int64)
 
     def _image_inputs(self, slide: Any) -> np.ndarray:
         """Frozen features ``(n, d)`` / tokens ``(n, T, D)``, or uint8 patches in finetune mode."""
         p = self.params
+        self.check_servable(slide)
         return image_inputs(
             slide, p["mode"], p["encoder"], p["weights"], int(p["patch_px"]), input_px=p["input_px"],
             tokens=self.input_kind == "tokens", dim=self._net_spec.get("feature_dim") if p["mode"] == "frozen" else None,
+            target_mpp=self.read_mpp(slide),
         )
 
     def _augmenter(self) -> Any:

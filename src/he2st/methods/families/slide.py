@@ -49,6 +49,18 @@ sample of its own, as in the benchmark paper, and a 4000 px window spans far
 fewer than the tables' 64 grid steps, so positions stay distinct where a whole
 Visium slide (128 x 78 steps, more spots than 64 x 64 cells) could not.
 
+Physical scale
+--------------
+``patch_um`` (default None: ``patch_px`` times the training slides' median
+microns per pixel) is the field of view of a spot's patch; every slide's
+patches are read at ``patch_um_ / patch_px`` microns per pixel
+(:meth:`he2st.methods.base.Method.read_mpp`). Spot coordinates are expressed
+in the pixel frame of the training slides (multiplied by ``slide mpp /
+train_mpp_``, :meth:`he2st.methods.base.Method.pixel_scale`), so ``window_px``,
+``attention_radius`` and k-nearest attention mean the same microns on a slide
+scanned at another resolution. Prediction needs only the image and the spot
+positions: an image-only slide (no genes) is predicted like any other.
+
 Targets
 -------
 The network trains on ``train_normalization`` (the paper's scale; for
@@ -84,7 +96,7 @@ from torch import nn
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import Capabilities, Method
+from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities, Method
 from he2st.methods.nn.graphs import grid_positions, knn_graph
 from he2st.methods.nn.inputs import make_augmenter
 from he2st.methods.nn.train import (
@@ -129,6 +141,7 @@ SLIDE_DEFAULTS: dict[str, Any] = {
     "window_min_spots": 1000,
     "window_overlap": 0.5,
     "device": "auto",
+    **FIELD_OF_VIEW_DEFAULTS,
 }
 
 
@@ -279,7 +292,8 @@ class SlideRegressor(Method):
         """Per-spot model inputs: uint8 patches ``(n, S, S, 3)`` by default."""
         from he2st.image import extract_patches
 
-        return extract_patches(slide, size_px=int(self.params["patch_px"])).images
+        size = int(self.params["patch_px"])
+        return extract_patches(slide, size_px=size, target_mpp=self.read_mpp(slide, size)).images
 
     def _slide_extras(self, slide: Any, train: bool) -> dict[str, np.ndarray]:
         """Extra per-spot arrays needed by the loss (training only)."""
@@ -315,9 +329,11 @@ class SlideRegressor(Method):
         Returns
         -------
         SlideData
-            The slide's per-spot arrays.
+            The slide's per-spot arrays; ``coords`` in the training pixel frame
+            (:meth:`he2st.methods.base.Method.pixel_scale`).
         """
         m = meta(slide)
+        self.check_servable(slide)
         grid = np.stack(
             [np.asarray(slide.obs["array_col"], dtype=np.int64), np.asarray(slide.obs["array_row"], dtype=np.int64)], axis=1
         )
@@ -327,7 +343,7 @@ class SlideRegressor(Method):
         return SlideData(
             slide_id=m.slide_id,
             inputs=inputs,
-            coords=np.asarray(slide.obsm["spatial"], dtype=np.float64),
+            coords=np.asarray(slide.obsm["spatial"], dtype=np.float64) * self.pixel_scale(slide),
             grid=grid,
             targets=np.asarray(self.train_targets(slide), dtype=np.float32) if train else None,
             extras=self._slide_extras(slide, train) if train else {},

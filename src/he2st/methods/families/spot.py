@@ -47,6 +47,14 @@ the members' spread measures the sampling uncertainty of the fit too).
 ``scheduler`` (``"none"``, ``"cosine"``, ``"step"``, with ``lr_min``,
 ``lr_step``, ``lr_gamma``) sets the learning-rate schedule
 (:func:`he2st.methods.nn.train.scheduled_lr`).
+
+Physical scale
+--------------
+``patch_um`` (default None: ``patch_px`` times the training slides' median
+microns per pixel) is the field of view of a patch in microns; every slide is
+read at ``patch_um_ / patch_px`` microns per pixel
+(:meth:`he2st.methods.base.Method.read_mpp`), in both modes, before the stain
+normaliser, the augmentation and the encoder see it.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ from torch import nn
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st._utils import jsonable
-from he2st.methods.base import Capabilities, Method
+from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities, Method
 from he2st.methods.nn.inputs import BackboneModel, FeatureModel, image_inputs, make_augmenter, to_unit, unit_batch
 from he2st.methods.nn.train import (
     MODES,
@@ -109,6 +117,7 @@ SPOT_DEFAULTS: dict[str, Any] = {
     "standardize": True,
     "stain_fit_spots": 64,
     "device": "auto",
+    **FIELD_OF_VIEW_DEFAULTS,
 }
 
 
@@ -135,7 +144,7 @@ class SpotRegressor(Method):
         self.in_dim_: int | None = None
         self.stain_: Any = None
         self.history_: list[dict[str, Any]] = []
-        self._patch_memo: dict[tuple[str, int], Any] = {}
+        self._patch_memo: dict[tuple[str, int, float | None], Any] = {}
         self._extra: dict[str, Any] = {}
         self._loading = False
 
@@ -171,7 +180,7 @@ class SpotRegressor(Method):
         return None
 
     def _patch_px(self, slide: Any) -> int:
-        """Side of the patch cut around each spot, in image pixels."""
+        """Side of the patch given to the encoder, in pixels (it covers ``patch_um_`` microns when set)."""
         return int(self.params["patch_px"])
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
@@ -341,10 +350,11 @@ class SpotRegressor(Method):
         from he2st.image import extract_patches
 
         size = self._patch_px(slide)
-        key = (meta(slide).slide_id, size)
+        target = self.read_mpp(slide, size)
+        key = (meta(slide).slide_id, size, target)
         if key in self._patch_memo:
             return self._patch_memo[key]
-        patches = extract_patches(slide, size_px=size)
+        patches = extract_patches(slide, size_px=size, target_mpp=target)
         self._patch_memo[key] = patches
         return patches
 
@@ -352,10 +362,12 @@ class SpotRegressor(Method):
         """Frozen features ``(n, d)`` float32, or patches ``(n, S, S, 3)`` uint8 in finetune mode."""
         p = self.params
         frozen = p["mode"] == "frozen"
+        self.check_servable(slide)
+        size = self._patch_px(slide)
         return image_inputs(
-            slide, p["mode"], p["encoder"], p["weights"], self._patch_px(slide), input_px=p["input_px"],
+            slide, p["mode"], p["encoder"], p["weights"], size, input_px=p["input_px"],
             tta=bool(p["tta"]), stain=self.stain_, dim=self.in_dim_ if frozen else None,
-            patches=None if frozen else self._patches(slide),
+            patches=None if frozen else self._patches(slide), target_mpp=self.read_mpp(slide, size),
         )
 
     def _fit_stain(self, slides: list[Any]) -> Any:

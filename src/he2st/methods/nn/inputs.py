@@ -95,6 +95,7 @@ def encoder_inputs(
     stain: Any = None,
     dim: int | None = None,
     dtype: Any = np.float32,
+    target_mpp: float | None = None,
 ) -> np.ndarray:
     """Cached frozen features ``(n, d)`` or tokens ``(n, T, D)`` of a slide, checked.
 
@@ -112,6 +113,10 @@ def encoder_inputs(
         Width the model was trained on (checked when given).
     dtype
         Output dtype; None keeps the cache's own (tokens may be memory-mapped).
+    target_mpp
+        Resample the patches to this many microns per pixel (a method's
+        :meth:`~he2st.methods.base.Method.read_mpp`); None reads ``patch_px``
+        image pixels. Part of the feature-cache key only when not None.
 
     Returns
     -------
@@ -120,10 +125,13 @@ def encoder_inputs(
     """
     from he2st.encoders import get_features, get_tokens
 
+    # target_mpp is passed only when set, so that callers (and test doubles) of the
+    # pixel-only signature see exactly the calls they saw before.
+    extra = {} if target_mpp is None else {"target_mpp": float(target_mpp)}
     if tokens:
-        raw = get_tokens(slide, encoder, weights=weights, patch_px=patch_px, stain=stain)
+        raw = get_tokens(slide, encoder, weights=weights, patch_px=patch_px, stain=stain, **extra)
     else:
-        raw = get_features(slide, encoder=encoder, weights=weights, patch_px=patch_px, tta=tta, stain=stain)
+        raw = get_features(slide, encoder=encoder, weights=weights, patch_px=patch_px, tta=tta, stain=stain, **extra)
     x = np.asarray(raw) if dtype is None else np.asarray(raw, dtype=dtype)
     return check_encoder_inputs(x, slide, encoder, what="tokens" if tokens else "features", ndim=3 if tokens else 2, dim=dim)
 
@@ -241,6 +249,7 @@ def image_inputs(
     stain: Any = None,
     dim: int | None = None,
     patches: Any = None,
+    target_mpp: float | None = None,
 ) -> np.ndarray:
     """A slide's network inputs: frozen encoder outputs, or patches for finetuning.
 
@@ -262,6 +271,8 @@ def image_inputs(
     patches
         Already extracted :class:`he2st.image.Patches` of the slide (finetune
         mode; extracted here when None).
+    target_mpp
+        Microns per pixel to resample the patches to (see :func:`encoder_inputs`).
 
     Returns
     -------
@@ -270,11 +281,11 @@ def image_inputs(
     """
     if mode == "frozen":
         return encoder_inputs(slide, encoder, weights, patch_px, tokens=tokens, tta=tta, stain=stain, dim=dim,
-                              dtype=None if tokens else np.float32)
+                              dtype=None if tokens else np.float32, target_mpp=target_mpp)
     if patches is None:
         from he2st.image import extract_patches
 
-        patches = extract_patches(slide, size_px=patch_px)
+        patches = extract_patches(slide, size_px=patch_px, target_mpp=target_mpp)
     images = np.asarray(patches.images)
     if stain is not None:
         images = stain.transform(images)

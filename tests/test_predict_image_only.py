@@ -1,0 +1,81 @@
+"""Every registered method predicts an image-only slide (no genes, no counts) as it predicts the slide itself.
+
+A slide that was never sequenced is what a trained model is for: spot methods predict it
+patch by patch, slide methods over its spots (graphs, windows, attention), retrieval
+methods against the bank they saved. One fit per method, on tiny settings.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from he2st.data.slide import make_slide, meta
+from he2st.methods import create_method, list_methods
+
+FEAT = {"encoder": "color_stats", "weights": None, "patch_px": 32}
+SLIDE = {"patch_px": 32, "depth": 1, "heads": 2, "dim_head": 8, "epochs": 2, "lr": 1e-3}
+
+#: The tiny settings of every registered method (a new method must add its own here);
+#: ``name@variant`` is another configuration of ``name``.
+CONFIGS: dict[str, dict] = {
+    "mean": {},
+    "ridge": {**FEAT, "alphas": [1.0, 100.0]},
+    "knn": {**FEAT, "k": 5},
+    "stnet": {**FEAT, "epochs": 2, "lr": 1e-3, "tta": False},
+    "deepspace": {"encoder": "color_stats", "weights": None, "epochs": 2, "lr": 1e-3},
+    "stimage": {**FEAT, "epochs": 2, "n_models": 2, "lr": 1e-2, "stain": "macenko"},
+    "histogene": {**SLIDE, "dim": 32, "mlp_dim": 32},
+    # Windows (3 x 3 spot pitches) and local attention: the large-slide path.
+    "histogene@windows": {**SLIDE, "dim": 32, "mlp_dim": 32, "window_px": 96.0, "window_min_spots": 10,
+                          "attention": "knn", "attention_k": 8},
+    "hist2st": {**SLIDE, "patch_size": 8, "channel": 8, "gnn_depth": 1, "distill_views": 1},
+    "thitogene": {**SLIDE, "stem_stride": 2, "caps": 4, "route_dim": 8, "gat_heads": 2, "mlp_dim": 32,
+                  "gat_hidden": 16, "gat_out": 16, "head_hidden": 16},
+    "bleep": {**FEAT, "epochs": 2, "batch_size": 32, "top_k": 5},
+    "mclstexp": {**FEAT, "epochs": 2, "batch_size": 32, "top_k": 5, "max_positions": 64},
+    "cmrcnet": {"encoder": "convmixer", "weights": None, "patch_px": 32, "epochs": 1, "batch_size": 32, "top_k": 5,
+                "embed_dim": 32, "recon_dim": 32},
+    "ensemble": {"method": "ridge", "n_members": 2, "params": {**FEAT, "alphas": [1.0]}},
+}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from he2st.datasets import synthetic
+
+    return synthetic(n_slides=3, n_spots=40, n_genes=10, patch_px=32, seed=5, root=tmp_path_factory.mktemp("syn"))
+
+
+def image_only(slide):
+    """The slide as a never-sequenced section: same image, spots and scale; no genes, counts=False."""
+    m = meta(slide)
+    return make_slide(
+        None, list(slide.obs_names), [], np.asarray(slide.obsm["spatial"]), slide_id=m.slide_id, patient=m.patient,
+        image_path=m.image_path, spot_diameter_px=m.spot_diameter_px, mpp=m.mpp, scale=m.scale,
+        array_row=slide.obs["array_row"].to_numpy(), array_col=slide.obs["array_col"].to_numpy(), counts=False,
+    )
+
+
+def test_every_registered_method_has_a_config() -> None:
+    names = {label.split("@")[0] for label in CONFIGS}
+    assert set(list_methods()) <= names, sorted(set(list_methods()) - names)
+
+
+@pytest.mark.filterwarnings("ignore::he2st.errors.RandomWeightsWarning")
+@pytest.mark.parametrize("label", sorted(CONFIGS))
+def test_image_only_slide_predicts_like_the_slide(label: str, small) -> None:
+    name = label.split("@")[0]
+    if name not in list_methods():
+        pytest.skip(f"{name} is not registered")
+    genes = list(map(str, small[0].var_names))
+    model = create_method(name, **CONFIGS[label]).fit(list(small[:2]), genes)
+    test = small[2]
+    bare = image_only(test)
+    assert meta(bare).image_only and bare.n_vars == 0
+    want = model.predict(test)
+    got = model.predict(bare)
+    assert got.shape == (test.n_obs, len(genes))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=label)
+    if model.capabilities.uncertainty:
+        np.testing.assert_allclose(model.predict_uncertainty(bare), model.predict_uncertainty(test), rtol=1e-5, atol=1e-5)
