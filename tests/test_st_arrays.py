@@ -88,3 +88,23 @@ def test_visium_crop_records_mpp_source(squidpy_root) -> None:
 
     s = visium_mouse_brain_crop(squidpy_root)
     assert s.uns["he2st"]["mpp_source"]
+
+
+def test_visium_inferred_mpp_warns_and_user_mpp_does_not(shared_data) -> None:
+    # A real Space Ranger v1 output: µm per pixel from the 100 µm spot lattice, with a warning;
+    # a value the user gives is recorded as such, silently.
+    import warnings
+
+    from he2st.errors import InferredMppWarning
+    from he2st.io import read_visium
+
+    outs = shared_data / "visium_mouse_muscle_scmuscle" / "Vis5A_2dpi"
+    if not (outs / "filtered_feature_bc_matrix.h5").is_file():
+        pytest.skip(f"{outs} is absent")
+    with pytest.warns(InferredMppWarning, match=r"µm per pixel inferred \(Visium array, 100 µm spot pitch\)"):
+        s = read_visium(outs)
+    assert s.uns["he2st"]["mpp_source"] == "lattice:Visium array, 100 µm spot pitch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InferredMppWarning)
+        t = read_visium(outs, mpp=s.uns["he2st"]["mpp"])
+    assert t.uns["he2st"]["mpp_source"] == "user"

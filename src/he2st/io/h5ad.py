@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from he2st.errors import SlideError
+from he2st.errors import InferredMppWarning, SlideError
 from he2st.io._common import (
     PathLike,
     check_count_values,
@@ -222,6 +222,12 @@ def slide_from_anndata(
             mpp = _VISIUM_SPOT_UM / float(spot_diameter_px)
             mpp_source = "spot:Visium 55 µm spot diameter / scalefactors spot_diameter_fullres"
             notes.append("mpp = 55 µm / Visium spot diameter")
+            warnings.warn(
+                f"slide {sid!r}: {mpp:.4g} µm per pixel inferred (Visium 55 µm spot diameter / "
+                "scalefactors spot_diameter_fullres); pass mpp= if the scanner's value is known",
+                InferredMppWarning,
+                stacklevel=3,
+            )
 
     if image is None and prior.get("image_path"):
         if Path(prior["image_path"]).is_file():

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from he2st.errors import SlideError
+from he2st.errors import InferredMppWarning, SlideError
 from he2st.io._common import (
     READ_ERRORS,
     MissingFileError,
@@ -201,6 +201,12 @@ def read_visium(
         else:
             mpp = VISIUM_SPOT_DIAMETER_UM / float(spot_diameter_px)
             mpp_source = "spot:Visium 55 µm spot diameter / scalefactors spot_diameter_fullres"
+        warnings.warn(
+            f"slide {sid!r}: {mpp:.4g} µm per pixel inferred ({mpp_source.split(':', 1)[1]}); "
+            "pass mpp= if the scanner's value is known",
+            InferredMppWarning,
+            stacklevel=2,
+        )
 
     in_tissue = positions[positions["in_tissue"] == 1]
     n_off = len(positions) - len(in_tissue)
