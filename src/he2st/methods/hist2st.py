@@ -237,7 +237,8 @@ class Hist2ST(SlideRegressor):
     code (``biomed-AI/Hist2ST``, ``HIST2ST_train.py`` defaults); target scale
     and its sources: ``docs/fidelity.md#hist2st-target-scale``:
 
-    - a 112 x 112 px patch per spot, scaled to [0, 1];
+    - a 112 x 112 px patch per spot, scaled to [0, 1] (``pixel_scale="unit"``; the
+      authors' dataset code feeds raw 0-255 values, ``pixel_scale="uint8"``);
     - ConvMixer (:func:`he2st.encoders.create_encoder` ``"convmixer"``):
       7 x 7 stride-7 patch embedding to 32 channels, 2 blocks with 5 x 5
       depthwise convolutions, a 1 x 1 reduction to 4 channels, flattened:
@@ -309,7 +310,7 @@ class Hist2ST(SlideRegressor):
     convmixer_depth=2, dim=1024 (pretrained encoders; the ConvMixer's width is
     fixed by its shape), depth=8, heads=16, dim_head=64, mlp_dim=None (= dim),
     dropout=0.2, n_pos=64, pos_init_std=1.0, gnn_depth=4, neighbors=4, graph_max_distance=2.0,
-    zinb_weight=0.25, distill_views=5, distill_weight=0.5, augment="hist2st",
+    zinb_weight=0.25, distill_views=5, distill_weight=0.5, augment="hist2st", pixel_scale="unit",
     regclass=False, gamma=1.0 (the paper sweeps gamma and states no default),
     cls_hidden=[256, 128, 64], allow_unlabeled=False, gat=False, gat_layers=4,
     gat_heads=8, gat_variant="shared", epochs=350, lr=1e-5, optimizer="adam", weight_decay=0.0,
@@ -351,6 +352,7 @@ class Hist2ST(SlideRegressor):
         "distill_views": 5,
         "distill_weight": 0.5,
         "augment": "hist2st",
+        "pixel_scale": "unit",
         "regclass": False,
         "gamma": 1.0,
         "cls_hidden": [256, 128, 64],
@@ -538,10 +540,14 @@ class Hist2ST(SlideRegressor):
                 model.feat_scale.copy_(torch.from_numpy(np.where(sd > 1e-8, sd, 1.0)).float())
 
     def _inputs(self, batch: SlideBatch) -> torch.Tensor:
+        # Pixels on [0, 1] here (augmentation works on them); _net_input applies pixel_scale.
         return batch.inputs if self.frozen else to_unit(batch.inputs)
 
+    def _net_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.frozen else self._scale_pixels(x)
+
     def _forward(self, model: nn.Module, batch: SlideBatch) -> torch.Tensor:
-        return model(self._inputs(batch), batch.positions, batch.edge_index, batch.neighbors)
+        return model(self._net_input(self._inputs(batch)), batch.positions, batch.edge_index, batch.neighbors)
 
     def loss_terms(self, model: nn.Module, batch: SlideBatch) -> dict[str, torch.Tensor]:
         """The unweighted loss terms of one slide or window: ``mse``, ``zinb``, ``distill``, ``ce``.
@@ -566,7 +572,7 @@ class Hist2ST(SlideRegressor):
         """
         p = self.params
         x = self._inputs(batch)
-        h = model.embed(x, batch.positions, batch.edge_index, batch.neighbors)
+        h = model.embed(self._net_input(x), batch.positions, batch.edge_index, batch.neighbors)
         pred = model.gene_head(h)
         terms = {"mse": F.mse_loss(pred, batch.targets)}
         if model.zinb is not None:
@@ -578,7 +584,7 @@ class Hist2ST(SlideRegressor):
             aug = None if self.frozen else self.augmenter
             for v in range(int(p["distill_views"])):
                 xv = batch.extras["views"][:, v] if self.frozen else (aug(x) if aug is not None else x)
-                hv = model.embed(xv, batch.positions, batch.edge_index, batch.neighbors)
+                hv = model.embed(self._net_input(xv), batch.positions, batch.edge_index, batch.neighbors)
                 preds.append(model.gene_head(hv))
                 weights.append(model.coef(hv))
             w = torch.softmax(torch.stack(weights), dim=0)  # (V, n, 1): softmax over views per spot

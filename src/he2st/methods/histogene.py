@@ -18,14 +18,9 @@ from he2st.methods.families.slide import (
     SlideData,
     SlideRegressor,
 )
-from he2st.methods.nn.inputs import to_unit
 from he2st.methods.nn.transformer import SpotTransformer
 
 __all__ = ["HisToGene", "HisToGeneNet"]
-
-#: ``pixel_scale`` values: the code's raw 0-255 pixels, or pixels divided by 255.
-PIXEL_SCALES = ("uint8", "unit")
-
 
 class HisToGeneNet(nn.Module):
     """Patch embedding + x/y position embeddings -> Transformer -> linear gene head.
@@ -180,19 +175,6 @@ class HisToGene(SlideRegressor):
         "pixel_scale": "uint8",
         "train_normalization": "hist2st_lognorm",
     }
-
-    def _check_params(self) -> None:
-        super()._check_params()
-        if self.params["pixel_scale"] not in PIXEL_SCALES:
-            raise He2stInputError(f"method 'histogene': pixel_scale must be one of {PIXEL_SCALES}, got {self.params['pixel_scale']!r}")
-
-    def _pixels(self, x_uint8: torch.Tensor, train: bool) -> torch.Tensor:
-        """uint8 ``(n, S, S, 3)`` -> float ``(n, 3, S, S)`` on the ``pixel_scale``, augmented when ``train``."""
-        x = to_unit(x_uint8)
-        if train and self.augmenter is not None:
-            x = self.augmenter(x)  # the augmentation operations work on [0, 1] images
-        # The original feeds raw 0-255 values (see the class docstring).
-        return x * 255.0 if self.params["pixel_scale"] == "uint8" else x
 
     def _build_model(self) -> nn.Module:
         p = self.params

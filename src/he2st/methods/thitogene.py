@@ -13,7 +13,6 @@ from he2st.methods.registry import register_method
 from he2st.methods.nn.capsules import EfficientCapsNet
 from he2st.methods.nn.dynconv import ODConv2d
 from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor
-from he2st.methods.nn.inputs import to_unit
 from he2st.methods.nn.transformer import SpotTransformer
 
 __all__ = ["POSITION_MODES", "THItoGene", "THItoGeneGAT", "THItoGeneNet", "stem_stride"]
@@ -254,11 +253,12 @@ class THItoGene(SlideRegressor):
     torch's default, dwarf the squashed capsules (norm < 1) and the network
     memorises positions; ``pos_init_std=0.02`` (ViT-style) avoids that.
 
-    Departures: patches are scaled to [0, 1] (the authors' code feeds 0-255
-    pixel values); targets are he2st's ``cpm_log1p`` (the code: library size
-    to 10,000 and log10(1 + x)); large slides are windowed and attention may
-    be local (see :mod:`he2st.methods.families.slide`); positions on slides
-    spanning more than 64 array units are rescaled into the tables.
+    Departures: patches are scaled to [0, 1] (``pixel_scale="unit"``; the
+    authors' code feeds 0-255 pixel values, ``pixel_scale="uint8"``); targets
+    are Hist2ST's (``train_normalization="hist2st_lognorm"``, scored on
+    ``cpm_log1p``); large slides are windowed and attention may be local (see
+    :mod:`he2st.methods.families.slide`); positions on slides spanning more than
+    64 array units are rescaled into the tables.
 
     Defaults
     --------
@@ -267,7 +267,7 @@ class THItoGene(SlideRegressor):
     n_pos=64, positions="concat", pos_init_std=1.0, depth=4, heads=16,
     dim_head=64, mlp_dim=2048, dropout=0.2, gat_heads=8, gat_hidden=1024,
     gat_out=512, gat_slope=0.01, head_hidden=1024, stem_stride=None (auto),
-    neighbors=4, graph_max_distance=None, augment="none", epochs=300,
+    neighbors=4, graph_max_distance=None, augment="none", pixel_scale="unit", epochs=300,
     lr=1e-5, optimizer="adam", weight_decay=0.0, grad_clip=None,
     patience=None, attention="full", attention_k=64, attention_radius=None,
     window_px=4000.0, window_min_spots=1000, window_overlap=0.5,
@@ -301,6 +301,7 @@ class THItoGene(SlideRegressor):
         "stem_stride": None,
         "graph_max_distance": None,
         "augment": "none",
+        "pixel_scale": "unit",
         "train_normalization": "hist2st_lognorm",
         "epochs": 300,
         "lr": 1e-5,
@@ -330,10 +331,8 @@ class THItoGene(SlideRegressor):
         )
 
     def _loss(self, model: nn.Module, batch: SlideBatch) -> torch.Tensor:
-        x = to_unit(batch.inputs)
-        if self.augmenter is not None:
-            x = self.augmenter(x)
+        x = self._pixels(batch.inputs, train=True)
         return F.mse_loss(model(x, batch.positions, batch.edge_index, batch.neighbors), batch.targets)
 
     def _forward(self, model: nn.Module, batch: SlideBatch) -> torch.Tensor:
-        return model(to_unit(batch.inputs), batch.positions, batch.edge_index, batch.neighbors)
+        return model(self._pixels(batch.inputs, train=False), batch.positions, batch.edge_index, batch.neighbors)

@@ -98,7 +98,7 @@ from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities, Method
 from he2st.methods.nn.graphs import grid_positions, knn_graph
-from he2st.methods.nn.inputs import make_augmenter
+from he2st.methods.nn.inputs import make_augmenter, to_unit
 from he2st.methods.nn.train import (
     default_device,
     fit_module,
@@ -119,6 +119,10 @@ from he2st.methods.nn.windows import (
 )
 
 __all__ = ["SLIDE_DEFAULTS", "SlideBatch", "SlideData", "SlideRegressor"]
+
+#: ``pixel_scale`` values of the pixel-input slide methods: the originals' raw 0-255
+#: values ("uint8") or pixels divided by 255 ("unit").
+PIXEL_SCALES = ("uint8", "unit")
 
 #: Keys every :class:`SlideRegressor` understands; subclasses give their paper's values in ``defaults``.
 SLIDE_DEFAULTS: dict[str, Any] = {
@@ -299,9 +303,30 @@ class SlideRegressor(Method):
         """Extra per-spot arrays needed by the loss (training only)."""
         return {}
 
+    # -- pixels ---------------------------------------------------------------------
+    def _scale_pixels(self, x_unit: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels -> the network's input scale.
+
+        ``pixel_scale="uint8"``: the originals' raw 0-255 values; ``"unit"`` (or a
+        method without the parameter): unchanged.
+        """
+        return x_unit * 255.0 if self.params.get("pixel_scale", "unit") == "uint8" else x_unit
+
+    def _pixels(self, x_uint8: torch.Tensor, train: bool) -> torch.Tensor:
+        """uint8 ``(n, S, S, 3)`` -> float ``(n, 3, S, S)`` on the ``pixel_scale``, augmented when ``train``.
+
+        Augmentation works on [0, 1] images, before the scale is applied.
+        """
+        x = to_unit(x_uint8)
+        if train and self.augmenter is not None:
+            x = self.augmenter(x)
+        return self._scale_pixels(x)
+
     # -- checks ---------------------------------------------------------------------
     def _check_params(self) -> None:
         p = self.params
+        if "pixel_scale" in p and p["pixel_scale"] not in PIXEL_SCALES:
+            raise He2stInputError(f"method {self.name!r}: pixel_scale must be one of {PIXEL_SCALES}, got {p['pixel_scale']!r}")
         if p["attention"] not in ATTENTION_MODES:
             raise He2stInputError(f"method {self.name!r}: attention must be one of {ATTENTION_MODES}, got {p['attention']!r}")
         if p["attention"] == "radius" and not (p["attention_radius"] and float(p["attention_radius"]) > 0):
