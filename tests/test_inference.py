@@ -292,3 +292,28 @@ def test_demo_prediction_uses_the_best_method_and_draws_its_best_genes(tmp_path,
     with Image.open(info["maps"][0]) as im:
         assert np.asarray(im.convert("RGB")).std() > 10
     assert "predicts syn3 from its image alone" in format_prediction(info)
+
+
+def test_predict_from_an_image_path(cohort4, model, tmp_path):
+    # he2st.predict(model, "image"): the image on a grid like the training spots (the card's layout);
+    # a fitted model without a card cannot know that layout and says how to give the spots.
+    from he2st.io import read_image
+
+    folder = save_model(model, tmp_path / "m", training_slides=list(cohort4)[:3])
+    m = meta(cohort4[3])
+    tif = tmp_path / "syn3.tif"
+    import tifffile
+    from PIL import Image
+
+    with Image.open(m.image_path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    # Resolution tags in pixels per centimetre carry the µm per pixel.
+    tifffile.imwrite(tif, rgb, photometric="rgb", resolution=(1e4 / m.mpp, 1e4 / m.mpp), resolutionunit="CENTIMETER")
+    pred = predict(str(folder), str(tif))
+    layout = json.loads((folder / "card.json").read_text())["training"]["spots"]
+    expected = read_image(tif, grid=layout)
+    assert pred.n_obs == expected.n_obs > 0
+    np.testing.assert_allclose(pred.obsm["spatial"], expected.obsm["spatial"])
+    assert list(pred.var_names) == list(model.genes) and np.isfinite(pred.X).all()
+    with pytest.raises(He2stInputError, match="read_image"):
+        predict(model, str(tif))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,7 +91,10 @@ def predict(model: Any, slide: Any, *, uncertainty: bool = True, thumbnail_max_s
         verified with :func:`he2st.inference.load_model`).
     slide
         The slide to predict: image-only (never sequenced) or sequenced (its
-        counts are ignored).
+        counts are ignored); or the path of an H&E image (predicted on a grid like
+        the model's training spots, which its card records; µm per pixel from the
+        file) or of an ``.h5ad`` slide. For other spots or grids read the image
+        with :func:`he2st.io.read_image` first.
     uncertainty
         Store the method's predictive standard deviation in ``layers["sd"]``
         when it gives one.
@@ -118,6 +122,8 @@ def predict(model: Any, slide: Any, *, uncertainty: bool = True, thumbnail_max_s
     >>> scanpy.pl.spatial(pred, color=pred.var_names[0], library_id=pred.uns["he2st_prediction"]["slide_id"])
     """
     model = _as_model(model)
+    if isinstance(slide, (str, os.PathLike)):
+        slide = _read_path(model, slide)
     m = validate_slide(slide)
     blind = image_only(slide)
     genes = list(model.genes)
@@ -144,6 +150,16 @@ def predict(model: Any, slide: Any, *, uncertainty: bool = True, thumbnail_max_s
         "input_image_only": bool(m.image_only),
     }
     return prediction_adata(slide, values, genes, sd=sd, info=info, thumbnail_max_side=thumbnail_max_side)
+
+
+def _read_path(model: Any, path: str | os.PathLike) -> Any:
+    """A slide from a path: an ``.h5ad`` slide, or an image on the training spots' grid."""
+    from he2st.inference.files import default_grid, read_input
+
+    if Path(path).suffix.lower() == ".h5ad":
+        return read_input(path)
+    card = getattr(model, "he2st_card_", None) or {}
+    return read_input(path, grid_um=default_grid(card, path))
 
 
 def _warn_other_resolution(card: dict[str, Any], m: Any) -> None:

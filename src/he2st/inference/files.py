@@ -139,8 +139,9 @@ def default_grid(card: dict[str, Any], input_path: str | os.PathLike) -> dict[st
     layout = (card.get("training") or {}).get("spots")
     if not layout:
         raise He2stInputError(
-            f"{str(input_path)!r}: give --spots CSV or --grid-um N; the model's card records no training spot "
-            "layout to default to (its training slides had no µm per pixel)"
+            f"{str(input_path)!r}: give the spots (--spots CSV or --grid-um N; in Python he2st.io.read_image(path, "
+            "spots=... or grid=...)); the model has no card recording a training spot layout to default to (a model "
+            "not saved with save_model, or training slides without µm per pixel)"
         )
     return {"pitch_um": float(layout["pitch_um"]), "spot_diameter_um": float(layout["spot_diameter_um"]),
             "kind": str(layout["kind"])}
