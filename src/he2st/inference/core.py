@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,7 +122,9 @@ def predict(model: Any, slide: Any, *, uncertainty: bool = True, thumbnail_max_s
     """
     model = _as_model(model)
     if isinstance(slide, (str, os.PathLike)):
-        slide = _read_path(model, slide)
+        from he2st.inference.files import read_input
+
+        slide = read_input(slide, card=getattr(model, "he2st_card_", None))
     m = validate_slide(slide)
     blind = image_only(slide)
     genes = list(model.genes)
@@ -150,16 +151,6 @@ def predict(model: Any, slide: Any, *, uncertainty: bool = True, thumbnail_max_s
         "input_image_only": bool(m.image_only),
     }
     return prediction_adata(slide, values, genes, sd=sd, info=info, thumbnail_max_side=thumbnail_max_side)
-
-
-def _read_path(model: Any, path: str | os.PathLike) -> Any:
-    """A slide from a path: an ``.h5ad`` slide, or an image on the training spots' grid."""
-    from he2st.inference.files import default_grid, read_input
-
-    if Path(path).suffix.lower() == ".h5ad":
-        return read_input(path)
-    card = getattr(model, "he2st_card_", None) or {}
-    return read_input(path, grid_um=default_grid(card, path))
 
 
 def _warn_other_resolution(card: dict[str, Any], m: Any) -> None:

@@ -69,7 +69,10 @@ def export_table(pred: Any, path: str | os.PathLike, fmt: str | None = None) -> 
     return path
 
 
-def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: Any = None, mpp: float | None = None) -> Any:
+def read_input(
+    path: str | os.PathLike, *, spots: Any = None, grid_um: Any = None, mpp: float | None = None,
+    card: dict[str, Any] | None = None,
+) -> Any:
     """The slide to predict: an ``.h5ad`` slide, or an H&E image with a spot table or a generated grid.
 
     Parameters
@@ -85,6 +88,9 @@ def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: Any = Non
         or a grid specification ``{"pitch_um", "spot_diameter_um", "kind"}``.
     mpp
         Microns per pixel of the image (when the file does not record it).
+    card
+        The model card: an image given without ``spots`` or ``grid_um`` is read on
+        a grid like the training spots (:func:`default_grid`).
 
     Returns
     -------
@@ -94,7 +100,8 @@ def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: Any = Non
     Raises
     ------
     he2st.errors.He2stInputError
-        Spots or grid given for an .h5ad, or both given (the image reader's own
+        Spots or grid given for an .h5ad, both given, or neither given for an
+        image and no training spot layout to default to (the image reader's own
         errors: no µm per pixel, no tissue, spots outside the image).
     """
     path = Path(path)
@@ -106,6 +113,8 @@ def read_input(path: str | os.PathLike, *, spots: Any = None, grid_um: Any = Non
         return read_h5ad(path, mpp=mpp)
     if spots is not None and grid_um is not None:
         raise He2stInputError(f"{str(path)!r}: give --spots or --grid-um, not both")
+    if spots is None and grid_um is None:
+        grid_um = default_grid(card or {}, path)
     from he2st.io import read_image
 
     kwargs: dict[str, Any] = {"mpp": mpp}
@@ -209,10 +218,7 @@ def predict_file(
         raise He2stInputError(f"{str(input_path)!r} does not exist; expected an H&E image or an .h5ad slide")
     model, card = load_model(model_dir)
     genes = check_map_genes(model.genes, maps) if maps else []
-    grid: Any = grid_um
-    if spots is None and grid_um is None and Path(input_path).suffix.lower() != ".h5ad":
-        grid = default_grid(card, input_path)
-    slide = read_input(input_path, spots=spots, grid_um=grid, mpp=mpp)
+    slide = read_input(input_path, spots=spots, grid_um=grid_um, mpp=mpp, card=card)
     pred = predict(model, slide, uncertainty=uncertainty,
                    thumbnail_max_side=THUMBNAIL_MAX_SIDE if thumbnail_max_side is None else thumbnail_max_side)
     pred.uns["he2st_prediction"]["input"] = str(input_path)
