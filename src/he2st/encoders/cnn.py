@@ -358,7 +358,8 @@ def convmixer(*, channel: int = 32, kernel_size: int = 5, patch_size: int = 7, d
     slide tensor is built from the uint8 image, ``biomed-AI/Hist2ST``
     dataset.py:56). The encoder's info declares no mean/std, so it receives
     what its caller gives: :class:`he2st.methods.hist2st.Hist2ST` passes
-    ``[0, 1]`` pixels (a listed departure, ``docs/fidelity.md``).
+    ``[0, 1]`` pixels by default and 0-255 with ``pixel_scale="uint8"``
+    (``docs/fidelity.md``).
     Tokens are the 16 x 16 cells of the 32-channel mixer output.
 
     Parameters

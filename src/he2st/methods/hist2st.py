@@ -39,7 +39,7 @@ class Hist2STNet(nn.Module):
     dim
         Width of the spot features.
     encoder
-        An image encoder mapping ``(n, 3, S, S)`` in [0, 1] to ``(n, dim)``
+        An image encoder mapping ``(n, 3, S, S)`` pixels to ``(n, dim)``
         (Hist2ST's ConvMixer), or None when inputs are frozen features.
     feature_dim
         Width of frozen input features (then a trainable ``Linear(feature_dim,
@@ -159,7 +159,7 @@ class Hist2STNet(nn.Module):
         Parameters
         ----------
         x
-            ``(n, 3, S, S)`` patches scaled to [0, 1] (with an image encoder)
+            ``(n, 3, S, S)`` patches on the ``pixel_scale`` (with an image encoder)
             or ``(n, feature_dim)`` frozen features.
         positions
             ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
@@ -207,7 +207,7 @@ class Hist2STNet(nn.Module):
         Parameters
         ----------
         x
-            ``(n, 3, S, S)`` patches scaled to [0, 1] (with an image encoder)
+            ``(n, 3, S, S)`` patches on the ``pixel_scale`` (with an image encoder)
             or ``(n, feature_dim)`` frozen features.
         positions
             ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in

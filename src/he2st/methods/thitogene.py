@@ -166,7 +166,7 @@ class THItoGeneNet(nn.Module):
         Parameters
         ----------
         images
-            ``(n, 3, S, S)`` float patches in [0, 1], ``S = patch_px``.
+            ``(n, 3, S, S)`` float patches on the ``pixel_scale``, ``S = patch_px``.
         positions
             ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
             ``[0, n_pos)``.
@@ -187,12 +187,12 @@ class THItoGeneNet(nn.Module):
     def forward(
         self, images: torch.Tensor, positions: torch.Tensor, edge_index: torch.Tensor, neighbors: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``images``: float ``(n, 3, S, S)`` in [0, 1] -> ``(n, n_genes)``.
+        """``images``: float ``(n, 3, S, S)`` on the ``pixel_scale`` -> ``(n, n_genes)``.
 
         Parameters
         ----------
         images
-            ``(n, 3, S, S)`` float patches in [0, 1], ``S = patch_px``.
+            ``(n, 3, S, S)`` float patches on the ``pixel_scale``, ``S = patch_px``.
         positions
             ``(n, 2)`` int64 ``(x, y)`` indices into the position tables, in
             ``[0, n_pos)``.
