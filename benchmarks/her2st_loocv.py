@@ -15,7 +15,7 @@ start over) and ``benchmarks/results/her2st_loocv.json``; prints the table.
 
 Add a method by appending ``(label, method name, params)`` to :data:`METHODS`.
 
-    python benchmarks/her2st_loocv.py [--set main|fidelity] [--data PATH] [--out DIR] [--summary FILE]
+    python benchmarks/her2st_loocv.py [--set main|fidelity|graph] [--data PATH] [--out DIR] [--summary FILE]
                                       [--methods mean,ridge] [--quiet]
 
 ``--methods`` runs a subset of the labels of :data:`METHODS`; results of methods run
@@ -116,7 +116,17 @@ FIDELITY: list[tuple[str, str, dict]] = [
     ("cmrcnet", "cmrcnet", {**ENCODER, "epochs": 20}),  # cosine LR to 1e-5, best epoch on an 80/20 spot split
     ("hist2st-effnet-gat", "hist2st", {**_H2ST_PRE, "gat": True}),  # the benchmark's shared GAT + LSTM
 ]
-SETS = {"main": METHODS, "fidelity": FIDELITY}
+#: Issue 15, ``--set graph``: the cross-slide exemplar graph methods at their papers' budgets
+#: (SpaHGC 200 epochs at lr 1e-4, EGGN 300 at 5e-4; one whole-section graph per step), on the
+#: shared frozen efficientnet_lite0 features (the papers: UNI for SpaHGC, ResNet-18 for EGGN),
+#: next to the mean and ridge rows of the same run. Written to results/her2st_graph/.
+GRAPH: list[tuple[str, str, dict]] = [
+    ("mean", "mean", {}),
+    ("ridge", "ridge", dict(ENCODER)),
+    ("spahgc", "spahgc", dict(ENCODER)),
+    ("eggn", "eggn", dict(ENCODER)),
+]
+SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH}
 
 #: Printed and saved columns: (metric, gene set).
 COLUMNS = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("mse", "ACG"), ("mae", "ACG")]
@@ -129,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="her2st folder (default: he2st.datasets' lookup)")
-    ap.add_argument("--set", default="main", choices=sorted(SETS), help="main: METHODS; fidelity: FIDELITY (issue 12)")
+    ap.add_argument("--set", default="main", choices=sorted(SETS),
+                    help="main: METHODS; fidelity: FIDELITY (issue 12); graph: GRAPH (issue 15)")
     ap.add_argument("--out", default=None, help="run folder (default results/her2st_loocv or results/her2st_fidelity)")
     ap.add_argument("--summary", default=None, help="summary JSON to write (default: the run folder's name + .json)")
     ap.add_argument("--methods", default=None, help="comma-separated labels of the set to run (default: all)")

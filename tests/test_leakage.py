@@ -17,13 +17,13 @@ import json
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
+from _helpers import with_leak_gene
 
-from he2st.data import Cohort, make_slide, meta
-from he2st.pp.normalize import Normalizer
-from he2st.encoders import get_features
 from he2st.benchmark.run import run_benchmark
+from he2st.data import meta
+from he2st.encoders import get_features
 from he2st.methods import create_method, load_method
+from he2st.pp.normalize import Normalizer
 
 FEAT = {"encoder": "color_stats", "weights": None, "patch_px": 32}
 
@@ -33,20 +33,7 @@ def leaky_cohort(tmp_path_factory):
     from he2st.datasets import synthetic
 
     base = synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, seed=0, root=tmp_path_factory.mktemp("syn"))
-    rng = np.random.default_rng(0)
-    slides = []
-    for s in base:
-        m = meta(s)
-        leak = rng.poisson(50, size=s.n_obs) * rng.integers(0, 2, size=s.n_obs) if m.slide_id == "syn2" else np.zeros(s.n_obs)
-        X = sp.hstack([s.X, sp.csr_matrix(leak.reshape(-1, 1).astype(np.float32))]).tocsr()
-        slides.append(
-            make_slide(
-                X, s.obs_names, [*map(str, s.var_names), "LEAK"], s.obsm["spatial"], slide_id=m.slide_id,
-                patient=m.patient, image_path=m.image_path, spot_diameter_px=m.spot_diameter_px, mpp=m.mpp,
-                array_row=s.obs["array_row"], array_col=s.obs["array_col"], labels=s.obs["label"],
-            )
-        )
-    return Cohort(slides, name="leaky")
+    return with_leak_gene(base)
 
 
 @pytest.mark.parametrize("split", ["loso", "kfold:3"])

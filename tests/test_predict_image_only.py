@@ -36,6 +36,8 @@ CONFIGS: dict[str, dict] = {
     "mclstexp": {**FEAT, "epochs": 2, "batch_size": 32, "top_k": 5, "max_positions": 64},
     "cmrcnet": {"encoder": "convmixer", "weights": None, "patch_px": 32, "epochs": 1, "batch_size": 32, "top_k": 5,
                 "embed_dim": 32, "recon_dim": 32},
+    "spahgc": {**FEAT, "hidden": 16, "layers": 1, "epochs": 2, "lr": 1e-3, "top_k": 3},
+    "eggn": {**FEAT, "hidden": 16, "layers": 1, "score_dim": 16, "epochs": 2, "lr": 1e-3, "top_k": 3},
     "ensemble": {"method": "ridge", "n_members": 2, "params": {**FEAT, "alphas": [1.0]}},
 }
 

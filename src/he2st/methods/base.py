@@ -727,6 +727,11 @@ class Method(abc.ABC):
         return obj
 
     # -- helpers --------------------------------------------------------
+    def _check_choice(self, key: str, allowed: Sequence[Any]) -> None:
+        """Raise a specific error when parameter ``key`` is not one of ``allowed``."""
+        if self.params[key] not in allowed:
+            raise He2stInputError(f"method {self.name!r}: {key} must be one of {tuple(allowed)}, got {self.params[key]!r}")
+
     def _check_fitted(self) -> None:
         if self.genes is None or self.normalizer_ is None:
             raise He2stInputError(f"method {self.name!r} is not fitted: call fit() first")

@@ -232,6 +232,45 @@ class ReferenceBank:
                 f"bank slides: {self.slide_ids}"
             )
 
+    def query_exclusions(self, slide_id: str, patient: str, *, on_overlap: str = "error",
+                         exclude_patient: Any = "auto", train_patients: Iterable[str] = (),
+                         what: str = "query") -> np.ndarray | None:
+        """Bank rows a query slide may not retrieve: its own rows, and its patient's slides.
+
+        The one leakage rule of every retrieval method (contrastive and exemplar-graph).
+
+        Parameters
+        ----------
+        slide_id, patient
+            The query slide and its patient.
+        on_overlap
+            ``"error"``: a query slide that is in the bank raises
+            :class:`BankLeakageError`; ``"exclude"``: its rows are left out.
+        exclude_patient
+            True: leave out every bank slide of the query's patient, whatever its
+            origin; ``"auto"``: only when no TRAINING slide is from that patient (a
+            patient-level split); False: never.
+        train_patients
+            Patients of the training slides (for ``"auto"``).
+        what
+            What is being done, for the error message.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            Sorted int64 row ids, or None when nothing is excluded.
+        """
+        parts = []
+        if self.contains_slide(slide_id):
+            if on_overlap == "error":
+                self.check_not_in_bank(slide_id, what)
+            parts.append(self.rows_of(slide_ids=[slide_id]))
+        trained_on_patient = str(patient) in {str(t) for t in train_patients}
+        if exclude_patient is True or (exclude_patient == "auto" and not trained_on_patient):
+            parts.append(self.rows_of(patients=[patient]))
+        rows = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+        return rows if len(rows) else None
+
     # -- search ---------------------------------------------------------
     def build_index(self, kind: str = "exact", **kwargs: Any) -> Index:
         """Build (and keep) the search index; see :func:`he2st.retrieval.build_index`."""

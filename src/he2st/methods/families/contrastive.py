@@ -85,7 +85,8 @@ from torch import nn
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities, Method
+from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities
+from he2st.methods.families.banked import BankedMethod
 from he2st.methods.nn.inputs import image_inputs, make_augmenter, to_unit, unit_batch
 from he2st.methods.nn.train import (
     MODES,
@@ -233,7 +234,7 @@ class RetrievalNet(nn.Module):
         """
 
 
-class ContrastiveRetrieval(Method):
+class ContrastiveRetrieval(BankedMethod):
     """Base of BLEEP, mclSTExp and CMRCNet; see the module docstring.
 
     Subclasses set ``input_kind`` (``"features"`` or ``"tokens"``), give their
@@ -259,13 +260,7 @@ class ContrastiveRetrieval(Method):
             params.setdefault("weight_metric", legacy)
         super().__init__(**params)
         self._check_params()
-        self.net_: RetrievalNet | None = None
-        self.bank_: ReferenceBank | None = None
         self.calibration_queries_: np.ndarray | None = None
-        self.history_: dict[str, Any] = {}
-        self._net_spec: dict[str, Any] = {}
-        self._train_info: dict[str, Any] = {}
-        self._bank_meta: dict[str, Any] = {}
         self._loading = False
 
     # -- hooks ---------------------------------------------------------------
@@ -278,20 +273,16 @@ class ContrastiveRetrieval(Method):
     def _check_params(self) -> None:
         p = self.params
 
-        def one_of(key: str, allowed: Sequence[Any]) -> None:
-            if p[key] not in allowed:
-                raise He2stInputError(f"method {self.name!r}: {key} must be one of {tuple(allowed)}, got {p[key]!r}")
-
-        one_of("mode", MODES)
-        one_of("select_metric", METRICS)
-        one_of("weight_metric", (None, *METRICS))
-        one_of("scheduler", SCHEDULERS)
-        one_of("aggregation", AGGREGATIONS)
-        one_of("search", KINDS)
-        one_of("search_backend", BACKENDS)
-        one_of("on_bank_overlap", OVERLAP)
-        one_of("exclude_test_patient", ("auto", True, False))
-        one_of("val_split", VAL_SPLITS)
+        self._check_choice("mode", MODES)
+        self._check_choice("select_metric", METRICS)
+        self._check_choice("weight_metric", (None, *METRICS))
+        self._check_choice("scheduler", SCHEDULERS)
+        self._check_choice("aggregation", AGGREGATIONS)
+        self._check_choice("search", KINDS)
+        self._check_choice("search_backend", BACKENDS)
+        self._check_choice("on_bank_overlap", OVERLAP)
+        self._check_choice("exclude_test_patient", ("auto", True, False))
+        self._check_choice("val_split", VAL_SPLITS)
         if p["bank_chunk"] is not None and int(p["bank_chunk"]) < 1:
             raise He2stInputError(f"method {self.name!r}: bank_chunk must be >= 1 or None, got {p['bank_chunk']!r}")
         for key in ("epochs", "batch_size", "top_k", "embed_dim"):
@@ -304,7 +295,7 @@ class ContrastiveRetrieval(Method):
         if float(p["temperature"]) <= 0:
             raise He2stInputError(f"method {self.name!r}: temperature must be positive, got {p['temperature']!r}")
         if "position_source" in p:
-            one_of("position_source", POSITION_SOURCES)
+            self._check_choice("position_source", POSITION_SOURCES)
 
     # -- data -------------------------------------------------------------------
     def _positions(self, slide: Any) -> np.ndarray:
@@ -530,27 +521,6 @@ class ContrastiveRetrieval(Method):
         return self._embed_expression(y, self._positions(slide))
 
     # -- prediction -------------------------------------------------------------------
-    def _check_ready(self) -> None:
-        self._check_fitted()
-        if self.net_ is None or self.bank_ is None:
-            raise He2stInputError(f"method {self.name!r} is not fitted: call fit() first")
-
-    def _exclusions(self, slide: Any) -> np.ndarray | None:
-        """Bank rows a query slide may not retrieve (its own rows; its patient's slides)."""
-        assert self.bank_ is not None
-        m = meta(slide)
-        parts = []
-        if self.bank_.contains_slide(m.slide_id):
-            if self.params["on_bank_overlap"] == "error":
-                self.bank_.check_not_in_bank(m.slide_id, f"predicting with method {self.name!r}")
-            parts.append(self.bank_.rows_of(slide_ids=[m.slide_id]))
-        rule = self.params["exclude_test_patient"]
-        trained_on_patient = m.patient in set(self._train_info.get("patients", []))
-        if rule is True or (rule == "auto" and not trained_on_patient):
-            parts.append(self.bank_.rows_of(patients=[m.patient]))
-        rows = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
-        return rows if len(rows) else None
-
     def neighbors(self, slide: Any) -> Neighbors:
         """The bank rows retrieved for every spot of ``slide`` (see :attr:`bank_` for their provenance)."""
         self._check_ready()
@@ -629,18 +599,6 @@ class ContrastiveRetrieval(Method):
         self.net_ = net.eval()
         self.bank_ = ReferenceBank.from_state(state, self._bank_meta, "bank.")
         self.calibration_queries_ = np.asarray(state["calibration_queries"]) if "calibration_queries" in state else None
-
-    def get_extra(self) -> dict[str, Any]:
-        self._check_ready()
-        assert self.bank_ is not None
-        return {"net": self._net_spec, "bank": self.bank_.state_meta(), "train": self._train_info,
-                "history": self.history_}
-
-    def set_extra(self, extra: dict[str, Any]) -> None:
-        self._net_spec = dict(extra.get("net", {}))
-        self._bank_meta = extra.get("bank", {})
-        self._train_info = dict(extra.get("train", {}))
-        self.history_ = dict(extra.get("history", {}))
 
 
 def _column_moments(x: np.ndarray, rows: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:

@@ -152,3 +152,42 @@ def reconstruction_loss(prediction: torch.Tensor, target: torch.Tensor, kind: st
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(prediction, target, dim=-1)).mean()
     raise ValueError(f"reconstruction loss must be one of {RECONSTRUCTION}, got {kind!r}")
+
+
+def pearson_loss(prediction: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``1 - mean_g r_g``: one minus the mean per-gene Pearson correlation over spots.
+
+    The correlation term of SpaHGC's objective (eq. 25; ``wenwenmin/SpaHGC``
+    train.py ``correlationMetric``). ``eps`` in the denominator keeps a constant
+    gene at ``r = 0`` instead of NaN.
+
+    Parameters
+    ----------
+    prediction, target
+        ``(n_spots, n_genes)``.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar in ``[0, 2]``.
+    """
+    p = prediction - prediction.mean(dim=0, keepdim=True)
+    t = target - target.mean(dim=0, keepdim=True)
+    r = (p * t).sum(dim=0) / (p.norm(dim=0) * t.norm(dim=0) + eps)
+    return 1.0 - r.mean()
+
+
+def cosine_consistency_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``2 - 2 * mean_i cos(a_i, b_i)``: BGRL's view-consistency loss (SpaHGC eq. 13).
+
+    Parameters
+    ----------
+    a, b
+        ``(n, d)`` embeddings of the same nodes under two views.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar in ``[0, 4]``; 0 when every pair points the same way.
+    """
+    return 2.0 - 2.0 * (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(dim=-1).mean()
