@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         fit = _train_fit(Path(args.out), label)
         if fit:
             rows[label]["train_fit"] = fit
+        rows[label]["seconds_per_fold"] = _timings(Path(args.out), label)
     panel_sizes = sorted(
         {len(json.loads(p.read_text())["panel"]["genes"]) for p in (Path(args.out) / "folds").glob("*/*.json")}
     )
@@ -226,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             fit = row["train_fit"]
             print(f"{label}: training-section MSE (training scale) model {fit['mse_model']['mean']:.4f} "
                   f"vs mean predictor {fit['mse_mean_predictor']['mean']:.4f} (mean over folds)")
+    for label, row in rows.items():
+        t = row.get("seconds_per_fold") or {}
+        if t:
+            print(f"{label}: median seconds per fold: fit {t['fit_median']}, predict {t['predict_median']}")
     print(f"panel sizes: {panel_sizes}; {elapsed:.0f} s; summary: {args.summary}")
     return 0
 
@@ -245,6 +251,20 @@ def _train_fit(run: Path, label: str) -> dict:
     for key in ("mse_model", "mse_mean_predictor"):
         out[key] = {"mean": _num(sum(f[key] for f in folds.values()) / len(folds))}
     return out
+
+
+def _timings(run: Path, label: str) -> dict:
+    """Median over folds of the fit and predict wall seconds (one fold = one held-out section)."""
+    fits, preds = [], []
+    for p in sorted((run / "folds" / label).glob("*.json")):
+        t = json.loads(p.read_text()).get("timings") or {}
+        if "fit_s" in t:
+            fits.append(float(t["fit_s"]))
+            preds.append(float(t.get("predict_s", float("nan"))))
+    if not fits:
+        return {}
+    return {"fit_median": _num(statistics.median(fits)), "predict_median": _num(statistics.median(preds)),
+            "folds": len(fits)}
 
 
 def _num(v: float) -> float | None:
