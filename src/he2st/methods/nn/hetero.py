@@ -106,6 +106,11 @@ def similarity_graph(x: np.ndarray, k: int, metric: str = "l2") -> np.ndarray:
         Neighbours per node; capped at ``n - 1``.
     metric
         ``"cosine"``, ``"l2"`` or ``"l1"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2, E)`` int64 edge index, row 0 the neighbour, row 1 the node.
     """
     from he2st.retrieval import build_index
 
@@ -237,6 +242,11 @@ def feature_masks(x: torch.Tensor, ratio: float, kind: str = "complementary",
         ``"complementary"``, ``"random"`` or ``"none"``.
     generator
         Random generator (CPU), for reproducible masks.
+
+    Returns
+    -------
+    view1, view2 : torch.Tensor
+        The two masked copies of ``x``.
     """
     if kind == "none":
         return x, x
@@ -338,7 +348,22 @@ class CrossNodeDualAttention(nn.Module):
 
     def forward(self, x_reference: torch.Tensor, x_target: torch.Tensor, y_reference: torch.Tensor,
                 edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(reference update, target update)`` along ``edge_index`` (row 0 reference, row 1 target)."""
+        """Messages along the ``CS`` edges in both directions.
+
+        Parameters
+        ----------
+        x_reference, x_target
+            ``(r, dim)`` and ``(n, dim)`` node states.
+        y_reference
+            ``(r, dim)`` expression embedding of the reference nodes.
+        edge_index
+            ``(2, E)`` edges, row 0 the reference, row 1 the target.
+
+        Returns
+        -------
+        to_reference, to_target : torch.Tensor
+            ``(r, dim)`` and ``(n, dim)`` updates.
+        """
         src, dst = edge_index
         joint = torch.cat([x_reference, self.expr_norm(y_reference)], dim=-1)
         to_target = edge_softmax_sum(self.q_target(x_target)[dst], self.k_reference(joint)[src],
@@ -378,6 +403,20 @@ class CrossNodeAttentionPool(nn.Module):
         self.v = nn.Linear(dim, dim)
 
     def forward(self, x_target: torch.Tensor, x_reference: torch.Tensor, edge_index: torch.Tensor | None) -> torch.Tensor:
+        """Pool each target's references.
+
+        Parameters
+        ----------
+        x_target, x_reference
+            ``(n, dim)`` and ``(r, dim)`` node states.
+        edge_index
+            ``(2, E)`` ``CS`` edges (row 0 reference, row 1 target), or None.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, dim)`` pooled target states.
+        """
         t = self.head(x_target)
         if edge_index is None or edge_index.shape[1] == 0:
             return t
@@ -424,7 +463,20 @@ class NodeInputs(nn.Module):
         )
 
     def forward(self, x_target: torch.Tensor, x_reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(target states, reference states, reference expression embedding)``."""
+        """Project both node types to the hidden width.
+
+        Parameters
+        ----------
+        x_target
+            ``(n, d)`` target embeddings.
+        x_reference
+            ``(r, d + n_genes)`` reference ``[embedding || expression]``.
+
+        Returns
+        -------
+        target, reference, expression : torch.Tensor
+            ``(n, h)``, ``(r, h)`` and ``(r, h)``.
+        """
         y = self.expression(x_reference[:, x_reference.shape[1] - self.n_genes :])
         return self.shared(self.target(x_target)), self.shared(self.reference(x_reference)), y
 
@@ -456,6 +508,22 @@ class HeteroLayer(nn.Module):
 
     def forward(self, x: dict[str, torch.Tensor], y_reference: torch.Tensor,
                 edges: dict[tuple[str, str, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One round of message passing.
+
+        Parameters
+        ----------
+        x
+            ``{"target": (n, h), "reference": (r, h)}`` node states.
+        y_reference
+            ``(r, h)`` expression embedding of the reference nodes.
+        edges
+            Edge index per present edge type.
+
+        Returns
+        -------
+        dict
+            The new states of both node types.
+        """
         outs: dict[str, list[torch.Tensor]] = {TARGET: [], REFERENCE: []}
         same = {et: e for et, e in edges.items() if et in (TS, RS)}
         if same:
@@ -515,7 +583,22 @@ class GraphExemplarBridging(nn.Module):
 
     def forward(self, x_reference: torch.Tensor, x_target: torch.Tensor, y_reference: torch.Tensor,
                 edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(exemplar update, window update)`` along ``edge_index`` (row 0 exemplar, row 1 window)."""
+        """Gated messages along the exemplar -> window edges, in both directions.
+
+        Parameters
+        ----------
+        x_reference, x_target
+            ``(r, dim)`` exemplar and ``(n, dim)`` window states.
+        y_reference
+            ``(r, dim)`` expression embedding of the exemplars.
+        edge_index
+            ``(2, E)`` edges, row 0 the exemplar, row 1 the window.
+
+        Returns
+        -------
+        to_exemplar, to_window : torch.Tensor
+            ``(r, dim)`` and ``(n, dim)`` updates.
+        """
         from torch_geometric.utils import scatter
 
         src, dst = edge_index
@@ -557,6 +640,20 @@ class ExemplarAttentionHead(nn.Module):
         self.lam = nn.Parameter(torch.tensor(float(lam)))
 
     def forward(self, x_target: torch.Tensor, x_reference: torch.Tensor, edge_index: torch.Tensor | None) -> torch.Tensor:
+        """Each window's state plus its pooled exemplars.
+
+        Parameters
+        ----------
+        x_target, x_reference
+            ``(n, dim)`` window and ``(r, dim)`` exemplar states.
+        edge_index
+            ``(2, E)`` exemplar -> window edges, or None.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n, dim)``.
+        """
         from torch_geometric.utils import scatter, softmax
 
         h = self.head(x_target)
@@ -593,7 +690,20 @@ class HeteroEncoder(nn.Module):
 
     def forward(self, x_target: torch.Tensor, x_reference: torch.Tensor,
                 edges: dict[tuple[str, str, str], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(target states, reference states)``."""
+        """Encode a graph.
+
+        Parameters
+        ----------
+        x_target, x_reference
+            Raw node features (``(n, d)``; ``(r, d + n_genes)``).
+        edges
+            Edge index per present edge type.
+
+        Returns
+        -------
+        target, reference : torch.Tensor
+            ``(n, hidden)`` and ``(r, hidden)`` states after the last layer.
+        """
         t, r, y = self.inputs(x_target, x_reference)
         x = {TARGET: t, REFERENCE: r}
         for layer in self.layers:
