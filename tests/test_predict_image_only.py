@@ -38,6 +38,8 @@ CONFIGS: dict[str, dict] = {
                 "embed_dim": 32, "recon_dim": 32},
     "spahgc": {**FEAT, "hidden": 16, "layers": 1, "epochs": 2, "lr": 1e-3, "top_k": 3},
     "eggn": {**FEAT, "hidden": 16, "layers": 1, "score_dim": 16, "epochs": 2, "lr": 1e-3, "top_k": 3},
+    "m2ost": {"patch_px": 32, "token_px": 8, "embed_dim": 16, "depth": 1, "heads": 3, "head_dim": 8, "mlp_dim": 32,
+              "epochs": 2, "lr": 1e-3, "augment": "none"},
     "ensemble": {"method": "ridge", "n_members": 2, "params": {**FEAT, "alphas": [1.0]}},
 }
 

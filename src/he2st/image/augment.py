@@ -28,6 +28,9 @@ summarised by Jiang et al. 2024 (paper 002, Table S1 and Supplementary 7.1):
                probabilities: paper 002 names the operations only)
 ``bleep``      BLEEP: horizontal and vertical flips (p = 0.5) and a rotation by
                a random multiple of 90 degrees
+``m2ost``      M2OST: horizontal and vertical flips (p = 0.5) and a rotation by
+               U(-180, 180) degrees; any number of channels (stacked levels
+               move together)
 =============  ================================================================
 
 Rotations by arbitrary angles fill the uncovered corners with white (1.0),
@@ -590,7 +593,13 @@ PRESETS: dict[str, Callable[[], list[Op]]] = {
         RGBShift(0.08, p=0.5),
     ],
     "bleep": lambda: [Flip(h=0.5, v=0.5), Rot90(mode="any")],
+    # M2OST (Dootmaan/M2OST dataset/HBCDataset.py:29-35): flips, then a rotation by any angle, white fill.
+    "m2ost": lambda: [Flip(h=0.5, v=0.5), Rotate(180.0)],
 }
+
+
+#: Operations that only move pixels, so any number of stacked RGB images can share them.
+_GEOMETRIC: tuple[type, ...] = (Flip, Rot90, Rotate)
 
 
 class Augment:
@@ -621,8 +630,14 @@ class Augment:
         single = x.dim() == 3
         if single:
             x = x.unsqueeze(0)
-        if x.dim() != 4 or x.shape[1] != 3:
+        if x.dim() != 4 or x.shape[1] % 3 or x.shape[1] == 0:
             raise ValueError(f"expected a (B, 3, H, W) or (3, H, W) tensor, got shape {tuple(x.shape)}")
+        if x.shape[1] != 3:
+            # Several RGB images of one sample stacked on the channel axis (M2OST's levels): geometric
+            # operations move them together; colour operations are defined on one RGB image.
+            colour = [type(op).__name__ for op in self.ops if not isinstance(op, _GEOMETRIC)]
+            if colour:
+                raise ValueError(f"colour operations {colour} need (B, 3, H, W) images, got {x.shape[1]} channels")
         if not x.is_floating_point():
             raise TypeError(f"expected a float tensor in [0, 1], got {x.dtype} (divide uint8 images by 255)")
         with torch.no_grad():
