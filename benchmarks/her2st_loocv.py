@@ -15,7 +15,7 @@ start over) and ``benchmarks/results/her2st_loocv.json``; prints the table.
 
 Add a method by appending ``(label, method name, params)`` to :data:`METHODS`.
 
-    python benchmarks/her2st_loocv.py [--set main|fidelity|graph] [--data PATH] [--out DIR] [--summary FILE]
+    python benchmarks/her2st_loocv.py [--set main|fidelity|graph|hypergraph] [--data PATH] [--out DIR] [--summary FILE]
                                       [--methods mean,ridge] [--quiet]
 
 ``--methods`` runs a subset of the labels of :data:`METHODS`; results of methods run
@@ -127,7 +127,22 @@ GRAPH: list[tuple[str, str, dict]] = [
     ("spahgc", "spahgc", dict(ENCODER)),
     ("eggn", "eggn", dict(ENCODER)),
 ]
-SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH}
+#: Issue 16, ``--set hypergraph``: HGGEP and M2OST train from pixels, so both get a CPU budget
+#: (stated in the README rows): HGGEP 112 px patches, ShuffleNet-V2 0.5x from random weights
+#: (no ImageNet file offline), 256-d x 2-layer ViTs, 2 distillation views, lr 1e-4, 20 of 500
+#: epochs; M2OST the paper's fields of view (the finest = the 224 px patch, ~154 um, then 2x, 4x)
+#: each read at 64 px, 8 px tokens (8 x 8 grids), 96-d x 2 blocks, lr 1e-4, 20 of 200 epochs.
+_HGGEP_CPU = {"lr": 1e-4, "epochs": 20, "dim": 256, "depth": 2, "heads": 8, "dim_head": 32, "mlp_dim": 256,
+              "hyper_hidden": 128, "distill_views": 2}
+_M2OST_CPU = {"patch_px": 64, "patch_um": 154.1, "token_px": 8, "embed_dim": 96, "depth": 2, "heads": 3,
+              "head_dim": 32, "cross_heads": 3, "mlp_dim": 192, "epochs": 20, "lr": 1e-4}
+HYPERGRAPH: list[tuple[str, str, dict]] = [
+    ("mean", "mean", {}),
+    ("ridge", "ridge", dict(ENCODER)),
+    ("hggep", "hggep", dict(_HGGEP_CPU)),
+    ("m2ost", "m2ost", dict(_M2OST_CPU)),
+]
+SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH}
 
 #: Printed and saved columns: (metric, gene set).
 COLUMNS = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("mse", "ACG"), ("mae", "ACG")]
@@ -141,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None, help="her2st folder (default: he2st.datasets' lookup)")
     ap.add_argument("--set", default="main", choices=sorted(SETS),
-                    help="main: METHODS; fidelity: FIDELITY (issue 12); graph: GRAPH (issue 15)")
+                    help="main: METHODS; fidelity: FIDELITY (issue 12); graph: GRAPH (issue 15); "
+                         "hypergraph: HYPERGRAPH (issue 16)")
     ap.add_argument("--out", default=None, help="run folder (default results/her2st_loocv or results/her2st_fidelity)")
     ap.add_argument("--summary", default=None, help="summary JSON to write (default: the run folder's name + .json)")
     ap.add_argument("--methods", default=None, help="comma-separated labels of the set to run (default: all)")
