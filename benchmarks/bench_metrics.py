@@ -1,7 +1,7 @@
 """Time each evaluation metric on a realistic slide (synthetic, 2,000 spots x 785 genes).
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_metrics.py [--spots 2000] [--genes 785]``.
-Prints one line per metric and writes ``benchmarks/bench_metrics.json``. The numbers
+Prints one line per metric and writes ``benchmarks/results/bench_metrics.json``. The numbers
 choose :data:`he2st.evaluate.metrics.DEFAULT_METRICS`: metrics under about a second
 per slide are computed by default, the others on request.
 """
@@ -35,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--spots", type=int, default=2000)
     ap.add_argument("--genes", type=int, default=785)
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_metrics.json"))
     args = ap.parse_args()
     obs, pred, grid = _slide(args.spots, args.genes)
     genes = [f"g{i}" for i in range(args.genes)]

@@ -181,3 +181,10 @@ def test_top_genes_drops_genes_without_any_pcc() -> None:
         }
     )
     assert M.top_genes(df)["method"].tolist() == ["knn"]
+
+
+def test_resolve_metrics() -> None:
+    assert M.resolve_metrics(None) == M.DEFAULT_METRICS
+    assert M.resolve_metrics(["default", "ssim"]) == (*M.DEFAULT_METRICS, "ssim")
+    assert M.resolve_metrics("auc") == (*M.METRICS, "auc")  # opt out of the other defaults
+    assert M.resolve_metrics(["all"]) == M.ALL_METRICS

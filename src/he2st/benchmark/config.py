@@ -90,9 +90,9 @@ class BenchmarkConfig:
     n_top
         Size of the HEG/HVG gene sets (50).
     metrics
-        Metrics to compute (see :func:`he2st.evaluate.metrics.evaluate_slide`), e.g.
-        ``["ssim", "mi", "svg"]`` on top of the defaults; None: the cheap defaults
-        (PCC, MSE, MAE, RMSE, Spearman, nRMSE, AUC, JSD).
+        Metrics to compute (:func:`he2st.evaluate.metrics.resolve_metrics`), e.g.
+        ``["default", "ssim", "mi", "svg"]`` for the defaults and the costly ones;
+        None: the cheap defaults (PCC, MSE, MAE, RMSE, Spearman, nRMSE, AUC, JSD).
     encoder, weights
         Override the feature encoder (and its weights) of every method that has one.
         With ``encoder`` set and ``weights`` unset, weights are ``"imagenet"`` for
@@ -307,8 +307,8 @@ _FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "min_spots": (_optional(lambda x: _is_int(x) and x >= 0), "a non-negative integer"),
     "markers": (_optional(_is_str_list), "a list of gene names"),
     "n_top": (lambda x: _is_int(x) and x >= 1, "a positive integer"),
-    "metrics": (_optional(lambda x: _is_str_list(x) and not (set(map(str.lower, x)) - set(ALL_METRICS))),
-                f"a list of metric names from {list(ALL_METRICS)}"),
+    "metrics": (_optional(lambda x: _is_str_list(x) and not (set(map(str.lower, x)) - {*ALL_METRICS, "default", "all"})),
+                f"a list of metric names from {['default', 'all', *ALL_METRICS]}"),
     "encoder": (_optional(lambda x: isinstance(x, str)), "an encoder name"),
     "weights": (_optional(lambda x: isinstance(x, (str, os.PathLike))), "'imagenet' or a weights file"),
     "patch_px": (_optional(lambda x: _is_int(x) and x >= 1), "a positive integer (pixels)"),

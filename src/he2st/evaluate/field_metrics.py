@@ -46,7 +46,7 @@ Definitions
     the set size when the panel is smaller).
 
 Measured cost (``benchmarks/bench_metrics.py``, 2,000 spots x 785 genes, one CPU
-core) is recorded in ``benchmarks/bench_metrics.json``; the cheap metrics
+core) is recorded in ``benchmarks/results/bench_metrics.json``; the cheap metrics
 (``spearman``, ``nrmse``, ``auc``, ``jsd``) are computed by default, ``ssim``, ``mi``
 and ``svg`` on request (see :data:`he2st.evaluate.metrics.DEFAULT_METRICS`).
 """

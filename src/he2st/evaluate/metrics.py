@@ -28,7 +28,7 @@ Beyond PCC and the errors, :func:`evaluate_slide` computes the field's other
 metrics (Wang et al., Nat Commun 2025; HEST), defined in
 :mod:`he2st.evaluate.field_metrics`: Spearman, normalised RMSE, ROC AUC against
 the median-binarised observed values, Jensen-Shannon distance of the spatial
-distributions (computed by default: under 0.3 s per 2,000 x 785 slide), and on
+distributions (computed by default: about 1 s in all per 2,000 x 785 slide), and on
 request (``metrics=``) SSIM of the rasterised maps, mutual information and
 Moran's I (the SVG set and the SVG recovery rate), which cost seconds per slide
 (``benchmarks/bench_metrics.py``). Like PCC, a per-gene value that is undefined
@@ -117,10 +117,15 @@ def check_n_top(n_top: int, n_genes: int, where: str = "") -> bool:
 def resolve_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
     """The metrics to compute: ``None`` gives :data:`DEFAULT_METRICS`; pcc/mse/mae/rmse are always in.
 
+    A list names exactly what is computed (opt-out of a default by leaving it out);
+    ``"default"`` in it stands for :data:`DEFAULT_METRICS` and ``"all"`` for
+    :data:`ALL_METRICS`, e.g. ``["default", "ssim", "svg"]``.
+
     Parameters
     ----------
     metrics
-        Metric names (from :data:`ALL_METRICS`), or None.
+        Metric names (from :data:`ALL_METRICS`, ``"default"``, ``"all"``), or None;
+        a string is split at commas.
 
     Returns
     -------
@@ -137,6 +142,11 @@ def resolve_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     names = {str(m).lower() for m in metrics}
+    if "default" in names:
+        names |= set(DEFAULT_METRICS)
+    if "all" in names:
+        names |= set(ALL_METRICS)
+    names -= {"default", "all"}
     unknown = sorted(names - set(ALL_METRICS))
     if unknown:
         raise He2stInputError(f"unknown metric(s) {unknown}; known: {list(ALL_METRICS)}")
@@ -297,7 +307,8 @@ def evaluate_slide(
         Metrics to compute (names of :data:`ALL_METRICS`; None: :data:`DEFAULT_METRICS`,
         i.e. PCC, MSE, MAE, RMSE, Spearman, nRMSE, AUC, JSD). ``"ssim"``, ``"mi"`` and
         ``"svg"`` (the SVG gene set and ``svg_recovery``) are opt-in: they cost seconds
-        per slide. PCC, MSE, MAE and RMSE are always computed.
+        per slide. PCC, MSE, MAE and RMSE are always computed; ``"default"`` and ``"all"``
+        expand as in :func:`resolve_metrics` (e.g. ``["default", "ssim"]``).
     grid
         ``(n_spots, 2)`` integer spot grid (:func:`he2st.evaluate.field_metrics.spot_grid`);
         needed by ``"ssim"`` and ``"svg"``.
