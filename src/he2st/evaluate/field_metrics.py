@@ -73,6 +73,10 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     return rankdata(x, method="average", axis=0)
 
 
+def _pair(observed: np.ndarray, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(observed, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
+
+
 def _constant(x: np.ndarray) -> np.ndarray:
     return np.ptp(x, axis=0) == 0
 
@@ -92,8 +96,7 @@ def spearman_per_gene(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray
     """
     from he2st._stats import pearson_per_gene
 
-    x = np.asarray(observed, dtype=np.float64)
-    y = np.asarray(predicted, dtype=np.float64)
+    x, y = _pair(observed, predicted)
     r, _ = pearson_per_gene(_ranks(x), _ranks(y))
     r = np.asarray(r, dtype=np.float64)
     r[_constant(x) | _constant(y)] = np.nan
@@ -113,8 +116,7 @@ def nrmse_per_gene(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     numpy.ndarray
         ``(n_genes,)`` float64.
     """
-    x = np.asarray(observed, dtype=np.float64)
-    y = np.asarray(predicted, dtype=np.float64)
+    x, y = _pair(observed, predicted)
     rng = np.ptp(x, axis=0)
     rmse = np.sqrt(((y - x) ** 2).mean(axis=0))
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -134,8 +136,7 @@ def auc_per_gene(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     numpy.ndarray
         ``(n_genes,)`` float64; NaN when every spot falls in one class.
     """
-    x = np.asarray(observed, dtype=np.float64)
-    y = np.asarray(predicted, dtype=np.float64)
+    x, y = _pair(observed, predicted)
     pos = x > np.median(x, axis=0)
     n1 = pos.sum(axis=0).astype(np.float64)
     n0 = x.shape[0] - n1
@@ -161,8 +162,7 @@ def jsd_per_gene(observed: np.ndarray, predicted: np.ndarray) -> np.ndarray:
     """
     from scipy.spatial.distance import jensenshannon
 
-    x = np.asarray(observed, dtype=np.float64)
-    y = np.asarray(predicted, dtype=np.float64)
+    x, y = _pair(observed, predicted)
     p = x - x.min(axis=0)
     q = y - y.min(axis=0)
     bad = (p.sum(axis=0) == 0) | (q.sum(axis=0) == 0)
@@ -354,16 +354,28 @@ def moran_i(values: np.ndarray, grid: np.ndarray, genes: Sequence[str]) -> np.nd
     import anndata as ad
     import pandas as pd
 
+    import scanpy as sc
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import squidpy as sq
 
+    import logging
+
+    verbosity, level = sc.settings.verbosity, logging.root.manager.disable
+    sc.settings.verbosity = 0
+    logging.disable(logging.INFO)  # squidpy logs every graph it builds
+    try:
         a = ad.AnnData(X=np.asarray(values, dtype=np.float64))
         a.var_names = pd.Index([str(g) for g in genes])
         a.obsm["spatial"] = np.asarray(grid, dtype=np.float64)
-        n_neighs = min(6, a.n_obs - 1)
-        sq.gr.spatial_neighbors(a, coord_type="generic", n_neighs=max(n_neighs, 1))
-        sq.gr.spatial_autocorr(a, mode="moran", n_perms=None, show_progress_bar=False, n_jobs=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # squidpy's notes on the graph; constant genes (their I is NaN)
+            sq.gr.spatial_neighbors(a, coord_type="generic", n_neighs=max(min(6, a.n_obs - 1), 1))
+            sq.gr.spatial_autocorr(a, mode="moran", n_perms=None, show_progress_bar=False, n_jobs=1)
+    finally:
+        sc.settings.verbosity = verbosity
+        logging.disable(level)
     return a.uns["moranI"]["I"].reindex(a.var_names).to_numpy(dtype=np.float64)
 
 
