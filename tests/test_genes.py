@@ -9,7 +9,7 @@ import pytest
 
 from he2st.data import make_slide
 from he2st.pp import GenePanel, select_genes
-from he2st.errors import GenePanelError, NotCountsError
+from he2st.errors import GenePanelError, He2stInputError, NotCountsError
 
 
 def _slide(sid, genes, X, counts=True):
@@ -171,3 +171,41 @@ def test_her2st_785_gene_list(her2st_root):
     # The published min_spots=1000 cannot be met by 910 spots: the error says so.
     with pytest.raises(GenePanelError, match=r"min_spots=1000.*of 910 spots"):
         select_genes(cohort)
+
+
+def test_batch_hvg_has_n_genes_and_equals_scanpy_batch_ranking():
+    import anndata as ad
+    import scanpy as sc
+
+    slides, genes = _hvg_cohort()
+    detected = sum(np.asarray((s.X > 0).sum(axis=0)).ravel() for s in slides)
+    kept = [g for g, d in zip(genes, detected) if d >= 40]
+    panel = select_genes(slides, min_spots=40, n_top_hvg=25, combine="batch")
+    assert len(panel) == 25 and panel.genes == sorted(panel.genes)
+    # scanpy by hand: each slide normalised over all its genes, concatenated on the kept genes.
+    parts = {}
+    for s in slides:
+        work = ad.AnnData(s.X.copy())
+        work.var_names = s.var_names
+        sc.pp.normalize_total(work)
+        sc.pp.log1p(work)
+        parts[s.uns["he2st"]["slide_id"]] = work[:, kept].copy()
+    both = ad.concat(parts, label="batch", index_unique="-")
+    sc.pp.highly_variable_genes(both, n_top_genes=25, flavor="seurat", batch_key="batch")
+    assert set(panel.genes) == set(both.var_names[both.var["highly_variable"]])
+    # Unlike the intersection, the batch ranking does not shrink below N.
+    assert len(select_genes(slides, min_spots=40, n_top_hvg=25)) < 25
+
+
+def test_choose_panel_hvg_spec_means_batch_and_intersect_is_explicit():
+    from he2st.evaluate.protocol import check_gene_spec, choose_panel
+
+    slides, _ = _hvg_cohort()
+    hvg = choose_panel(slides, "hvg:25", min_spots=40)
+    inter = choose_panel(slides, "hvg_intersect:25", min_spots=40)
+    assert len(hvg) == 25 and hvg.params["combine"] == "batch"
+    assert inter.params["combine"] == "intersect"
+    assert inter.genes == select_genes(slides, min_spots=40, n_top_hvg=25).genes
+    check_gene_spec("hvg_intersect:10")
+    with pytest.raises(He2stInputError, match="hvg_intersect"):
+        check_gene_spec("hvg_intersect:x")

@@ -17,6 +17,14 @@ def run_dir(tmp_path_factory):
 
     cohort = synthetic(n_slides=3, n_spots=120, n_genes=20, patch_px=32, seed=0, root=tmp_path_factory.mktemp("syn"))
     out = tmp_path_factory.mktemp("run")
+    from he2st.evaluate.metrics import GeneSetSizeWarning
+
+    with pytest.warns(GeneSetSizeWarning, match="20-gene panel"):  # n_top=50 >= 20 genes
+        _run(out, cohort)
+    return out
+
+
+def _run(out, cohort):
     run_benchmark(
         {
             "out": str(out),
@@ -30,7 +38,6 @@ def run_dir(tmp_path_factory):
         },
         cohort=cohort,
     )
-    return out
 
 
 def test_report_is_self_contained_with_all_sections(run_dir) -> None:
@@ -80,3 +87,17 @@ def test_sections_are_pluggable(run_dir) -> None:
 def test_missing_run_folder(tmp_path) -> None:
     with pytest.raises(Exception, match="run the benchmark first"):
         R.write_report(tmp_path)
+
+
+def test_mean_without_pcc_is_left_out_of_top_genes_and_wilcoxon(run_dir) -> None:
+    from he2st.evaluate.results import read_run
+
+    run = read_run(run_dir)
+    assert "mean" not in set(run.top_genes["method"])
+    # mean vs knn: no usable pair for the rank metrics; the error metrics are still compared
+    w = run.wilcoxon
+    pcc = w[w["metric"].isin(["pcc", "spearman"])]  # AUC of a constant is defined (0.5)
+    assert pcc.empty or "mean" not in set(pcc["a"]) | set(pcc["b"])
+    assert not w[w["metric"] == "mse"].empty
+    text = R.render_report(run)
+    assert text.count("predicts the training mean everywhere") == 1

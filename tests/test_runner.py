@@ -284,3 +284,23 @@ def test_results_made_under_other_defaults_are_not_resumed(tmp_path, syn_root, m
         run_benchmark(cfg)
     monkeypatch.undo()
     assert run_benchmark(cfg).folds_skipped > 0
+
+
+def test_opt_in_metrics_flow_from_the_config(tmp_path, syn_root) -> None:
+    res = run_benchmark(_config(tmp_path / "run", syn_root, methods=["ridge"], metrics=["default", "ssim", "svg"], report=False))
+    m = res.metrics
+    assert {"spearman", "nrmse", "auc", "jsd", "ssim", "svg_recovery"} <= set(m["metric"])
+    assert "mi" not in set(m["metric"]) and "SVG" in set(m["gene_set"])
+    assert "ssim" in res.per_gene.columns
+    with pytest.raises(RunConfigError, match="metrics"):
+        BenchmarkConfig.from_dict({"metrics": ["nope"]})
+
+
+def test_default_gene_panel(her2st_root) -> None:
+    from he2st.benchmark.config import default_genes
+    from he2st.datasets import her2st_panel
+
+    assert BenchmarkConfig.from_dict({}).genes == "hvg:1000"
+    path = default_genes("her2st", {"root": str(her2st_root)})
+    assert path.endswith("her_hvg_cut_1000.npy")
+    assert len(her2st_panel(her2st_root)) == 785

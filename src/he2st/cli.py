@@ -179,7 +179,7 @@ def benchmark(
     encoder: str = typer.Option(None, help="Feature encoder for every method that has one (e.g. color_stats)."),
     weights: str = typer.Option(None, help="Encoder weights: 'imagenet' or a local file."),
     patch_px: int = typer.Option(None, help="Patch side in image pixels for every method (synthetic: its spot pitch)."),
-    genes: str = typer.Option(None, help="Panel: hvg:N (default hvg:1000), all, or a gene-list file."),
+    genes: str = typer.Option(None, help="Panel: hvg:N (batch-aware HVG; default hvg:1000, her2st: its 785-gene panel), hvg_intersect:N, all, or a gene-list file."),
     min_spots: int = typer.Option(None, help="HVG filter: min training spots detecting a gene."),
     markers: str = typer.Option(None, help="Comma-separated marker genes, scored as PCC(markers)."),
     n_top: int = typer.Option(None, help="Size of the HEG/HVG gene sets (default 50)."),
@@ -215,8 +215,10 @@ def benchmark(
         ``--patch-px``: patch side in image pixels of every method that has one
         (default: each method's own; on the synthetic cohort, its spot pitch).
     genes
-        ``--genes``: panel recipe, ``hvg:N`` (default ``hvg:1000``), ``all``, or a
-        gene-list file.
+        ``--genes``: panel recipe, ``hvg:N`` (N genes ranked by scanpy's batch-aware
+        HVG across the training slides; default ``hvg:1000``, and for ``--data her2st``
+        the papers' 785-gene panel), ``hvg_intersect:N`` (the published per-slide
+        intersection), ``all``, or a gene-list file.
     min_spots
         ``--min-spots``: HVG filter, minimum training spots detecting a gene.
     markers

@@ -209,7 +209,11 @@ def _summary(run: RunResult) -> str:
     from he2st.analysis.figures import table_html
 
     s = run.summary
-    order = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("pcc", "markers"), ("mse", "ACG"), ("mae", "ACG"), ("rmse", "ACG"), ("ari", "ACG"), ("nmi", "ACG")]
+    order = [
+        ("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("pcc", "HVG10"), ("pcc", "SVG"), ("pcc", "markers"),
+        ("mse", "ACG"), ("mae", "ACG"), ("rmse", "ACG"), ("spearman", "ACG"), ("nrmse", "ACG"), ("auc", "ACG"),
+        ("jsd", "ACG"), ("ssim", "ACG"), ("mi", "ACG"), ("svg_recovery", "SVG"), ("ari", "ACG"), ("nmi", "ACG"),
+    ]
     cols = [(m, g) for m, g in order if ((s["metric"] == m) & (s["gene_set"] == g)).any()]
     idx = s.set_index(["method", "metric", "gene_set"])
     rows = []
@@ -249,11 +253,34 @@ def _wilcoxon(run: RunResult) -> str | None:
     from he2st.analysis.figures import table_html
 
     if run.wilcoxon.empty:
-        return _p("Only one method: nothing to compare.")
-    return table_html(run.wilcoxon) + _p(
+        return _p("Only one method: nothing to compare.") + _no_pcc_note(run)
+    w = run.wilcoxon[run.wilcoxon["n"] > 0] if "n" in run.wilcoxon else run.wilcoxon  # no usable pair: no test
+    return table_html(w) + _p(
         "Two-sided test of the per-slide difference a - b; median_difference > 0 favours a for PCC, "
         "< 0 favours a for MSE. "
         "With 5 or fewer non-zero differences the exact p-value cannot fall below 0.0625."
+    ) + _no_pcc_note(run)
+
+
+def _no_pcc_methods(run: RunResult) -> list[str]:
+    """Methods whose PCC(ACG) is undefined on every test slide (a constant prediction)."""
+    m = run.metrics
+    if m.empty or "metric" not in m:
+        return []
+    pcc = m[(m["metric"] == "pcc") & (m["gene_set"] == "ACG")]
+    defined = pcc.groupby("method", observed=True)["value"].apply(lambda v: v.notna().any())
+    return [str(k) for k, ok in defined.items() if not ok]
+
+
+def _no_pcc_note(run: RunResult) -> str:
+    """One sentence on the methods left out of the PCC tables, or nothing."""
+    names = _no_pcc_methods(run)
+    if not names:
+        return ""
+    return _p(
+        f"{', '.join(names)}: no PCC (nor rank-based metric) on any slide, because the prediction is constant "
+        "over the spots (the mean baseline predicts the training mean everywhere), so a correlation is undefined; "
+        "left out of these tests and of the best-predicted genes. Its errors (MSE, MAE, RMSE) are in the summary."
     )
 
 
@@ -264,6 +291,7 @@ def _top_genes(run: RunResult) -> str | None:
     if run.top_genes.empty:
         return None
     t = run.top_genes[run.top_genes["rank"] <= 10]
+    t = t[t["n_slides"] > 0] if "n_slides" in t else t  # folders written before undefined rows were dropped
     return table_html(t) + _p("Ranked by mean -log10 p of the per-slide Pearson test over test slides.")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from he2st.errors import He2stInputError
-from he2st.evaluate.metrics import N_TOP
+from he2st.evaluate.metrics import ALL_METRICS, N_TOP
 from he2st.methods.base import param_type_mismatch
 
 #: Fast methods the demo runs. Later issues append their method names here.
@@ -78,13 +78,21 @@ class BenchmarkConfig:
     split
         ``loso`` (default), ``lopo``, ``kfold:K``, ``nested``, or a JSON/TOML split file.
     genes
-        Panel recipe: ``"hvg:N"`` (default ``hvg:1000``), ``"all"``, a gene list or file.
+        Panel recipe: ``"hvg:N"`` (N genes ranked across the training slides by scanpy's
+        batch-aware HVG), ``"hvg_intersect:N"`` (the published per-slide intersection),
+        ``"mean:N"``, ``"all"``, a gene list or file. Default (None): the papers' 785-gene
+        panel (:func:`he2st.datasets.her2st_panel`) for ``data="her2st"``, ``hvg:1000``
+        otherwise; :meth:`check` fills it in.
     min_spots
         HVG detection filter (default: 1000 capped at 10% of the training spots).
     markers
         Marker genes: kept in the panel and scored as PCC(markers).
     n_top
         Size of the HEG/HVG gene sets (50).
+    metrics
+        Metrics to compute (:func:`he2st.evaluate.metrics.resolve_metrics`), e.g.
+        ``["default", "ssim", "mi", "svg"]`` for the defaults and the costly ones;
+        None: the cheap defaults (PCC, MSE, MAE, RMSE, Spearman, nRMSE, AUC, JSD).
     encoder, weights
         Override the feature encoder (and its weights) of every method that has one.
         With ``encoder`` set and ``weights`` unset, weights are ``"imagenet"`` for
@@ -113,10 +121,11 @@ class BenchmarkConfig:
     data_params: dict[str, Any] = field(default_factory=dict)
     methods: list[Any] = field(default_factory=lambda: list(DEMO_METHODS))
     split: Any = "loso"
-    genes: Any = "hvg:1000"
+    genes: Any = None
     min_spots: int | None = None
     markers: list[str] | None = None
     n_top: int = N_TOP
+    metrics: list[str] | None = None
     encoder: str | None = None
     weights: str | None = None
     patch_px: int | None = None
@@ -175,6 +184,8 @@ class BenchmarkConfig:
         RunConfigError
             Naming the key at fault and what was expected.
         """
+        if self.genes is None:
+            self.genes = default_genes(self.data, self.data_params)
         for key, (ok, expected) in _FIELD_TYPES.items():
             value = getattr(self, key)
             if not ok(value):
@@ -296,6 +307,8 @@ _FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "min_spots": (_optional(lambda x: _is_int(x) and x >= 0), "a non-negative integer"),
     "markers": (_optional(_is_str_list), "a list of gene names"),
     "n_top": (lambda x: _is_int(x) and x >= 1, "a positive integer"),
+    "metrics": (_optional(lambda x: _is_str_list(x) and not (set(map(str.lower, x)) - {*ALL_METRICS, "default", "all"})),
+                f"a list of metric names from {['default', 'all', *ALL_METRICS]}"),
     "encoder": (_optional(lambda x: isinstance(x, str)), "an encoder name"),
     "weights": (_optional(lambda x: isinstance(x, (str, os.PathLike))), "'imagenet' or a weights file"),
     "patch_px": (_optional(lambda x: _is_int(x) and x >= 1), "a positive integer (pixels)"),
@@ -309,6 +322,36 @@ _FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "quiet": (lambda x: isinstance(x, bool), "true or false"),
     "name": (_optional(lambda x: isinstance(x, str)), "a run name"),
 }
+
+
+#: The panel of ``genes`` when the configuration gives none and the data is not her2st.
+DEFAULT_GENES = "hvg:1000"
+
+
+def default_genes(data: Any, data_params: Mapping[str, Any] | None = None) -> Any:
+    """The gene panel of a run that names none.
+
+    ``data="her2st"``: the papers' 785-gene panel file (Hist2ST's
+    ``her_hvg_cut_1000.npy``, read by :func:`he2st.datasets.her2st_panel`), so the
+    benchmark scores what the papers score; anything else: :data:`DEFAULT_GENES`.
+
+    Parameters
+    ----------
+    data
+        The dataset (``BenchmarkConfig.data``).
+    data_params
+        Its arguments (``root`` is used for her2st).
+
+    Returns
+    -------
+    str
+        A gene spec (``hvg:1000``) or the path of the panel file.
+    """
+    if str(data).lower() != "her2st":
+        return DEFAULT_GENES
+    from he2st.datasets import her2st_panel_path
+
+    return str(her2st_panel_path((data_params or {}).get("root")))
 
 
 def _synthetic_patch_px() -> int:

@@ -40,11 +40,15 @@ Run folder
 ``metrics.csv``
     Long table ``method, fold, test_slide, metric, gene_set, value, n_genes, n_nan``.
 ``per_gene.csv``
-    ``method, fold, test_slide, gene, pcc, pvalue, mse, mean_observed, var_observed``.
+    ``method, fold, test_slide, gene, pcc, pvalue, mse, mean_observed, var_observed``, then
+    one column per field metric computed (``spearman, nrmse, auc, jsd``; opt-in ``ssim, mi``,
+    ``moran_observed, moran_predicted``; see :func:`he2st.evaluate.metrics.evaluate_slide`).
 ``summary.csv``
     Mean and sd over test slides per ``method, metric, gene_set``.
 ``wilcoxon.csv``, ``top_genes.csv``
-    Paired tests between methods (PCC(ACG), PCC(HEG), MSE(ACG)) and the top genes per method.
+    Paired tests between methods (``WILCOXON_METRICS``: PCC(ACG), PCC(HEG), MSE(ACG) and the
+    field metrics on ACG, SVG recovery) and the top genes per method; a method with no defined
+    value (the mean baseline's PCC) is left out of both.
 ``models/<method>/<fold>/``
     Fitted models, when ``save_models`` is set.
 ``report.html``
@@ -83,7 +87,7 @@ from he2st.benchmark.lock import run_lock
 from he2st.benchmark.provenance import check_or_write_config
 from he2st.datasets import load as load_cohort
 from he2st.errors import He2stInputError
-from he2st.evaluate.metrics import summarize, top_genes, wilcoxon_table
+from he2st.evaluate.metrics import WILCOXON_METRICS, summarize, top_genes, wilcoxon_table
 from he2st.evaluate.results import (
     CONFIG_FILE,
     FOLDS_DIR,
@@ -195,6 +199,7 @@ def _run_locked(config: BenchmarkConfig, out: Path, specs: list[MethodSpec], coh
             n_top=config.n_top,
             grid=spec.grid or None,
             clustering=config.clustering,
+            metrics=config.metrics,
         )
         files = _write_predictions(out, spec.label, fold, outcome, cohort, per_fold_files)
         if config.save_models:
@@ -294,9 +299,13 @@ def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds
     summary = summarize(m)
     methods = list(dict.fromkeys(m["method"]))
     wil = []
-    for metric, gs in (("pcc", "ACG"), ("pcc", "HEG"), ("mse", "ACG")):
-        if len(methods) >= 2 and ((m["metric"] == metric) & (m["gene_set"] == gs)).any():
-            t = wilcoxon_table(m, metric, gs, methods)
+    for metric, gs in WILCOXON_METRICS:
+        sel = (m["metric"] == metric) & (m["gene_set"] == gs)
+        have = [x for x in methods if (sel & (m["method"] == x)).any()]
+        if len(have) >= 2:
+            t = wilcoxon_table(m, metric, gs, have)
+            if t.empty:
+                continue
             t.insert(0, "gene_set", gs)
             t.insert(0, "metric", metric)
             wil.append(t)

@@ -19,6 +19,7 @@ from he2st._utils import lazy_exports
 _EXPORTS = {
     "her2st": "_her2st",
     "her2st_panel": "_her2st",
+    "her2st_panel_path": "_her2st",
     "visium_mouse_brain_crop": "_squidpy",
     "synthetic": "_synthetic",
     "synthetic_truth": "_synthetic",

@@ -146,6 +146,26 @@ def her2st(
     return Cohort(slides, name="her2st")
 
 
+def her2st_panel_path(root: str | os.PathLike | None = None) -> Path:
+    """The file of the 785-gene her2st panel (``hist2st/her_hvg_cut_1000.npy``), checked to exist.
+
+    Parameters
+    ----------
+    root
+        The her2st folder (see :func:`her2st_root`).
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    MissingFileError
+        The file is missing.
+    """
+    return require_file(her2st_root(root) / "hist2st" / "her_hvg_cut_1000.npy", "her2st gene panel")
+
+
 def her2st_panel(root: str | os.PathLike | None = None) -> list[str]:
     """The 785-gene her2st panel of Hist2ST/HisToGene/THItoGene (``hist2st/her_hvg_cut_1000.npy``).
 
@@ -164,7 +184,7 @@ def her2st_panel(root: str | os.PathLike | None = None) -> list[str]:
     MissingFileError, He2stInputError
         The file is missing or is not a 1-D array of gene symbols.
     """
-    path = require_file(her2st_root(root) / "hist2st" / "her_hvg_cut_1000.npy", "her2st gene panel")
+    path = her2st_panel_path(root)
     try:
         genes = np.load(path, allow_pickle=False)  # a plain unicode array: no pickle needed
     except ValueError as exc:

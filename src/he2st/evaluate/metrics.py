@@ -9,6 +9,10 @@ averages it over gene sets:
   the test slide (PCC(HEG); BLEEP, mclSTExp use 50);
 - ``HVG`` -- the ``n_top`` genes with the highest *observed* variance in the
   test slide (PCC(HVG));
+- ``HVG10`` -- the top 10 % (rounded up) of the panel by observed variance (Wang
+  et al. 2025's "top 10 % HVG");
+- ``SVG`` -- the 20 genes of highest Moran's I on the *observed* slide (only when
+  the ``svg`` metric is asked for; it needs the spot grid);
 - ``markers`` -- a user list (e.g. the 12 cancer markers of Jiang et al. 2024).
 
 HEG and HVG are chosen from the observed values only, never from the
@@ -19,6 +23,16 @@ predicted values, has no defined correlation: its PCC is NaN, it is left out of
 every mean and *counted* (``n_nan``) so that a method predicting a constant
 cannot look better (or worse) by a silent zero. Errors (MSE, MAE, RMSE) are
 averaged over spots x genes of the gene set.
+
+Beyond PCC and the errors, :func:`evaluate_slide` computes the field's other
+metrics (Wang et al., Nat Commun 2025; HEST), defined in
+:mod:`he2st.evaluate.field_metrics`: Spearman, normalised RMSE, ROC AUC against
+the median-binarised observed values, Jensen-Shannon distance of the spatial
+distributions (computed by default: about 1 s in all per 2,000 x 785 slide), and on
+request (``metrics=``) SSIM of the rasterised maps, mutual information and
+Moran's I (the SVG set and the SVG recovery rate), which cost seconds per slide
+(``benchmarks/bench_metrics.py``). Like PCC, a per-gene value that is undefined
+is NaN, left out of the set's mean and counted in ``n_nan``.
 
 Across slides, metrics are summarised as mean and sample standard deviation,
 methods are compared with a paired Wilcoxon signed-rank test over slides, and
@@ -33,6 +47,9 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
+import math
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -42,11 +59,98 @@ from he2st._stats import pearson_per_gene
 from he2st.errors import He2stInputError
 
 #: Gene sets reported by :func:`evaluate_slide`, in report order.
-GENE_SETS = ("ACG", "HEG", "HVG", "markers")
-#: Metrics reported per gene set.
+GENE_SETS = ("ACG", "HEG", "HVG", "HVG10", "SVG", "markers")
+#: Metrics always computed, per gene set.
 METRICS = ("pcc", "mse", "mae", "rmse")
+#: Per-gene metrics of the field (:mod:`he2st.evaluate.field_metrics`), in report order.
+FIELD_METRICS = ("spearman", "nrmse", "auc", "jsd", "ssim", "mi")
+#: Every metric name ``evaluate_slide(metrics=...)`` accepts (``svg``: Moran's I top-20
+#: set and the ``svg_recovery`` rate).
+ALL_METRICS = (*METRICS, *FIELD_METRICS, "svg")
+#: Computed by default: the cheap ones (measured by ``benchmarks/bench_metrics.py``).
+DEFAULT_METRICS = (*METRICS, "spearman", "nrmse", "auc", "jsd")
+#: Metrics that need the spot grid (``grid=``).
+SPATIAL_METRICS = ("ssim", "svg")
+#: (metric, gene set) pairs of the paired Wilcoxon tables of a run, when present.
+WILCOXON_METRICS = (
+    ("pcc", "ACG"), ("pcc", "HEG"), ("mse", "ACG"), ("spearman", "ACG"), ("nrmse", "ACG"), ("auc", "ACG"),
+    ("jsd", "ACG"), ("ssim", "ACG"), ("mi", "ACG"), ("svg_recovery", "SVG"),
+)
 #: Default size of the HEG and HVG sets (BLEEP, mclSTExp).
 N_TOP = 50
+#: Share of the panel in the HVG10 set.
+HVG_FRACTION = 0.10
+
+
+class GeneSetSizeWarning(UserWarning):
+    """A top-n gene set (HEG/HVG) is not smaller than the panel: PCC(HEG) and PCC(HVG) equal PCC(ACG)."""
+
+
+def check_n_top(n_top: int, n_genes: int, where: str = "") -> bool:
+    """Warn :class:`GeneSetSizeWarning` when ``n_top >= n_genes``; returns True when it warned.
+
+    Parameters
+    ----------
+    n_top
+        Size of the HEG/HVG sets.
+    n_genes
+        Genes in the panel.
+    where
+        What the panel belongs to (e.g. a fold), for the message.
+
+    Returns
+    -------
+    bool
+        Whether the warning was emitted.
+    """
+    if n_top < n_genes:
+        return False
+    warnings.warn(
+        f"{where + ': ' if where else ''}n_top={n_top} is not smaller than the {n_genes}-gene panel, so the "
+        "HEG and HVG sets hold every gene and PCC(HEG) = PCC(HVG) = PCC(ACG); use a larger panel or a smaller n_top",
+        GeneSetSizeWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def resolve_metrics(metrics: Sequence[str] | None) -> tuple[str, ...]:
+    """The metrics to compute: ``None`` gives :data:`DEFAULT_METRICS`; pcc/mse/mae/rmse are always in.
+
+    A list names exactly what is computed (opt-out of a default by leaving it out);
+    ``"default"`` in it stands for :data:`DEFAULT_METRICS` and ``"all"`` for
+    :data:`ALL_METRICS`, e.g. ``["default", "ssim", "svg"]``.
+
+    Parameters
+    ----------
+    metrics
+        Metric names (from :data:`ALL_METRICS`, ``"default"``, ``"all"``), or None;
+        a string is split at commas.
+
+    Returns
+    -------
+    tuple of str
+        In :data:`ALL_METRICS` order.
+
+    Raises
+    ------
+    He2stInputError
+        An unknown metric name.
+    """
+    if metrics is None:
+        return DEFAULT_METRICS
+    if isinstance(metrics, str):
+        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    names = {str(m).lower() for m in metrics}
+    if "default" in names:
+        names |= set(DEFAULT_METRICS)
+    if "all" in names:
+        names |= set(ALL_METRICS)
+    names -= {"default", "all"}
+    unknown = sorted(names - set(ALL_METRICS))
+    if unknown:
+        raise He2stInputError(f"unknown metric(s) {unknown}; known: {list(ALL_METRICS)}")
+    return tuple(m for m in ALL_METRICS if m in names or m in METRICS)
 
 
 # Per-gene correlation is :func:`he2st._stats.pearson_per_gene` (methods use it too).
@@ -105,7 +209,7 @@ def gene_sets(
     -------
     dict of str to list of str
         ``"ACG"`` (all panel genes), ``"HEG"`` (highest mean), ``"HVG"`` (highest
-        variance) and, when ``markers`` is given, ``"markers"`` (those in the panel).
+        variance), ``"HVG10"`` (the top 10 %, rounded up, by variance) and, when ``markers`` is given, ``"markers"`` (those in the panel).
 
     Raises
     ------
@@ -120,6 +224,7 @@ def gene_sets(
         "ACG": list(genes),
         "HEG": top_genes_by(x.mean(axis=0), genes, n_top),
         "HVG": top_genes_by(x.var(axis=0), genes, n_top),
+        "HVG10": top_genes_by(x.var(axis=0), genes, max(1, math.ceil(HVG_FRACTION * len(genes)))),
     }
     if markers is not None:
         present = set(genes)
@@ -146,7 +251,9 @@ class SlideEvaluation:
         Long table ``metric, gene_set, value, n_genes, n_nan`` (``n_nan``: genes of
         the set whose PCC is undefined and was left out of the mean).
     per_gene
-        ``gene, pcc, pvalue, mse, mean_observed, var_observed`` per panel gene.
+        ``gene, pcc, pvalue, mse, mean_observed, var_observed`` per panel gene, then one
+        column per field metric computed (``spearman``, ``nrmse``, ``auc``, ``jsd``, ``ssim``,
+        ``mi``; ``moran_observed``/``moran_predicted`` with ``svg``).
     gene_sets
         The genes of each gene set.
     """
@@ -181,6 +288,8 @@ def evaluate_slide(
     genes: Sequence[str],
     markers: Sequence[str] | None = None,
     n_top: int = N_TOP,
+    metrics: Sequence[str] | None = None,
+    grid: np.ndarray | None = None,
 ) -> SlideEvaluation:
     """Evaluate the predictions of one slide.
 
@@ -194,6 +303,15 @@ def evaluate_slide(
         Optional marker genes; those not in ``genes`` are ignored (at least one must be).
     n_top
         Size of the HEG and HVG sets (default 50).
+    metrics
+        Metrics to compute (names of :data:`ALL_METRICS`; None: :data:`DEFAULT_METRICS`,
+        i.e. PCC, MSE, MAE, RMSE, Spearman, nRMSE, AUC, JSD). ``"ssim"``, ``"mi"`` and
+        ``"svg"`` (the SVG gene set and ``svg_recovery``) are opt-in: they cost seconds
+        per slide. PCC, MSE, MAE and RMSE are always computed; ``"default"`` and ``"all"``
+        expand as in :func:`resolve_metrics` (e.g. ``["default", "ssim"]``).
+    grid
+        ``(n_spots, 2)`` integer spot grid (:func:`he2st.evaluate.field_metrics.spot_grid`);
+        needed by ``"ssim"`` and ``"svg"``.
 
     Returns
     -------
@@ -201,17 +319,32 @@ def evaluate_slide(
         ``.metrics`` (long table), ``.per_gene``, ``.gene_sets``; ``.as_dict()``
         gives ``{"PCC(ACG)": ..., "PCC(HEG)": ..., "MSE(ACG)": ...}``.
 
+    Raises
+    ------
+    He2stInputError
+        Mismatched shapes, duplicated genes, an unknown metric, or a spatial metric without ``grid``.
+
     Examples
     --------
     >>> ev = evaluate_slide(obs, pred, panel.genes)
-    >>> ev["PCC(ACG)"], ev["n_nan(ACG)"]
+    >>> ev["PCC(ACG)"], ev["n_nan(ACG)"], ev["SPEARMAN(HVG10)"]
     """
+    from he2st.evaluate import field_metrics as F
+
     x, y = _check_pair(observed, predicted)
     genes = [str(g) for g in genes]
     if x.shape[1] != len(genes):
         raise He2stInputError(f"{x.shape[1]} expression columns for {len(genes)} genes")
     if len(set(genes)) != len(genes):
         raise He2stInputError("gene names are not unique")
+    chosen = resolve_metrics(metrics)
+    if grid is not None:
+        grid = np.asarray(grid)
+        if grid.shape != (x.shape[0], 2):
+            raise He2stInputError(f"grid has shape {grid.shape}, expected ({x.shape[0]}, 2)")
+    needs_grid = [m for m in SPATIAL_METRICS if m in chosen]
+    if needs_grid and grid is None:
+        raise He2stInputError(f"metric(s) {needs_grid} need the spot grid (grid=)")
     r, p = pearson_per_gene(x, y)
     sq = (y - x) ** 2
     ab = np.abs(y - x)
@@ -225,25 +358,53 @@ def evaluate_slide(
             "var_observed": x.var(axis=0),
         }
     )
+    field_values: dict[str, np.ndarray] = {}
+    for name in FIELD_METRICS:
+        if name not in chosen:
+            continue
+        if name == "ssim":
+            field_values[name] = F.ssim_per_gene(x, y, grid)
+        else:
+            field_values[name] = F.PER_GENE_FUNCTIONS[name](x, y)
+        per_gene[name] = field_values[name]
     sets = gene_sets(x, genes, markers=markers, n_top=n_top)
+    recovery = None
+    if "svg" in chosen:
+        i_obs = F.moran_i(x, grid, genes)
+        i_pred = F.moran_i(y, grid, genes)
+        per_gene["moran_observed"] = i_obs
+        per_gene["moran_predicted"] = i_pred
+        top_obs = F.top_svg(i_obs, genes)
+        if top_obs:
+            sets["SVG"] = top_obs
+        recovery = F.svg_recovery(top_obs, F.top_svg(i_pred, genes, n=len(top_obs)))
     col = {g: i for i, g in enumerate(genes)}
     rows = []
     for name in GENE_SETS:
         if name not in sets:
             continue
         idx = np.array([col[g] for g in sets[name]], dtype=int)
-        rs = r[idx]
-        n_nan = int(np.isnan(rs).sum())
-        pcc = float(np.mean(rs[~np.isnan(rs)])) if n_nan < len(rs) else float("nan")
         mse = float(sq[:, idx].mean())
         rows += [
-            ("pcc", name, pcc, len(idx), n_nan),
-            ("mse", name, mse, len(idx), 0),
-            ("mae", name, float(ab[:, idx].mean()), len(idx), 0),
-            ("rmse", name, float(np.sqrt(mse)), len(idx), 0),
+            ("pcc", name, *_nanmean_count(r[idx]), len(idx)),
+            ("mse", name, mse, 0, len(idx)),
+            ("mae", name, float(ab[:, idx].mean()), 0, len(idx)),
+            ("rmse", name, float(np.sqrt(mse)), 0, len(idx)),
         ]
-    metrics = pd.DataFrame(rows, columns=["metric", "gene_set", "value", "n_genes", "n_nan"])
-    return SlideEvaluation(metrics=metrics, per_gene=per_gene, gene_sets=sets)
+        rows += [(m, name, *_nanmean_count(v[idx]), len(idx)) for m, v in field_values.items()]
+        if name == "SVG" and recovery is not None:
+            rows.append(("svg_recovery", name, recovery, 0, len(idx)))
+    table = pd.DataFrame(
+        [(m, g, v, n, k) for m, g, v, k, n in rows], columns=["metric", "gene_set", "value", "n_genes", "n_nan"]
+    )
+    return SlideEvaluation(metrics=table, per_gene=per_gene, gene_sets=sets)
+
+
+def _nanmean_count(v: np.ndarray) -> tuple[float, int]:
+    """Mean of the defined values and the number of NaN ones (mean NaN when none is defined)."""
+    bad = np.isnan(v)
+    n_nan = int(bad.sum())
+    return (float(np.mean(v[~bad])) if n_nan < len(v) else float("nan")), n_nan
 
 
 # -- across slides --------------------------------------------------------------
@@ -388,7 +549,9 @@ def wilcoxon_table(
     metric, gene_set
         Which value to compare (default PCC(ACG)).
     methods
-        Methods to compare (default: all, in order of appearance).
+        Methods to compare (default: all, in order of appearance). A method whose
+        value is undefined (NaN) on every slide -- the mean baseline's PCC: it
+        predicts a constant -- is left out rather than compared on no pairs.
 
     Returns
     -------
@@ -403,6 +566,7 @@ def wilcoxon_table(
     missing = [m for m in methods if m not in wide.columns]
     if missing:
         raise He2stInputError(f"no {metric}({gene_set}) values for method(s) {missing}")
+    methods = [m for m in methods if wide[m].notna().any()]
     rows = [
         paired_wilcoxon(wide[a].to_numpy(), wide[b].to_numpy(), names=(a, b)).__dict__
         for a, b in combinations(methods, 2)
@@ -427,8 +591,10 @@ def top_genes(per_gene: pd.DataFrame, n: int | None = 20, by: str = "neglog10p")
     -------
     pandas.DataFrame
         ``method, rank, gene, mean_pcc, sd_pcc, mean_neglog10p, n_slides, n_nan``;
-        slides where the gene's PCC is undefined are left out of the means and counted in ``n_nan``.
-        p-values of 0 (underflow) are clipped to the smallest positive double.
+        slides where the gene's PCC is undefined are left out of the means and counted in ``n_nan``;
+        a gene whose PCC is undefined on every slide (every gene of a constant predictor such
+        as the mean baseline) has no row. p-values of 0 (underflow) are clipped to the
+        smallest positive double.
     """
     _require_columns(per_gene, ["method", "test_slide", "gene", "pcc", "pvalue"], "per_gene")
     if by not in ("neglog10p", "pcc"):
@@ -445,6 +611,7 @@ def top_genes(per_gene: pd.DataFrame, n: int | None = 20, by: str = "neglog10p")
             "n_nan": g["pcc"].apply(lambda v: int(v.isna().sum())),
         }
     ).reset_index()
+    out = out[out["n_slides"] > 0]
     key = "mean_neglog10p" if by == "neglog10p" else "mean_pcc"
     out = out.sort_values(["method", key], ascending=[True, False], kind="stable", na_position="last")
     out["rank"] = out.groupby("method", sort=False).cumcount() + 1
