@@ -75,7 +75,11 @@ class CentralDifferenceConv2d(nn.Module):
         if self.theta == 0.0:
             return out
         centre = self.weight.sum(dim=2)[:, :, None, None]
-        return out - self.theta * F.conv2d(x, centre, stride=self.stride, groups=self.groups)
+        # A strided 1 x 1 convolution is subsampling then a 1 x 1 convolution; written that way
+        # because torch 2.14's CPU backward of a STRIDED 1 x 1 convolution on a channels-last input
+        # that needs no gradient (image patches arrive as NHWC views) corrupts the heap.
+        x_centre = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        return out - self.theta * F.conv2d(x_centre, centre, groups=self.groups)
 
 
 def conv_bn_relu6(conv: nn.Module, channels: int) -> nn.Sequential:
