@@ -19,10 +19,11 @@ from he2st.methods.nn.cdc import CentralDifferenceConv2d, GradientEnhancement
 from he2st.methods.nn.hypergraph import HypergraphResidual, spot_hyperedges
 
 # CPU budget: 32 px patches (stage maps pooled to 2 x 2), 64-wide features, one ViT
-# layer each, a 2-layer LSTM, one distillation view, lr 1e-3, 30 epochs.
+# layer each, a 2-layer LSTM, one distillation view, lr 2e-3, 14 epochs (held-out PCC(ACG) 0.29,
+# MSE(ACG) 8.0 against the mean predictor's 8.8).
 FAST = {
     "patch_px": 32, "dim": 64, "stage_grid": 2, "depth": 1, "heads": 2, "dim_head": 16, "mlp_dim": 64,
-    "hyper_hidden": 32, "lstm_layers": 2, "distill_views": 1, "lr": 1e-3, "epochs": 30, "pos_init_std": 0.02,
+    "hyper_hidden": 32, "lstm_layers": 2, "distill_views": 1, "lr": 2e-3, "epochs": 14, "pos_init_std": 0.02,
 }
 
 
@@ -50,6 +51,32 @@ def test_difference_convolution_by_hand() -> None:
     z = torch.randn(1, 1, 6, 6)
     expect = F.conv2d(z, half.kernel3x3(), padding=1) - 0.5 * z * half.weight.sum()
     torch.testing.assert_close(half(z), expect)
+
+
+def test_strided_difference_convolution_trains_on_channels_last_input() -> None:
+    # Regression: patches arrive as NHWC views; torch's CPU backward of a strided 1 x 1 convolution
+    # on such an input (no gradient needed) corrupted the heap. Train a few steps on one and compare
+    # every output and gradient with the contiguous input's.
+    torch.manual_seed(0)
+    a = CentralDifferenceConv2d(3, 4, stride=2, theta=0.7)
+    b = CentralDifferenceConv2d(3, 4, stride=2, theta=0.7)
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(4, 17, 17, 3).permute(0, 3, 1, 2)
+    assert not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    opt_a, opt_b = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (a, b))
+    for _ in range(3):
+        out_a, out_b = a(x), b(x.contiguous())
+        torch.testing.assert_close(out_a, out_b)
+        for opt, out in ((opt_a, out_a), (opt_b, out_b)):
+            opt.zero_grad()
+            out.square().mean().backward()
+            opt.step()
+        torch.testing.assert_close(a.weight.grad, b.weight.grad)
+    assert out_a.shape == (4, 4, 9, 9)
+    gem = GradientEnhancement()
+    y = gem(x)
+    y.mean().backward()
+    torch.testing.assert_close(y, gem(x.contiguous()))
 
 
 def test_gem_and_cbam_shapes() -> None:
@@ -122,15 +149,23 @@ def test_bad_parameters() -> None:
         create_method("hggep", regclass=True)
 
 
-def test_random_backbone_warns(cohort, genes) -> None:
-    with pytest.warns(RandomWeightsWarning, match="ShuffleNet"):
-        create_method("hggep", **{**FAST, "epochs": 1, "zinb_weight": 0, "distill_views": 0}).fit(cohort[:1], genes)
+@pytest.mark.parametrize("freeze", [False, True])
+def test_random_backbone_warns_once(cohort, genes, freeze) -> None:
+    # A trained random backbone is reported by HGGEP's fit, a frozen one by Method.fit: once either way.
+    m = create_method("hggep", **{**FAST, "epochs": 1, "zinb_weight": 0, "distill_views": 0, "freeze_backbone": freeze})
+    assert m.pretrained is False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.fit(cohort[:1], genes)
+    random = [str(w.message) for w in caught if issubclass(w.category, RandomWeightsWarning)]
+    assert len(random) == 1, random
+    assert "shufflenet" in random[0].lower() and ("trained" in random[0]) is freeze
 
 
 def test_beats_mean_on_held_out_slide(cohort, genes, fitted) -> None:
     mean = evaluate_slide(fitted.targets(cohort[2]), create_method("mean").fit(cohort[:2], genes).predict(cohort[2]), genes)
     ev = evaluate_slide(fitted.targets(cohort[2]), fitted.predict(cohort[2]), genes).as_dict()
-    assert ev["n_nan(ACG)"] == 0 and ev["PCC(ACG)"] > 0
+    assert ev["n_nan(ACG)"] == 0 and ev["PCC(ACG)"] > 0.2, ev
     assert ev["MSE(ACG)"] < mean.as_dict()["MSE(ACG)"]
     fit = fitted.history_["train_fit"]
     assert fit["mse_model"] < fit["mse_mean_predictor"]

@@ -25,6 +25,11 @@ __all__ = ["BACKBONE", "HGGEP", "HGGEPNet"]
 #: The backbone encoder (torchvision's ShuffleNet-V2 0.5x, as in the authors' code).
 BACKBONE = "shufflenet_v2_x0_5"
 
+#: Hist2ST's settings that HGGEP's defaults take unchanged.
+_HIST2ST_TRAINING = (
+    "zinb_weight", "distill_views", "distill_weight", "augment", "pixel_scale", "regclass", "train_normalization"
+)
+
 
 def _stage(channels_in: int, channels_out: int, grid: int, ratio: int) -> nn.Sequential:
     """CBAM -> BatchNorm -> 1 x 1 convolution -> ``grid x grid`` map (identity at 112 px) -> flattened."""
@@ -176,18 +181,12 @@ class HGGEPNet(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, edge_index: torch.Tensor, neighbors: Any = None
     ) -> torch.Tensor:
-        """Predicted expression ``(n, n_genes)`` (normalised scale).
+        """Predicted expression ``(n, n_genes)`` (normalised scale): the gene head on :meth:`embed`.
 
         Parameters
         ----------
-        x
-            ``(n, 3, S, S)`` patches on the ``pixel_scale``.
-        positions
-            ``(n, 2)`` int64 position indices.
-        edge_index
-            ``(2, E)`` spot graph.
-        neighbors
-            Local attention neighbour lists, or None.
+        x, positions, edge_index, neighbors
+            As in :meth:`embed`.
 
         Returns
         -------
@@ -301,15 +300,10 @@ class HGGEP(Hist2ST):
         "lstm_layers": 4,
         "neighbors": 8,
         "graph_max_distance": 2.0,
-        "zinb_weight": 0.25,
-        "distill_views": 5,
-        "distill_weight": 0.5,
-        "augment": "hist2st",
-        "pixel_scale": "unit",
-        "regclass": False,
+        # Hist2ST's losses, augmentation and targets, which HGGEP's training script keeps.
+        **{k: Hist2ST.defaults[k] for k in _HIST2ST_TRAINING},
         "epochs": 500,
         "lr": 1e-5,
-        "train_normalization": "hist2st_lognorm",
     }
 
     def _check_params(self) -> None:

@@ -120,7 +120,20 @@ class ExemplarGraphNet(nn.Module):
 
     @abc.abstractmethod
     def loss(self, graph: Any, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scalar training loss of one graph (``graph[TARGET].y`` holds the targets)."""
+        """Scalar training loss of one graph.
+
+        Parameters
+        ----------
+        graph
+            One exemplar graph (``graph[TARGET].y`` holds the targets).
+        generator
+            Random generator of the feature masks, or None.
+
+        Returns
+        -------
+        torch.Tensor
+            The scalar loss.
+        """
 
 
 def graph_inputs(graph: Any) -> tuple[torch.Tensor, torch.Tensor, dict[tuple[str, str, str], torch.Tensor]]:

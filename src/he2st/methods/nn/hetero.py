@@ -106,6 +106,11 @@ def similarity_graph(x: np.ndarray, k: int, metric: str = "l2") -> np.ndarray:
         Neighbours per node; capped at ``n - 1``.
     metric
         ``"cosine"``, ``"l2"`` or ``"l1"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2, E)`` int64 edge index.
     """
     from he2st.retrieval import build_index
 
@@ -237,6 +242,11 @@ def feature_masks(x: torch.Tensor, ratio: float, kind: str = "complementary",
         ``"complementary"``, ``"random"`` or ``"none"``.
     generator
         Random generator (CPU), for reproducible masks.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The two masked views, each shaped like ``x``.
     """
     if kind == "none":
         return x, x
@@ -338,7 +348,22 @@ class CrossNodeDualAttention(nn.Module):
 
     def forward(self, x_reference: torch.Tensor, x_target: torch.Tensor, y_reference: torch.Tensor,
                 edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(reference update, target update)`` along ``edge_index`` (row 0 reference, row 1 target)."""
+        """Reference and target updates along ``edge_index``.
+
+        Parameters
+        ----------
+        x_reference, x_target
+            ``(n_reference, d)`` and ``(n_target, d)`` node states.
+        y_reference
+            ``(n_reference, n_genes)`` reference expression.
+        edge_index
+            ``(2, E)`` edges, row 0 reference, row 1 target.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(reference update, target update)``.
+        """
         src, dst = edge_index
         joint = torch.cat([x_reference, self.expr_norm(y_reference)], dim=-1)
         to_target = edge_softmax_sum(self.q_target(x_target)[dst], self.k_reference(joint)[src],
@@ -378,6 +403,20 @@ class CrossNodeAttentionPool(nn.Module):
         self.v = nn.Linear(dim, dim)
 
     def forward(self, x_target: torch.Tensor, x_reference: torch.Tensor, edge_index: torch.Tensor | None) -> torch.Tensor:
+        """Target head output plus the attention-pooled reference states.
+
+        Parameters
+        ----------
+        x_target, x_reference
+            ``(n_target, d)`` and ``(n_reference, d)`` node states.
+        edge_index
+            ``(2, E)`` edges (row 0 reference, row 1 target), or None.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(n_target, out)`` predictions.
+        """
         t = self.head(x_target)
         if edge_index is None or edge_index.shape[1] == 0:
             return t
@@ -424,7 +463,18 @@ class NodeInputs(nn.Module):
         )
 
     def forward(self, x_target: torch.Tensor, x_reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(target states, reference states, reference expression embedding)``."""
+        """Projected target and reference nodes and the reference expression embedding.
+
+        Parameters
+        ----------
+        x_target, x_reference
+            Target and reference node features (the reference's last ``n_genes`` columns its expression).
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(target states, reference states, reference expression embedding)``.
+        """
         y = self.expression(x_reference[:, x_reference.shape[1] - self.n_genes :])
         return self.shared(self.target(x_target)), self.shared(self.reference(x_reference)), y
 
@@ -456,6 +506,22 @@ class HeteroLayer(nn.Module):
 
     def forward(self, x: dict[str, torch.Tensor], y_reference: torch.Tensor,
                 edges: dict[tuple[str, str, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One layer of message passing.
+
+        Parameters
+        ----------
+        x
+            Node states by node type.
+        y_reference
+            Reference expression embedding.
+        edges
+            Edge index by edge type.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            The new node states by node type.
+        """
         outs: dict[str, list[torch.Tensor]] = {TARGET: [], REFERENCE: []}
         same = {et: e for et, e in edges.items() if et in (TS, RS)}
         if same:
@@ -515,7 +581,24 @@ class GraphExemplarBridging(nn.Module):
 
     def forward(self, x_reference: torch.Tensor, x_target: torch.Tensor, y_reference: torch.Tensor,
                 edge_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(exemplar update, window update)`` along ``edge_index`` (row 0 exemplar, row 1 window)."""
+        """Gated exemplar <-> window messages (EGGN's graph exemplar bridging).
+
+        Parameters
+        ----------
+        x_reference
+            Exemplar node states.
+        x_target
+            Window node states.
+        y_reference
+            Exemplar expression embedding (the value of each message).
+        edge_index
+            Exemplar -> window edges (row 0 exemplar, row 1 window).
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            The exemplar update and the window update (with their biases).
+        """
         from torch_geometric.utils import scatter
 
         src, dst = edge_index
@@ -557,6 +640,22 @@ class ExemplarAttentionHead(nn.Module):
         self.lam = nn.Parameter(torch.tensor(float(lam)))
 
     def forward(self, x_target: torch.Tensor, x_reference: torch.Tensor, edge_index: torch.Tensor | None) -> torch.Tensor:
+        """Window head output plus ``lam`` x the softmax-weighted exemplar states.
+
+        Parameters
+        ----------
+        x_target
+            Window node states.
+        x_reference
+            Exemplar node states (already on the output width).
+        edge_index
+            Exemplar -> window edges, or None for the head alone.
+
+        Returns
+        -------
+        torch.Tensor
+            Predictions per window node.
+        """
         from torch_geometric.utils import scatter, softmax
 
         h = self.head(x_target)
@@ -593,7 +692,20 @@ class HeteroEncoder(nn.Module):
 
     def forward(self, x_target: torch.Tensor, x_reference: torch.Tensor,
                 edges: dict[tuple[str, str, str], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(target states, reference states)``."""
+        """Encode the graph's nodes.
+
+        Parameters
+        ----------
+        x_target, x_reference
+            Target and reference node features.
+        edges
+            Edge index by edge type.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            ``(target states, reference states)``.
+        """
         t, r, y = self.inputs(x_target, x_reference)
         x = {TARGET: t, REFERENCE: r}
         for layer in self.layers:
