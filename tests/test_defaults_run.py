@@ -56,7 +56,8 @@ def test_every_default_fits(name: str, tiny, imagenet_dir: Path, monkeypatch: py
     assert pred.shape == (test.n_obs, len(m.genes)), name
     assert np.isfinite(pred).all(), name
     random = [w for w in caught if issubclass(w.category, RandomWeightsWarning)]
-    # Only frozen random encoders warn (CMRCNet's default ViT-B/32 tokens), once per fit.
+    # Random encoders warn once per fit: frozen ones (CMRCNet's default ViT-B/32 tokens) in Method.fit,
+    # HGGEP's trained random ShuffleNet in its own fit (Hist2ST's ConvMixer has no pretrained weights).
     assert len(random) == (1 if m.pretrained is False and name != "hist2st" else 0), (name, random)
 
 

@@ -46,7 +46,7 @@ def _natural_image() -> np.ndarray:
 def test_registry_has_every_documented_encoder():
     expected = {
         "color_stats", "conch", "convmixer", "ctranspath", "densenet121", "efficientnet_lite0", "h_optimus_0",
-        "phikon", "resnet18", "resnet50", "uni", "uni2_h", "vgg16", "virchow2", "vit_b16", "vit_b32",
+        "phikon", "resnet18", "resnet50", "shufflenet_v2_x0_5", "uni", "uni2_h", "vgg16", "virchow2", "vit_b16", "vit_b32",
     }
     assert set(list_encoders()) == expected
     assert {n for n in expected if get_spec(n).huge} == HUGE

