@@ -132,7 +132,7 @@ GRAPH: list[tuple[str, str, dict]] = [
 #: (no ImageNet file offline), 256-d x 2-layer ViTs, 2 distillation views, lr 1e-4, 20 of 500
 #: epochs; M2OST the paper's fields of view (the finest = the 224 px patch, ~154 um, then 2x, 4x)
 #: each read at 64 px, 8 px tokens (8 x 8 grids), 96-d x 2 blocks, lr 1e-4, 20 of 200 epochs.
-_HGGEP_CPU = {"lr": 1e-4, "epochs": 20, "dim": 256, "depth": 2, "heads": 8, "dim_head": 32, "mlp_dim": 256,
+_HGGEP_CPU = {"weights": None, "lr": 1e-4, "epochs": 20, "dim": 256, "depth": 2, "heads": 8, "dim_head": 32, "mlp_dim": 256,
               "hyper_hidden": 128, "distill_views": 2}
 _M2OST_CPU = {"patch_px": 64, "patch_um": 154.1, "token_px": 8, "embed_dim": 96, "depth": 2, "heads": 3,
               "head_dim": 32, "cross_heads": 3, "mlp_dim": 192, "epochs": 20, "lr": 1e-4}

@@ -66,7 +66,8 @@ def _fake_imagenet(folder: Path) -> None:
     from he2st.encoders._base import create_encoder
 
     for enc_name, file in (("resnet50", "resnet50-0676ba61.pth"), ("densenet121", "densenet121-a639ec97.pth"),
-                           ("vgg16", "vgg16-397923af.pth"), ("resnet18", "resnet18-f37072fd.pth")):
+                           ("vgg16", "vgg16-397923af.pth"), ("resnet18", "resnet18-f37072fd.pth"),
+                           ("shufflenet_v2_x0_5", "shufflenetv2_x0.5-f707e7126e.pth")):
         enc = create_encoder(enc_name)
         enc.model.half()  # fp16 halves the files (VGG16: 264 MB); loading casts back to float32
         enc.save(folder / file)

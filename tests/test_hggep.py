@@ -22,6 +22,7 @@ from he2st.methods.nn.hypergraph import HypergraphResidual, spot_hyperedges
 # layer each, a 2-layer LSTM, one distillation view, lr 2e-3, 14 epochs (held-out PCC(ACG) 0.29,
 # MSE(ACG) 8.0 against the mean predictor's 8.8).
 FAST = {
+    "weights": None,
     "patch_px": 32, "dim": 64, "stage_grid": 2, "depth": 1, "heads": 2, "dim_head": 16, "mlp_dim": 64,
     "hyper_hidden": 32, "lstm_layers": 2, "distill_views": 1, "lr": 2e-3, "epochs": 14, "pos_init_std": 0.02,
 }
@@ -142,11 +143,11 @@ def test_network_shapes_and_default_sizes() -> None:
 
 def test_bad_parameters() -> None:
     with pytest.raises(He2stInputError, match="divisible by stage_grid"):
-        create_method("hggep", dim=100)
+        create_method("hggep", weights=None, dim=100)
     with pytest.raises(He2stInputError, match="cdc_kernel"):
-        create_method("hggep", cdc_kernel="star")
+        create_method("hggep", weights=None, cdc_kernel="star")
     with pytest.raises(He2stInputError, match="regclass"):
-        create_method("hggep", regclass=True)
+        create_method("hggep", weights=None, regclass=True)
 
 
 @pytest.mark.parametrize("freeze", [False, True])

@@ -32,7 +32,7 @@ CONFIGS: dict[str, dict] = {
     "hist2st": {**SLIDE, "patch_size": 8, "channel": 8, "gnn_depth": 1, "distill_views": 1},
     "thitogene": {**SLIDE, "stem_stride": 2, "caps": 4, "route_dim": 8, "gat_heads": 2, "mlp_dim": 32,
                   "gat_hidden": 16, "gat_out": 16, "head_hidden": 16},
-    "hggep": {**SLIDE, "dim": 32, "stage_grid": 2, "mlp_dim": 32, "hyper_hidden": 16, "lstm_layers": 1,
+    "hggep": {**SLIDE, "weights": None, "dim": 32, "stage_grid": 2, "mlp_dim": 32, "hyper_hidden": 16, "lstm_layers": 1,
               "distill_views": 1},
     "bleep": {**FEAT, "epochs": 2, "batch_size": 32, "top_k": 5},
     "mclstexp": {**FEAT, "epochs": 2, "batch_size": 32, "top_k": 5, "max_positions": 64},

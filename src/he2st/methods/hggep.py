@@ -234,11 +234,14 @@ class HGGEP(Hist2ST):
       augmented views (grayscale, rotation, flip) with weight 0.5;
     - Adam, learning rate 1e-5, 500 epochs (100 rounds of 5), one slide per step.
 
-    Departures: the authors start ShuffleNet from ImageNet weights; he2st
-    cannot download them, so ``weights=None`` (random initialisation, trained
-    with the rest; ``fit`` emits a ``RandomWeightsWarning``) unless
-    ``weights="imagenet"`` (torchvision's ``shufflenetv2_x0.5-f707e7126e.pth``
-    found locally) or a checkpoint path is given. Unit hyperedge weights (the
+    Weights: ShuffleNet starts from ImageNet, as the authors' code
+    (``weights="imagenet"``: torchvision's ``shufflenetv2_x0.5-f707e7126e.pth``,
+    found in ``$HE2ST_WEIGHTS_DIR`` or torch's hub cache; a missing file fails
+    when the method is created, listing the paths tried; nothing is
+    downloaded). ``weights=None`` trains it from a random initialisation and
+    ``fit`` says so with a ``RandomWeightsWarning``.
+
+    Departures: unit hyperedge weights (the
     code passes per-incidence distances where ``HypergraphConv`` reads
     per-hyperedge weights, so they were misaligned); the hypergraph dropout acts
     in training only (the code's ``F.dropout`` also drops at test time); the
@@ -255,7 +258,7 @@ class HGGEP(Hist2ST):
     Defaults
     --------
     normalization="cpm_log1p" (evaluation), train_normalization="hist2st_lognorm",
-    seed=0, patch_px=112, weights=None, freeze_backbone=False, dim=1024,
+    seed=0, patch_px=112, weights="imagenet", freeze_backbone=False, dim=1024,
     stage_grid=4, gem=True, cdc_theta=0.7, cdc_kernel="cross", cbam_ratio=16,
     n_pos=64, pos_init_std=1.0, depth=4, heads=16, dim_head=64, mlp_dim=1024,
     dropout=0.2, hypergraph=True, hyperedge_k=3, hyper_hidden=512,
@@ -280,7 +283,7 @@ class HGGEP(Hist2ST):
     defaults: ClassVar[dict[str, Any]] = {
         **SLIDE_DEFAULTS,
         "patch_px": 112,
-        "weights": None,
+        "weights": "imagenet",
         "freeze_backbone": False,
         "dim": 1024,
         "stage_grid": 4,
