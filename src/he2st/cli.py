@@ -8,6 +8,7 @@ function body, so ``he2st --help`` and ``import he2st`` stay fast.
     he2st benchmark ...      every method on every fold of a cohort (resumable run folder)
     he2st train ...          fit one method on every slide of a dataset; a model folder with its card
     he2st predict MODEL IN   predict an H&E image or .h5ad slide: AnnData (+ maps, CSV/Parquet)
+    he2st analyze RUN_DIR    add the papers' analyses (gene-gene correlation, regions, DE, enrichment) to a run
     he2st methods [NAME]     registered methods: family, paper, defaults, capabilities
     he2st encoders           registered image encoders
 
@@ -255,6 +256,39 @@ def benchmark(
 
         written = write_run_maps(result.out, maps)
         typer.echo(f"maps: {len(written)} PNG files in {Path(result.out) / 'maps'}")
+
+
+@app.command()
+def analyze(
+    run_dir: Path = typer.Argument(..., help="A benchmark run folder (he2st benchmark --out)."),
+    gmt: Path = typer.Option(None, "--gmt", help="Gene sets (GMT file) for over-representation of the DE lists."),
+    groupby: str = typer.Option("label", "--groupby", help="obs column of region labels (ARI/NMI, DE groups)."),
+    group: str = typer.Option(None, "--group", help="Group tested in DE against the rest (default: the most frequent label)."),
+    n_top: int = typer.Option(50, "--n-top", help="Genes per HEG/HVG set (gene-gene correlation) and per DE list."),
+    clusters: str = typer.Option("kmeans,leiden", "--clusters", help="Clusterings of region detection: kmeans, leiden or both."),
+    seed: int = typer.Option(0, help="Random state of the clusterings."),
+) -> None:
+    """Add the papers' analyses to an existing run and re-render its report.
+
+    Gene-gene correlation (HEG/HVG heatmaps, upper-triangle r), spatial region
+    detection (k-means, Leiden; ARI/NMI), differential expression between labelled
+    regions from predicted and observed expression, and enrichment of both lists
+    in a GMT file. Tables go to RUN_DIR/analyses/, the report to RUN_DIR/report.html.
+    """
+    from he2st.analysis.analyses import analyze_run
+    from he2st.analysis.report import write_report
+    from he2st.benchmark.lock import run_lock
+
+    from he2st.errors import He2stInputError
+
+    if not (Path(run_dir) / "metrics.csv").is_file():
+        raise He2stInputError(f"{str(run_dir)!r}: not a finished run folder (no metrics.csv); run he2st benchmark first")
+    algos = [c.strip() for c in clusters.split(",") if c.strip()]
+    with run_lock(run_dir):
+        written = analyze_run(run_dir, gmt=gmt, groupby=groupby, group=group, n_top=n_top, clusters=algos, seed=seed)
+        report = write_report(run_dir)
+    typer.echo(f"analyses: {', '.join(sorted(p.name for p in written.values()))} in {Path(run_dir) / 'analyses'}")
+    typer.echo(f"report: {report}")
 
 
 @app.command()

@@ -165,3 +165,74 @@ def table_html(df: pd.DataFrame, float_format: str = "{:.4g}", max_rows: int | N
         df = df.head(max_rows)
     fmt = {c: (lambda v: "n/a" if pd.isna(v) else float_format.format(v)) for c in df.columns if pd.api.types.is_float_dtype(df[c])}
     return df.to_html(index=False, escape=True, formatters=fmt, na_rep="n/a", border=0, classes="tbl")
+
+
+def correlation_heatmaps(matrices: dict[str, pd.DataFrame], title: str = "") -> Any:
+    """Gene-gene correlation heatmaps side by side, one per entry, all on the colour scale [-1, 1].
+
+    Parameters
+    ----------
+    matrices
+        ``{panel name: square DataFrame}`` (e.g. ``observed`` then each method),
+        all in the same gene order.
+    title
+        Figure title (none when empty).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (not closed).
+    """
+    plt = _plt()
+    n = max(len(matrices), 1)
+    fig, axes = plt.subplots(1, n, figsize=(2.8 * n + 0.8, 3.0), squeeze=False)
+    im = None
+    for ax, (name, m) in zip(axes[0], matrices.items()):
+        im = ax.imshow(np.asarray(m, dtype=float), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(name, fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), fraction=0.02, pad=0.02)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def label_maps(spatial: np.ndarray, labelings: dict[str, Sequence[Any]], title: str = "", spot_size: float | None = None) -> Any:
+    """Categorical spot maps side by side (region labels, clusters of observed and of predicted expression).
+
+    Parameters
+    ----------
+    spatial
+        ``(n_spots, 2)`` pixel (x, y) of the spots.
+    labelings
+        ``{panel name: one label per spot}``.
+    title
+        Figure title (none when empty).
+    spot_size
+        Marker size (default: scaled down with the number of spots).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (not closed).
+    """
+    plt = _plt()
+    xy = np.asarray(spatial, dtype=float)
+    n = max(len(labelings), 1)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+    size = spot_size or max(4.0, 3000.0 / max(len(xy), 1))
+    cmap = plt.get_cmap("tab20")
+    for ax, (name, labels) in zip(axes[0], labelings.items()):
+        codes, _ = pd.factorize(pd.Series([str(v) for v in labels]), sort=True)
+        ax.scatter(xy[:, 0], xy[:, 1], c=[cmap(c % 20) for c in codes], s=size, linewidths=0)
+        ax.set_aspect("equal")
+        ax.invert_yaxis()
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -16,7 +16,8 @@ network. It is made of sections, each a function ``RunResult -> str | None``
         return "<p>...</p>"
 
 Built-in sections (order): overview (10), summary (20), per-slide bars (30),
-paired Wilcoxon tests (40), top genes (50), spot maps of the best genes (70).
+paired Wilcoxon tests (40), top genes (50), spot maps of the best genes (70); after
+``he2st analyze``: gene-gene correlation (72), region detection (74), DE and enrichment (76).
 """
 
 from __future__ import annotations
@@ -334,6 +335,119 @@ def _spot_maps(run: RunResult, n_genes: int = 3) -> str | None:
             title=f"{gene} on {key} (PCC {row['pcc']:.3f})",
         )
         parts.append(figure_html(fig, alt=f"{gene} on {key}"))
+    return "\n".join(parts)
+
+
+def _analyses(run: RunResult, table: str) -> tuple[dict[str, Any], pd.DataFrame] | None:
+    """The analyses of ``he2st analyze`` and one of their tables, or None when the run has not got it."""
+    from he2st.analysis.analyses import read_analyses
+
+    res = read_analyses(run.out)
+    df = res.get(table)
+    if df is None or df.empty:
+        return None
+    return res, df
+
+
+def _first_slide_files(run: RunResult, methods: list[str]) -> tuple[str, dict[str, Any]] | None:
+    """The first test slide (by name) predicted by the methods, and their prediction files of it."""
+    files = {m: {s: p for (_, s), p in run.prediction_files(m).items()} for m in methods}
+    slides = sorted(set().union(*[set(f) for f in files.values()])) if files else []
+    if not slides:
+        return None
+    slide = slides[0]
+    return slide, {m: f[slide] for m, f in files.items() if slide in f}
+
+
+@register_section("gene_gene", order=72, title="Gene-gene correlation: observed vs predicted")
+def _gene_gene(run: RunResult) -> str | None:
+    import anndata as ad
+
+    from he2st.analysis.analyses import gene_gene_correlation
+    from he2st.analysis.figures import correlation_heatmaps, figure_html, table_html
+
+    got = _analyses(run, "gene_gene")
+    if got is None:
+        return None
+    res, gg = got
+    n_top = int(res["params"].get("n_top", 50))
+    tab = gg.pivot_table(index="method", columns="kind", values="r", aggfunc="mean", dropna=False).reset_index()
+    parts = [table_html(tab), _p(
+        f"r: Pearson correlation between the upper triangles of the observed and the predicted gene-gene correlation "
+        f"matrices of the top-{n_top} HEG / HVG of each test slide (mean over slides; n/a: a constant prediction).")]
+    first = _first_slide_files(run, [m for m in run.methods if m in set(gg["method"])])
+    if first is None:
+        return "\n".join(parts)
+    slide, files = first
+    preds = {m: ad.read_h5ad(p) for m, p in files.items()}
+    for kind in ("HEG", "HVG"):
+        mats: dict[str, pd.DataFrame] = {}
+        for m, a in preds.items():
+            g = gene_gene_correlation(None, a, n_top=n_top, kind=kind)
+            mats.setdefault("observed", g.observed)
+            mats[m] = g.predicted.loc[mats["observed"].index, mats["observed"].columns]
+        parts.append(figure_html(correlation_heatmaps(mats, title=f"{kind} of {slide} (order: clustering of observed)"),
+                                 alt=f"gene-gene correlation {kind} {slide}"))
+    return "\n".join(parts)
+
+
+@register_section("regions", order=74, title="Spatial region detection")
+def _regions(run: RunResult) -> str | None:
+    import anndata as ad
+
+    from he2st.analysis.figures import figure_html, label_maps, table_html
+
+    got = _analyses(run, "regions")
+    if got is None:
+        return None
+    res, reg = got
+    cols = [c for c in ("ari", "nmi", "ari_observed", "nmi_observed") if c in reg]
+    tab = reg.groupby(["method", "clustering", "reference"], sort=False)[cols].mean().reset_index()
+    parts = [table_html(tab), _p(
+        "PCA + k-means (as mclSTExp, CMRCNet, SpaHGC) and Leiden (scanpy) on the predicted expression of each test "
+        "slide; ARI/NMI against the region labels (reference 'labels') or, without labels, against the same clustering "
+        "of the observed expression. ari_observed: the observed expression's own clusters against the labels.")]
+    clus = res.get("clusters")
+    first = _first_slide_files(run, [m for m in run.methods if m in set(reg["method"])])
+    if clus is None or clus.empty or first is None:
+        return "\n".join(parts)
+    slide, files = first
+    a = ad.read_h5ad(next(iter(files.values())))
+    groupby = res["params"].get("groupby", "label")
+    spots = [str(s) for s in a.obs_names]
+    for algo in dict.fromkeys(clus["clustering"]):
+        panels: dict[str, Any] = {}
+        if groupby in a.obs:
+            panels[groupby] = list(a.obs[groupby])
+        sel = clus[(clus["test_slide"].astype(str) == slide) & (clus["clustering"] == algo)]
+        for m in ["observed"] + list(files):
+            c = sel[sel["method"] == m].set_index(sel[sel["method"] == m]["spot"].astype(str))["cluster"]
+            if len(c):
+                panels[m if m == "observed" else f"{m} (predicted)"] = list(c.reindex(spots))
+        parts.append(figure_html(label_maps(a.obsm["spatial"], panels, title=f"{algo} clusters on {slide}"),
+                                 alt=f"{algo} regions {slide}"))
+    return "\n".join(parts)
+
+
+@register_section("de", order=76, title="Differential expression and enrichment")
+def _de(run: RunResult) -> str | None:
+    from he2st.analysis.figures import table_html
+
+    got = _analyses(run, "de_overlap")
+    if got is None:
+        return None
+    res, ov = got
+    p = res["params"]
+    parts = [_p(f"Genes up in {p.get('groupby')} == {p.get('group')!r} against the other spots (scanpy "
+                f"rank_genes_groups, Wilcoxon), from predicted and from observed expression; overlap of the two "
+                f"top-{p.get('n_top')} lists per test slide."),
+             table_html(ov.drop(columns=["genes"], errors="ignore"))]
+    en = res.get("enrichment")
+    if en is not None and not en.empty:
+        top = en.sort_values(["test_slide", "method", "pvalue"], kind="stable").groupby(["test_slide", "method"], sort=False).head(5)
+        parts += [_p("Over-representation of the user's gene sets (GMT) in each top list: one-sided Fisher exact test "
+                     "(hypergeometric upper tail) within the panel, Benjamini-Hochberg padj per list; 5 best sets per list."),
+                  table_html(top)]
     return "\n".join(parts)
 
 
