@@ -274,6 +274,15 @@ def analyze(
     detection (k-means, Leiden; ARI/NMI), differential expression between labelled
     regions from predicted and observed expression, and enrichment of both lists
     in a GMT file. Tables go to RUN_DIR/analyses/, the report to RUN_DIR/report.html.
+
+    Parameters
+    ----------
+    run_dir
+        The run folder.
+    gmt, groupby, group, n_top, seed
+        As in :func:`he2st.analysis.analyses.analyze_run`.
+    clusters
+        ``--clusters``: comma-separated clusterings (``kmeans``, ``leiden``).
     """
     from he2st.analysis.analyses import analyze_run
     from he2st.analysis.report import write_report

@@ -98,6 +98,15 @@ def per_slide_bars(metrics: pd.DataFrame, metric: str = "pcc", gene_set: str = "
     return fig
 
 
+def _spot_axes(ax: Any, title: str) -> None:
+    """A spot-layout panel: equal aspect, image rows growing downwards, no ticks, a small title."""
+    ax.set_aspect("equal")
+    ax.invert_yaxis()  # image rows grow downwards
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+
+
 def spot_map_pair(
     spatial: np.ndarray,
     observed: np.ndarray,
@@ -132,11 +141,7 @@ def spot_map_pair(
     size = spot_size or max(4.0, 4000.0 / max(len(xy), 1))
     for ax, vals, name in ((axes[0], observed, "observed"), (axes[1], predicted, "predicted")):
         sc = ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(vals, dtype=float), s=size, cmap="viridis", linewidths=0)
-        ax.set_aspect("equal")
-        ax.invert_yaxis()  # image rows grow downwards
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(name, fontsize=9)
+        _spot_axes(ax, name)
         fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -227,11 +232,7 @@ def label_maps(spatial: np.ndarray, labelings: dict[str, Sequence[Any]], title: 
     for ax, (name, labels) in zip(axes[0], labelings.items()):
         codes, _ = pd.factorize(pd.Series([str(v) for v in labels]), sort=True)
         ax.scatter(xy[:, 0], xy[:, 1], c=[cmap(c % 20) for c in codes], s=size, linewidths=0)
-        ax.set_aspect("equal")
-        ax.invert_yaxis()
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(name, fontsize=9)
+        _spot_axes(ax, name)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
