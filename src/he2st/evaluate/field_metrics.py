@@ -358,7 +358,12 @@ def moran_i(values: np.ndarray, grid: np.ndarray, genes: Sequence[str]) -> np.nd
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import squidpy as sq
+        try:
+            import squidpy as sq
+        except ImportError as err:  # squidpy is a test extra, not a core dependency
+            raise He2stInputError(
+                "metric 'svg' (Moran's I) needs squidpy: pip install squidpy (or he2st[test])"
+            ) from err
 
     import logging
 
