@@ -65,20 +65,6 @@ class EGGNNet(ExemplarGraphNet):
         return self.out(h_t)
 
     def loss(self, graph: Any, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scalar training loss of one graph.
-
-        Parameters
-        ----------
-        graph
-            An exemplar graph with targets in ``graph["target"].y``.
-        generator
-            Random generator of the masks (methods that mask).
-
-        Returns
-        -------
-        torch.Tensor
-            Scalar loss.
-        """
         pred = self(graph)
         y = graph["target"].y
         return nn.functional.mse_loss(pred, y) + self.pcc_weight * pearson_loss(pred, y)

@@ -96,20 +96,6 @@ class SpaHGCNet(ExemplarGraphNet):
         return self._predict(*self.encoder(x_t, x_r, edges), edges)
 
     def loss(self, graph: Any, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scalar training loss of one graph.
-
-        Parameters
-        ----------
-        graph
-            An exemplar graph with targets in ``graph["target"].y``.
-        generator
-            Random generator of the masks (methods that mask).
-
-        Returns
-        -------
-        torch.Tensor
-            Scalar loss.
-        """
         x_t, x_r, edges = graph_inputs(graph)
         t1, t2 = feature_masks(x_t, self.alpha, self.masking, generator)
         r1, r2 = feature_masks(x_r, self.beta, self.masking, generator)
