@@ -48,7 +48,9 @@ def test_report_is_self_contained_with_all_sections(run_dir) -> None:
         assert f'<section id="{sec}">' in text
     assert "<script" not in text and "http://" not in text and "https://" not in text
     imgs = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', text)
-    assert len(imgs) == 2 + 3  # PCC(ACG)/(HEG) bars + 3 spot maps
+    assert len(imgs) == 2 + 2  # PCC(ACG)/(HEG) bars + knn's 2 best genes (mean: constant, no PCC)
+    spot = text.split('<section id="spot_maps">')[1].split("</section>")[0]
+    assert "<h3>knn</h3>" in spot and "<h3>mean</h3>" not in spot
     assert "tiny &lt;test&gt; run" in text  # escaped
     # the summary table shows knn's mean PCC(ACG) as computed in summary.csv
     s = pd.read_csv(run_dir / "summary.csv").set_index(["method", "metric", "gene_set"])

@@ -303,24 +303,39 @@ def _calibration(run: RunResult) -> str | None:
     return calibration_section(run)
 
 
-@register_section("spot_maps", order=70, title="Observed vs predicted: best genes")
-def _spot_maps(run: RunResult, n_genes: int = 3) -> str | None:
-    """Best method by mean PCC(ACG); its top genes; for each, the slide with the median PCC of that gene."""
+@register_section("spot_maps", order=70, title="Observed vs predicted: each method's best genes")
+def _spot_maps(run: RunResult, n_genes: int = 2, max_methods: int = 12) -> str | None:
+    """For each method (by mean PCC(ACG), at most ``max_methods``): its top genes, each on its median slide."""
+    s = run.summary[(run.summary["metric"] == "pcc") & (run.summary["gene_set"] == "ACG")].dropna(subset=["mean"])
+    if s.empty:
+        return None
+    methods = [str(m) for m in s.sort_values("mean", ascending=False, kind="stable")["method"]]
+    parts = [_p(f"For each method (best mean PCC(ACG) first; at most {max_methods}), the {n_genes} genes with its "
+                "highest mean PCC over test slides; each shown on the test slide where that gene's PCC is the "
+                "median over slides (not the best one). Methods without a defined PCC (a constant prediction) "
+                "are not shown.")]
+    shown = 0
+    for method in methods[:max_methods]:
+        maps = _method_gene_maps(run, method, n_genes)
+        if maps:
+            parts.append(f"<h3>{html.escape(method)}</h3>")
+            parts.extend(maps)
+            shown += 1
+    return "\n".join(parts) if shown else None
+
+
+def _method_gene_maps(run: RunResult, method: str, n_genes: int) -> list[str]:
+    """Observed/predicted map pairs of ``method``'s ``n_genes`` best genes (empty without predictions)."""
     import anndata as ad
 
     from he2st.analysis.figures import figure_html, spot_map_pair
 
-    s = run.summary[(run.summary["metric"] == "pcc") & (run.summary["gene_set"] == "ACG")].dropna(subset=["mean"])
-    if s.empty:
-        return None
-    best = str(s.sort_values("mean", ascending=False, kind="stable").iloc[0]["method"])
-    files = run.prediction_files(best)
-    pg = run.per_gene[(run.per_gene["method"] == best)].dropna(subset=["pcc"])
+    files = run.prediction_files(method)
+    pg = run.per_gene[(run.per_gene["method"] == method)].dropna(subset=["pcc"])
     if not files or pg.empty:
-        return None
+        return []
     genes = pg.groupby("gene")["pcc"].mean().sort_values(ascending=False, kind="stable").index[:n_genes]
-    parts = [_p(f"Method {best}: the {len(genes)} genes with the highest mean PCC; each shown on the test slide "
-                "where its PCC is the median over slides (not the best one).")]
+    out = []
     for gene in genes:
         rows = pg[pg["gene"] == gene].sort_values("pcc", kind="stable")
         row = rows.iloc[(len(rows) - 1) // 2]
@@ -332,10 +347,10 @@ def _spot_maps(run: RunResult, n_genes: int = 3) -> str | None:
         j = list(a.var_names).index(gene)
         fig = spot_map_pair(
             a.obsm["spatial"], a.layers["observed"][:, j], np.asarray(a.X)[:, j],
-            title=f"{gene} on {key} (PCC {row['pcc']:.3f})",
+            title=f"{method}: {gene} on {key} (PCC {row['pcc']:.3f})",
         )
-        parts.append(figure_html(fig, alt=f"{gene} on {key}"))
-    return "\n".join(parts)
+        out.append(figure_html(fig, alt=f"{method}: {gene} on {key}"))
+    return out
 
 
 def _analyses(run: RunResult, table: str) -> tuple[dict[str, Any], pd.DataFrame] | None:
