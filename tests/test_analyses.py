@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -115,6 +117,11 @@ def test_he2st_analyze_adds_tables_and_report_sections(tmp_path) -> None:
     assert set(reg["reference"]) == {"labels"}  # the synthetic slides carry region labels
     en = pd.read_csv(root / "enrichment.csv")
     assert {"observed", "ridge"} <= set(en["method"])
+    # the mean baseline predicts a constant: no DE list of its own; lists are a fifth of the 20-gene panel
+    ov = pd.read_csv(root / "de_overlap.csv")
+    assert set(ov["method"]) == {"ridge"} and (ov["n_top"] == 5).all() and (ov["n_predicted"] == 5).all()
+    assert "mean" not in set(en["method"])
+    assert json.loads((root / "params.json").read_text())["de_skipped_constant"] == ["mean"]
     report = (out / "report.html").read_text()
     for sec in ("gene_gene", "regions", "de"):
         assert f'id="{sec}"' in report, sec

@@ -477,7 +477,9 @@ def analyze_run(
     group
         The group tested in DE (default: the most frequent label of the run).
     n_top
-        Genes per HEG/HVG set and per DE list.
+        Genes per HEG/HVG set, and per DE list up to a fifth of the panel (at least 5), so
+        that a small panel's list is not the whole panel. Constant predictions (the mean
+        baseline) get no DE list (``params.json``: ``de_skipped_constant``).
     clusters
         Clusterings: ``kmeans`` and/or ``leiden``.
     seed
@@ -513,6 +515,7 @@ def analyze_run(
     metric_rows, gg_rows, reg_rows, clus_rows, de_rows, ov_rows, en_rows = [], [], [], [], [], [], []
     observed_done: set[tuple[str, str]] = set()
     obs_de: dict[str, pd.DataFrame] = {}
+    skipped_constant: set[str] = set()
     for (m, fold, slide), a in preds.items():
         keys = {"method": m, "fold": fold, "test_slide": slide}
         for kind in ("HEG", "HVG"):
@@ -537,14 +540,21 @@ def analyze_run(
         if group is None or groupby not in a.obs or not (a.obs[groupby].astype(str) == group).any() \
                 or (a.obs[groupby].astype(str) == group).all():
             continue
+        if _constant_prediction(a):
+            # A constant map (the mean baseline) ranks genes by ties alone: no DE list to compare.
+            skipped_constant.add(m)
+            continue
+        # Top lists of at most a fifth of the panel: on a small panel a list of n_top genes would be
+        # the whole panel, and every overlap and enrichment would be trivially complete.
+        n_de = min(n_top, max(5, a.n_vars // 5))
         if slide not in obs_de:
-            obs_de[slide] = differential_expression(a, groupby, group, n_top=n_top, layer="observed")
+            obs_de[slide] = differential_expression(a, groupby, group, n_top=n_de, layer="observed")
             de_rows.append(obs_de[slide].assign(method="observed", test_slide=slide))
-        de = differential_expression(a, groupby, group, n_top=n_top)
+        de = differential_expression(a, groupby, group, n_top=n_de)
         de_rows.append(de.assign(method=m, test_slide=slide))
         top_o, top_p = list(obs_de[slide]["gene"]), list(de["gene"])
         both = [g for g in top_p if g in set(top_o)]
-        ov_rows.append({**keys, "group": group, "n_top": n_top, "n_observed": len(top_o), "n_predicted": len(top_p),
+        ov_rows.append({**keys, "group": group, "n_top": n_de, "n_observed": len(top_o), "n_predicted": len(top_p),
                         "overlap": len(both), "jaccard": len(both) / max(1, len(set(top_o) | set(top_p))), "genes": ";".join(both)})
         if gene_sets is not None:
             universe = [str(g) for g in a.var_names]
@@ -576,10 +586,16 @@ def analyze_run(
         written[name] = root / f"{name}.csv"
         _write_csv(df, written[name])
     params = {"n_top": n_top, "groupby": groupby, "group": group, "clusters": list(clusters), "seed": seed,
-              "gmt": str(gmt) if gmt is not None else None}
+              "gmt": str(gmt) if gmt is not None else None, "de_skipped_constant": sorted(skipped_constant)}
     atomic_write_json(root / "params.json", params)
     written["params"] = root / "params.json"
     return written
+
+
+def _constant_prediction(a: Any) -> bool:
+    """Whether every predicted gene is constant over the slide's spots (e.g. the mean baseline)."""
+    x = np.asarray(a.X, dtype=np.float64)
+    return bool(len(x) == 0 or np.all(np.ptp(x, axis=0) == 0))
 
 
 def read_analyses(out: str | os.PathLike) -> dict[str, Any]:

@@ -400,6 +400,8 @@ def _gene_gene(run: RunResult) -> str | None:
         for m, a in preds.items():
             g = gene_gene_correlation(None, a, n_top=n_top, kind=kind)
             mats.setdefault("observed", g.observed)
+            if not np.isfinite(np.asarray(g.predicted, dtype=float)).any():
+                continue  # a constant prediction has no gene-gene correlation: no empty panel
             mats[m] = g.predicted.loc[mats["observed"].index, mats["observed"].columns]
         parts.append(figure_html(correlation_heatmaps(mats, title=f"{kind} of {slide} (order: clustering of observed)"),
                                  alt=f"gene-gene correlation {kind} {slide}"))
@@ -455,7 +457,9 @@ def _de(run: RunResult) -> str | None:
     p = res["params"]
     parts = [_p(f"Genes up in {p.get('groupby')} == {p.get('group')!r} against the other spots (scanpy "
                 f"rank_genes_groups, Wilcoxon), from predicted and from observed expression; overlap of the two "
-                f"top-{p.get('n_top')} lists per test slide."),
+                f"top lists per test slide (n_top genes: at most {p.get('n_top')} and a fifth of the panel)."
+                + (f" No list for {', '.join(p['de_skipped_constant'])}: a constant prediction ranks no gene."
+                   if p.get("de_skipped_constant") else "")),
              table_html(ov.drop(columns=["genes"], errors="ignore"))]
     en = res.get("enrichment")
     if en is not None and not en.empty:
