@@ -51,7 +51,8 @@ def _temp_files(out: Path) -> list[Path]:
 
 
 def _one_line_error(output: str) -> str:
-    lines = [x for x in output.strip().splitlines() if x.strip()]
+    # Warnings are one "warning:" line each (he2st.cli._warning_line); the error must be one line.
+    lines = [x for x in output.strip().splitlines() if x.strip() and not x.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), output
     return lines[0]
 

@@ -54,6 +54,13 @@ class _OneLineErrors(TyperGroup):
             raise typer.Exit(EXIT_ERROR) from None
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` of the CLI: ``warning: <message>`` on one line of stderr."""
+    text = " ".join(str(message).split())
+    typer.echo(f"warning: {text}", err=True)
+
+
 def error_line(exc: BaseException) -> str:
     """The one line the CLI prints for an exception: ``error: <file or option>: <problem>``.
 
@@ -109,6 +116,11 @@ def _root(
     """he2st: H&E -> spatial transcriptomics toolkit."""
     if quiet:
         os.environ["HE2ST_QUIET"] = "1"
+    if not debug:
+        import warnings
+
+        # A warning is one "warning:" line on stderr, as an error is one "error:" line (no source excerpt).
+        warnings.showwarning = _warning_line
 
 
 @app.command()
