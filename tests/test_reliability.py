@@ -431,6 +431,9 @@ def test_a_really_full_disk_is_one_error_line(tmp_path, syn_root) -> None:
             capture_output=True, text=True, env=env, timeout=300,
         )
         assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+        # the 12-gene panel's GeneSetSizeWarning is one "warning:" line, not a source excerpt
+        assert any(x.startswith("warning: ") and "n_top=50" in x for x in res.stderr.splitlines()), res.stderr
+        assert "run_fold(" not in res.stderr
         line = _one_line_error(res.stderr)
         assert "space" in line
         assert not [p for p in mnt.rglob("*") if ".tmp" in p.name]
