@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st.methods.base import Capabilities
 from he2st.methods.families.spot import SPOT_DEFAULTS, SpotRegressor
@@ -295,7 +294,6 @@ class M2OST(SpotRegressor):
     # -- data ---------------------------------------------------------------------------
     def _level_patches(self, slide: Any, scale: float) -> np.ndarray:
         """``(n, S, S, 3)`` uint8 crops covering ``scale`` times the finest field, read window by window."""
-        from he2st.image import extract_patches
         from he2st.methods.nn.inputs import resize_uint8
 
         size = self._patch_px(slide)
@@ -310,10 +308,7 @@ class M2OST(SpotRegressor):
             read = size
             if round(scale * self.patch_um_ / mpp) == size or abs(mpp - target) <= 1e-6 * target:
                 target = None
-        key = (meta(slide).slide_id, read, target)
-        if key not in self._patch_memo:
-            self._patch_memo[key] = extract_patches(slide, size_px=read, target_mpp=target)
-        return resize_uint8(np.asarray(self._patch_memo[key].images), size)
+        return resize_uint8(np.asarray(self._memo_patches(slide, read, target).images), size)
 
     def _inputs(self, slide: Any) -> np.ndarray:
         """Every level of every spot, stacked on the channel axis: uint8 ``(n, S, S, 3 L)``, finest first."""

@@ -192,9 +192,13 @@ class ExemplarGraphMethod(BankedMethod):
                             dim=self._net_spec.get("feature_dim"), target_mpp=self.read_mpp(slide))
 
     def _coords(self, slide: Any) -> np.ndarray:
-        """Spot centres in the training pixel frame (only distances within a slide are used)."""
-        xy = np.asarray(slide.obsm["spatial"], dtype=np.float64)
-        return xy * self.pixel_scale(slide) if meta(slide).mpp is not None and self.train_mpp_ else xy
+        """Spot centres in the slide's own pixels.
+
+        No rescaling to the training pixel frame: the spatial edges are the ``q`` nearest
+        spots and their distance cap is in units of the slide's own spot pitch, both the
+        same in any pixel unit.
+        """
+        return np.asarray(slide.obsm["spatial"], dtype=np.float64)
 
     def _graph(self, slide_id: str, xy: np.ndarray, x: np.ndarray, exclude: np.ndarray | None,
                y: np.ndarray | None = None) -> Any:
@@ -210,12 +214,11 @@ class ExemplarGraphMethod(BankedMethod):
                 f"(bank slides {self.bank_.slide_ids}, all excluded for this slide); train on more slides"
             )
         max_d = p["ts_max_distance"]
-        graph = exemplar_graph(
+        return exemplar_graph(
             xy, x, nb.indices, self.bank_.embeddings, self.bank_.values, q=int(p["q"]), rs_k=int(p["rs_k"]),
             rs_metric=str(p["rs_metric"]), edges=p["edges"], target_y=y,
             ts_max_distance=None if max_d is None else float(max_d) * spot_spacing(xy),
         )
-        return graph
 
     # -- fitting ---------------------------------------------------------------------------
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:

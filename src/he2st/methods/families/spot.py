@@ -347,16 +347,17 @@ class SpotRegressor(Method):
     # -- data ------------------------------------------------------------------------------
     def _patches(self, slide: Any) -> Any:
         """Patches of a slide at this method's patch size (memoised during ``fit``)."""
+        size = self._patch_px(slide)
+        return self._memo_patches(slide, size, self.read_mpp(slide, size))
+
+    def _memo_patches(self, slide: Any, size_px: int, target_mpp: float | None) -> Any:
+        """:func:`he2st.image.extract_patches` of ``slide`` at ``size_px`` / ``target_mpp``, memoised during ``fit``."""
         from he2st.image import extract_patches
 
-        size = self._patch_px(slide)
-        target = self.read_mpp(slide, size)
-        key = (meta(slide).slide_id, size, target)
-        if key in self._patch_memo:
-            return self._patch_memo[key]
-        patches = extract_patches(slide, size_px=size, target_mpp=target)
-        self._patch_memo[key] = patches
-        return patches
+        key = (meta(slide).slide_id, size_px, target_mpp)
+        if key not in self._patch_memo:
+            self._patch_memo[key] = extract_patches(slide, size_px=size_px, target_mpp=target_mpp)
+        return self._patch_memo[key]
 
     def _inputs(self, slide: Any) -> np.ndarray:
         """Frozen features ``(n, d)`` float32, or patches ``(n, S, S, 3)`` uint8 in finetune mode."""
