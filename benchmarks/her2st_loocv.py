@@ -15,7 +15,7 @@ start over) and ``benchmarks/results/her2st_loocv.json``; prints the table.
 
 Add a method by appending ``(label, method name, params)`` to :data:`METHODS`.
 
-    python benchmarks/her2st_loocv.py [--set main|fidelity|graph|hypergraph] [--data PATH] [--out DIR] [--summary FILE]
+    python benchmarks/her2st_loocv.py [--set main|fidelity|graph|hypergraph|eggn-full] [--data PATH] [--out DIR] [--summary FILE]
                                       [--methods mean,ridge] [--quiet]
 
 ``--methods`` runs a subset of the labels of :data:`METHODS`; results of methods run
@@ -144,7 +144,10 @@ HYPERGRAPH: list[tuple[str, str, dict]] = [
     ("hggep", "hggep", dict(_HGGEP_CPU)),
     ("m2ost", "m2ost", dict(_M2OST_CPU)),
 ]
-SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH}
+#: ``--set eggn-full``: EGGN at its code's full 300 epochs (the README's single-fold row; about 22 min a
+#: fold here; run e.g. one fold's worth by stopping after C2). Results: results/her2st_graph_eggn_300_epochs/.
+EGGN_FULL: list[tuple[str, str, dict]] = [("eggn", "eggn", dict(ENCODER))]
+SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH, "eggn-full": EGGN_FULL}
 
 #: Printed and saved columns: (metric, gene set).
 COLUMNS = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("mse", "ACG"), ("mae", "ACG")]
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="her2st folder (default: he2st.datasets' lookup)")
     ap.add_argument("--set", default="main", choices=sorted(SETS),
                     help="main: METHODS; fidelity: FIDELITY (issue 12); graph: GRAPH (issue 15); "
-                         "hypergraph: HYPERGRAPH (issue 16)")
+                         "hypergraph: HYPERGRAPH (issue 16); eggn-full: EGGN at 300 epochs")
     ap.add_argument("--out", default=None, help="run folder (default results/her2st_loocv or results/her2st_fidelity)")
     ap.add_argument("--summary", default=None, help="summary JSON to write (default: the run folder's name + .json)")
     ap.add_argument("--methods", default=None, help="comma-separated labels of the set to run (default: all)")
