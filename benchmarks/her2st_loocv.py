@@ -145,7 +145,7 @@ HYPERGRAPH: list[tuple[str, str, dict]] = [
     ("m2ost", "m2ost", dict(_M2OST_CPU)),
 ]
 #: ``--set eggn-full``: EGGN at its code's full 300 epochs (the README's single-fold row; about 22 min a
-#: fold here; run e.g. one fold's worth by stopping after C2). Results: results/her2st_graph_eggn_300_epochs/.
+#: fold here). Written to results/her2st_eggn-full/; the stored C2 fold is in results/her2st_graph_eggn_300_epochs/.
 EGGN_FULL: list[tuple[str, str, dict]] = [("eggn", "eggn", dict(ENCODER))]
 SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH, "eggn-full": EGGN_FULL}
 
