@@ -43,7 +43,7 @@ def test_every_default_fits(name: str, tiny, imagenet_dir: Path, monkeypatch: py
     monkeypatch.setenv("HE2ST_WEIGHTS_DIR", str(imagenet_dir))
     genes = list(map(str, tiny[0].var_names))
     train, test = [tiny[0], tiny[1]], tiny[2]
-    base = {"method": "mean"} if name == "ensemble" else {}
+    base = {"method": "mean"} if name in ("ensemble", "smooth") else {}
     cls_defaults = create_method(name, **base).params
     over = {k: v for k, v in BUDGET.items() if k in cls_defaults}
     if "patch_px" in cls_defaults:

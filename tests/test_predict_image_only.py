@@ -43,6 +43,9 @@ CONFIGS: dict[str, dict] = {
     "m2ost": {"patch_px": 32, "token_px": 8, "embed_dim": 16, "depth": 1, "heads": 3, "head_dim": 8, "mlp_dim": 32,
               "epochs": 2, "lr": 1e-3, "augment": "none"},
     "ensemble": {"method": "ridge", "n_members": 2, "params": {**FEAT, "alphas": [1.0]}},
+    "stack": {"methods": [{"name": "ridge", "params": {**FEAT, "alphas": [1.0]}}, {"name": "knn", "params": {**FEAT, "k": 5}}],
+              "smooth": "cv"},
+    "smooth": {"method": "knn", "params": {**FEAT, "k": 5}},
 }
 
 

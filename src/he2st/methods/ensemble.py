@@ -9,12 +9,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from he2st.errors import He2stInputError, RandomWeightsWarning
-from he2st.methods.base import Capabilities, EncoderUse, Method
+from he2st.methods.base import Capabilities
+from he2st.methods.families.meta import MetaMethod
 from he2st.methods.registry import get_method_class, register_method
 
 
 @register_method("ensemble")
-class Ensemble(Method):
+class Ensemble(MetaMethod):
     """Train a registered method ``n_members`` times with different seeds; average; report the spread.
 
     A deep ensemble (Lakshminarayanan et al., "Simple and scalable predictive
@@ -89,19 +90,13 @@ class Ensemble(Method):
             raise He2stInputError(f"method 'ensemble': n_members must be >= 1, got {self.params['n_members']!r}")
         # The wrapped method's needs (tokens, positions, whole slides) are the ensemble's needs.
         self.capabilities = dataclasses.replace(self.member_class_.capabilities, uncertainty=True)  # type: ignore[misc]
-        self.members_: list[Method] = []
         self._memo: tuple[Any, np.ndarray, np.ndarray] | None = None
         # A member built now runs its own checks (weights files included) at the ensemble's construction.
-        self._prototype: Method | None = self._member(0)
+        self._prototypes = [self._member(0)]
 
-    def encoders(self) -> list[EncoderUse]:
-        """The wrapped method's encoders (none before the member class is known)."""
-        proto = getattr(self, "_prototype", None)
-        return proto.encoders() if proto is not None else []
-
-    def _member(self, i: int) -> Method:
+    def _member(self, i: int) -> Any:
         seed = int(self.params["seed"]) + (i if self.params["vary_seed"] else 0)
-        return self.member_class_(**self.params["params"], seed=seed, normalization=self.params["normalization"])
+        return self.new_member(self.params["method"], self.params["params"], seed=seed)
 
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
         self._memo = None
@@ -113,12 +108,15 @@ class Ensemble(Method):
                 self.members_.append(self._member(i).fit(train_slides, self.genes, val_slides))
         self._share_serving()
 
-    def _share_serving(self) -> None:
-        """The members' field of view and encoder weights (the same for all) as the ensemble's own."""
-        if self.members_:
-            first = self.members_[0]
-            self.patch_um_, self.train_mpp_ = first.patch_um_, first.train_mpp_
-            self.encoder_ids_ = list(first.encoder_ids_)
+    def set_own_extra(self, extra: dict[str, Any]) -> None:
+        """Nothing of its own to restore; drops the memo of the last prediction.
+
+        Parameters
+        ----------
+        extra
+            Unused.
+        """
+        self._memo = None
 
     def _predict_all(self, slide: Any) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation over the members (one pass for both)."""
@@ -141,45 +139,3 @@ class Ensemble(Method):
 
     def predict_uncertainty(self, slide: Any) -> np.ndarray:
         return self._predict_all(slide)[1]
-
-    # -- persistence ------------------------------------------------------------
-    def get_state(self) -> dict[str, np.ndarray]:
-        state: dict[str, np.ndarray] = {}
-        for i, m in enumerate(self.members_):
-            state.update({f"member{i}.{k}": v for k, v in m.get_state().items()})
-        return state
-
-    def set_state(self, state: dict[str, np.ndarray]) -> None:
-        self._memo = None
-        for i, m in enumerate(self.members_):
-            prefix = f"member{i}."
-            m.set_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-
-    def get_extra(self) -> dict[str, Any]:
-        return {
-            "members": [
-                {
-                    "params": m.params,
-                    "genes": m.genes,
-                    "normalizer": m.normalizer_.get_state(),
-                    "train_normalizer": (m.train_normalizer_ or m.normalizer_).get_state(),
-                    "extra": m.get_extra(),
-                    "serving": m._serving_state(),
-                }
-                for m in self.members_
-            ]
-        }
-
-    def set_extra(self, extra: dict[str, Any]) -> None:
-        from he2st.pp.normalize import Normalizer
-
-        self.members_ = []
-        for cfg in extra.get("members", []):
-            m = self.member_class_(**cfg["params"])
-            m.genes = list(cfg["genes"])
-            m.normalizer_ = Normalizer.from_state(cfg["normalizer"])
-            m.train_normalizer_ = Normalizer.from_state(cfg.get("train_normalizer") or cfg["normalizer"])
-            m._set_serving_state(cfg.get("serving"))
-            m.set_extra(cfg.get("extra", {}))
-            self.members_.append(m)
-        self._share_serving()
