@@ -230,3 +230,71 @@ def test_reference_slides_from_a_json_spec(cohort, genes) -> None:
         create_method("bleep", **FAST["bleep"], reference_slides={**spec, "images": "without"}).fit(cohort[:2], genes)
     with pytest.raises(He2stInputError, match="accepts"):
         create_method("bleep", **FAST["bleep"], reference_slides={"dataset": "x"}).fit(cohort[:2], genes)
+
+
+def _shallow(slide, fraction: float, new_id: str):
+    """An expression-only copy sequenced ``fraction`` as deep (binomial thinning of the counts)."""
+    import scipy.sparse as sp
+
+    s = expression_only(slide, new_id=new_id)
+    X = sp.csr_matrix(s.X).copy()
+    X.data = np.random.default_rng(0).binomial(X.data.astype(np.int64), fraction).astype(np.float32)
+    s.X = X
+    return s
+
+
+def test_reference_correction_scale_moves_shallow_slides_to_training_moments(cohort, genes) -> None:
+    from he2st.retrieval.correction import moments
+
+    ref = _shallow(cohort[3], 0.1, "shallow")
+    plain = create_method("bleep", **FAST["bleep"], reference_slides=[ref]).fit(cohort[:2], genes)
+    scaled = create_method("bleep", **FAST["bleep"], reference_slides=[ref], reference_correction="scale").fit(
+        cohort[:2], genes)
+    # The target moments are the training slides' only (never the query's).
+    train = np.concatenate([scaled.targets(s) for s in cohort[:2]])
+    np.testing.assert_allclose(scaled.ref_target_, np.stack(moments(train)), rtol=1e-5)
+    block = scaled.bank_.slides[-1]
+    vals = np.asarray(scaled.bank_.values[block.start : block.stop], dtype=np.float64)
+    raw = np.asarray(plain.bank_.values[block.start : block.stop], dtype=np.float64)
+    varied = raw.std(axis=0) > 0
+    # Means match the training means (clipping at the training minimum only raises a few values).
+    err_scaled = np.abs(vals.mean(axis=0) - train.mean(axis=0))[varied].mean()
+    err_plain = np.abs(raw.mean(axis=0) - train.mean(axis=0))[varied].mean()
+    assert err_scaled < 0.25 * err_plain
+    # Training rows are untouched; predictions change.
+    np.testing.assert_array_equal(scaled.bank_.values[:240], plain.bank_.values[:240])
+    assert not np.allclose(scaled.predict(cohort[2]), plain.predict(cohort[2]))
+
+
+def test_reference_correction_harmony_keeps_training_keys(cohort, genes, tmp_path) -> None:
+    ref = _shallow(cohort[3], 0.1, "shallow")
+    plain = create_method("bleep", **FAST["bleep"], reference_slides=[ref]).fit(cohort[:2], genes)
+    harm = create_method("bleep", **FAST["bleep"], reference_slides=[ref], reference_correction="scale+harmony").fit(
+        cohort[:2], genes)
+    np.testing.assert_allclose(harm.bank_.embeddings[:240], plain.bank_.embeddings[:240], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(harm.bank_.embeddings[240:], plain.bank_.embeddings[240:])
+    again = load_method(harm.save(tmp_path / "h"))
+    np.testing.assert_allclose(again.predict(cohort[2]), harm.predict(cohort[2]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(He2stInputError, match="reference_correction"):
+        create_method("bleep", **FAST["bleep"], reference_correction="combat")
+
+
+def test_harmonize_to_training_pulls_a_shifted_batch_back() -> None:
+    from he2st.retrieval.correction import harmonize_to_training, match_moments
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, 8))
+    lab = rng.integers(0, 3, 600)
+    Z = centres[lab] + rng.normal(0, 0.3, (600, 8))
+    batch = np.where(np.arange(600) < 400, np.where(np.arange(600) < 200, "a", "b"), "ref")
+    Z[batch == "ref"] += 1.5  # the reference slide's keys are shifted
+    out = harmonize_to_training(Z, batch, batch != "ref")
+    np.testing.assert_array_equal(out[:400], Z[:400].astype(np.float32))
+    before = np.linalg.norm(Z[400:] - centres[lab[400:]], axis=1).mean()
+    after = np.linalg.norm(out[400:] - centres[lab[400:]], axis=1).mean()
+    assert after < 0.6 * before
+    # Moment matching by hand: values (0, 2) -> mean 1, sd 1 becomes mean 5, sd 2 -> (3, 7).
+    np.testing.assert_allclose(match_moments(np.array([[0.0], [2.0]]), np.array([5.0]), np.array([2.0])), [[3.0], [7.0]])
+    np.testing.assert_allclose(match_moments(np.array([[1.0], [1.0]]), np.array([5.0]), np.array([2.0])), [[5.0], [5.0]])
+    np.testing.assert_allclose(match_moments(np.array([[0.0], [2.0]]), np.array([0.5]), np.array([2.0]), np.array([0.0])),
+                               [[0.0], [2.5]])

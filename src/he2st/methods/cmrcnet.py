@@ -288,7 +288,7 @@ class CMRCNet(ContrastiveRetrieval):
     val_fraction=0.2, top_k=50, select_metric="cosine", weight_metric=None,
     aggregation="mean", softmax_temperature=1.0, search="exact",
     search_backend="torch", target_recall=0.95, bank_chunk=None,
-    reference_slides=None, reference_fill_missing=False,
+    reference_slides=None, reference_fill_missing=False, reference_correction=None,
     exclude_test_patient="auto", on_bank_overlap="error", device="auto".
     """
 

@@ -125,7 +125,7 @@ class MclSTExp(ContrastiveRetrieval):
     top_k=200, select_metric="cosine", weight_metric="l2",
     aggregation="inverse_square", softmax_temperature=1.0, search="exact",
     search_backend="torch", target_recall=0.95, bank_chunk=32, reference_slides=None,
-    reference_fill_missing=False, exclude_test_patient="auto",
+    reference_fill_missing=False, reference_correction=None, exclude_test_patient="auto",
     on_bank_overlap="error", device="auto".
     """
 

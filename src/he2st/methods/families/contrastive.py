@@ -33,6 +33,15 @@ optional list of ids). Reference slides are normalised with the normaliser
 fitted on the training slides. After fitting, :meth:`add_reference_slides`
 adds more.
 
+Reference slides sequenced at another depth bias retrieval (the count-only
+her2st sections, 2-9x shallower, made every retrieval method worse on C2-C6).
+``reference_correction`` (he2st's addition; default None, the papers' bank)
+corrects them with :mod:`he2st.retrieval.correction`, fitted on the training
+rows only: ``"scale"`` moves each reference slide's values, gene by gene, to
+the training spots' mean and sd before their keys are embedded; ``"harmony"``
+runs Harmony on the bank's keys with the slide as batch, expressed in the
+training rows' frame (training keys do not move); ``"scale+harmony"`` does both.
+
 Leakage guards
 --------------
 The bank records the id, patient and origin of every slide it holds
@@ -104,6 +113,7 @@ from he2st.methods.nn.train import (
 )
 from he2st.retrieval.aggregation import AGGREGATIONS, aggregate
 from he2st.retrieval.bank import BankLeakageError, ReferenceBank
+from he2st.retrieval.correction import CORRECTIONS, harmonize_to_training, match_moments, moments
 from he2st.retrieval.search import BACKENDS, KINDS, METRICS, Neighbors, exact_distances
 
 OVERLAP = ("error", "exclude")
@@ -145,6 +155,7 @@ CONTRASTIVE_DEFAULTS: dict[str, Any] = {
     "bank_chunk": None,
     "reference_slides": None,
     "reference_fill_missing": False,
+    "reference_correction": None,
     "exclude_test_patient": "auto",
     "on_bank_overlap": "error",
     "device": "auto",
@@ -259,6 +270,7 @@ class ContrastiveRetrieval(BankedMethod):
             params.setdefault("select_metric", legacy)
             params.setdefault("weight_metric", legacy)
         super().__init__(**params)
+        self.ref_target_: np.ndarray | None = None
         self._check_params()
         self.calibration_queries_: np.ndarray | None = None
         self._loading = False
@@ -282,6 +294,7 @@ class ContrastiveRetrieval(BankedMethod):
         self._check_choice("search_backend", BACKENDS)
         self._check_choice("on_bank_overlap", OVERLAP)
         self._check_choice("exclude_test_patient", ("auto", True, False))
+        self._check_choice("reference_correction", CORRECTIONS)
         self._check_choice("val_split", VAL_SPLITS)
         if p["bank_chunk"] is not None and int(p["bank_chunk"]) < 1:
             raise He2stInputError(f"method {self.name!r}: bank_chunk must be >= 1 or None, got {p['bank_chunk']!r}")
@@ -447,9 +460,11 @@ class ContrastiveRetrieval(BankedMethod):
             m = meta(s)
             origin = "train" if i < len(train_slides) else "validation"
             blocks.append((self._embed_expression(y, pos), y, m.slide_id, m.patient, origin))
+        # Training moments of the bank's values: the target of the reference slides' depth correction.
+        self.ref_target_ = np.stack(moments(np.concatenate(Y))) if refs else None
         for s in refs:
             blocks.append(self._reference_block(s))
-        self.bank_ = ReferenceBank.from_blocks(blocks, metric=p["select_metric"], genes=self.genes)
+        self.bank_ = self._corrected_bank(blocks)
         # "patients" holds the TRAINING slides' patients only: exclude_test_patient="auto" asks
         # whether the split is patient-level, and a validation slide does not make it one.
         self._train_info = {"slides": train_ids, "patients": sorted({meta(s).patient for s in train_slides}),
@@ -465,7 +480,23 @@ class ContrastiveRetrieval(BankedMethod):
         m = meta(slide)
         y = np.asarray(self.normalizer_.transform(slide, self.genes, fill_missing=bool(self.params["reference_fill_missing"])),
                        dtype=np.float32)
+        if self.params["reference_correction"] in ("scale", "scale+harmony"):
+            if self.ref_target_ is None:
+                raise He2stInputError(f"method {self.name!r}: no training moments to scale reference slide {m.slide_id!r} to")
+            mean, sd, low = self.ref_target_
+            y = match_moments(y, mean, sd, low)
         return self._embed_expression(y, self._positions(slide)), y, m.slide_id, m.patient, "reference"
+
+    def _corrected_bank(self, blocks: list[tuple[np.ndarray, np.ndarray, str, str, str]]) -> ReferenceBank:
+        """The bank of ``blocks``; with a Harmony correction, reference keys moved toward the training rows'."""
+        if self.params["reference_correction"] in ("harmony", "scale+harmony") and any(b[4] == "reference" for b in blocks):
+            emb = np.concatenate([b[0] for b in blocks])
+            batches = np.concatenate([np.full(len(b[0]), b[2], dtype=object) for b in blocks])
+            training = np.concatenate([np.full(len(b[0]), b[4] != "reference") for b in blocks])
+            fixed = harmonize_to_training(emb, batches, training, seed=int(self.params["seed"]))
+            bounds = np.cumsum([0] + [len(b[0]) for b in blocks])
+            blocks = [(fixed[a:z], *b[1:]) for b, a, z in zip(blocks, bounds[:-1], bounds[1:])]
+        return ReferenceBank.from_blocks(blocks, metric=self.params["select_metric"], genes=self.genes)
 
     def _build_index(self, queries: np.ndarray | None) -> None:
         """Search index of the bank; approximate kinds are calibrated on ``queries`` (training images)."""
@@ -572,11 +603,16 @@ class ContrastiveRetrieval(BankedMethod):
         assert self.bank_ is not None
         blocks = [(np.asarray(self.bank_.embeddings[s.start : s.stop]), np.asarray(self.bank_.values[s.start : s.stop]),
                    s.slide_id, s.patient, s.origin) for s in self.bank_.slides]
+        if self.ref_target_ is None:
+            # Training moments from the bank's own training rows (models fitted without reference slides).
+            rows = [np.asarray(self.bank_.values[s.start : s.stop]) for s in self.bank_.slides if s.origin != "reference"]
+            self.ref_target_ = np.stack(moments(np.concatenate(rows)))
         for s in slides:
             if self.bank_.contains_slide(meta(s).slide_id):
                 raise He2stInputError(f"slide {meta(s).slide_id!r} is already in the bank of method {self.name!r}")
             blocks.append(self._reference_block(s))
-        self.bank_ = ReferenceBank.from_blocks(blocks, metric=self.params["select_metric"], genes=self.genes)
+        # With Harmony, it is refitted on the whole bank (earlier reference keys, already corrected, move little).
+        self.bank_ = self._corrected_bank(blocks)
         # IVF / HNSW are re-calibrated on the kept sample of training image embeddings.
         self._build_index(self.calibration_queries_)
 
@@ -587,6 +623,8 @@ class ContrastiveRetrieval(BankedMethod):
         out = {**module_state(self.net_, "model."), **self.bank_.state_arrays("bank.")}
         if self.calibration_queries_ is not None:
             out["calibration_queries"] = np.ascontiguousarray(self.calibration_queries_, dtype=np.float32)
+        if self.ref_target_ is not None:
+            out["reference_target_moments"] = np.ascontiguousarray(self.ref_target_, dtype=np.float64)
         return out
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
@@ -599,6 +637,7 @@ class ContrastiveRetrieval(BankedMethod):
         self.net_ = net.eval()
         self.bank_ = ReferenceBank.from_state(state, self._bank_meta, "bank.")
         self.calibration_queries_ = np.asarray(state["calibration_queries"]) if "calibration_queries" in state else None
+        self.ref_target_ = np.asarray(state["reference_target_moments"]) if "reference_target_moments" in state else None
 
 
 def _column_moments(x: np.ndarray, rows: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
