@@ -15,7 +15,7 @@ start over) and ``benchmarks/results/her2st_loocv.json``; prints the table.
 
 Add a method by appending ``(label, method name, params)`` to :data:`METHODS`.
 
-    python benchmarks/her2st_loocv.py [--set main|fidelity|graph|hypergraph|eggn-full] [--data PATH] [--out DIR] [--summary FILE]
+    python benchmarks/her2st_loocv.py [--set main|fidelity|graph|hypergraph|eggn-full|beyond] [--data PATH] [--out DIR] [--summary FILE]
                                       [--methods mean,ridge] [--quiet]
 
 ``--methods`` runs a subset of the labels of :data:`METHODS`; results of methods run
@@ -147,7 +147,33 @@ HYPERGRAPH: list[tuple[str, str, dict]] = [
 #: ``--set eggn-full``: EGGN at its code's full 300 epochs (the README's single-fold row; about 22 min a
 #: fold here). Written to results/her2st_eggn-full/; the stored C2 fold is in results/her2st_graph_eggn_300_epochs/.
 EGGN_FULL: list[tuple[str, str, dict]] = [("eggn", "eggn", dict(ENCODER))]
-SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH, "eggn-full": EGGN_FULL}
+#: Issue 18, ``--set beyond``: what goes beyond the ported methods, each addition alone next to ridge,
+#: then combinations. Every choice inside (stacking weights, smoothing strength, ridge alpha) is made by
+#: inner CV over the four training sections. Written to results/her2st_beyond/.
+_RIDGE = dict(ENCODER)
+_KNN = dict(ENCODER)
+_BLEEP = dict(ENCODER)
+BEYOND: list[tuple[str, str, dict]] = [
+    ("mean", "mean", {}),
+    ("ridge", "ridge", dict(_RIDGE)),
+    ("knn", "knn", dict(_KNN)),
+    ("bleep", "bleep", dict(_BLEEP)),
+    # Spatial smoothing of one method's maps (strength by inner CV, MSE criterion).
+    ("smooth-ridge", "smooth", {"method": "ridge", "params": dict(_RIDGE)}),
+    ("smooth-knn", "smooth", {"method": "knn", "params": dict(_KNN)}),
+    # Depth-/batch-aware reference banks with the 29 count-only sections (compare main set's bleep+ref).
+    ("bleep+ref", "bleep", {**_BLEEP, **_REF}),
+    ("bleep+ref-scale", "bleep", {**_BLEEP, **_REF, "reference_correction": "scale"}),
+    ("bleep+ref-harmony", "bleep", {**_BLEEP, **_REF, "reference_correction": "harmony"}),
+    ("bleep+ref-scale+harmony", "bleep", {**_BLEEP, **_REF, "reference_correction": "scale+harmony"}),
+    # Stacking (per-gene NNLS weights by leave-one-training-section-out), alone and smoothed.
+    ("stack", "stack", {"methods": [{"name": "ridge", "params": dict(_RIDGE)}, {"name": "knn", "params": dict(_KNN)},
+                                    {"name": "bleep", "params": dict(_BLEEP)}]}),
+    ("stack+smooth", "stack", {"methods": [{"name": "ridge", "params": dict(_RIDGE)}, {"name": "knn", "params": dict(_KNN)},
+                                           {"name": "bleep", "params": dict(_BLEEP)}], "smooth": "cv"}),
+]
+SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH, "eggn-full": EGGN_FULL,
+        "beyond": BEYOND}
 
 #: Printed and saved columns: (metric, gene set).
 COLUMNS = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("mse", "ACG"), ("mae", "ACG")]
@@ -162,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="her2st folder (default: he2st.datasets' lookup)")
     ap.add_argument("--set", default="main", choices=sorted(SETS),
                     help="main: METHODS; fidelity: FIDELITY (issue 12); graph: GRAPH (issue 15); "
-                         "hypergraph: HYPERGRAPH (issue 16); eggn-full: EGGN at 300 epochs")
+                         "hypergraph: HYPERGRAPH (issue 16); eggn-full: EGGN at 300 epochs; beyond: BEYOND (issue 18)")
     ap.add_argument("--out", default=None, help="run folder (default results/her2st_loocv or results/her2st_fidelity)")
     ap.add_argument("--summary", default=None, help="summary JSON to write (default: the run folder's name + .json)")
     ap.add_argument("--methods", default=None, help="comma-separated labels of the set to run (default: all)")
