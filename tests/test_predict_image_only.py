@@ -42,6 +42,8 @@ CONFIGS: dict[str, dict] = {
     "eggn": {**FEAT, "hidden": 16, "layers": 1, "score_dim": 16, "epochs": 2, "lr": 1e-3, "top_k": 3},
     "m2ost": {"patch_px": 32, "token_px": 8, "embed_dim": 16, "depth": 1, "heads": 3, "head_dim": 8, "mlp_dim": 32,
               "epochs": 2, "lr": 1e-3, "augment": "none"},
+    "triplex": {**FEAT, "target_input": "pooled", "n_neighbors": 3, "emb_dim": 16, "fusion_heads": 2, "global_heads": 2,
+                "neighbor_heads": 2, "global_depth": 2, "neighbor_depth": 1, "epochs": 2, "lr": 1e-3, "batch_size": 32},
     "ensemble": {"method": "ridge", "n_members": 2, "params": {**FEAT, "alphas": [1.0]}},
     "stack": {"methods": [{"name": "ridge", "params": {**FEAT, "alphas": [1.0]}}, {"name": "knn", "params": {**FEAT, "k": 5}}],
               "smooth": "cv"},

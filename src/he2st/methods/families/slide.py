@@ -104,6 +104,7 @@ from he2st.methods.nn.train import (
     fit_module,
     load_module_state,
     module_state,
+    schedule_kwargs,
     set_seed,
 )
 from he2st.methods.nn.transformer import (
@@ -483,6 +484,8 @@ class SlideRegressor(Method):
             val_loss_fn=lambda b: self._val_loss(model, b),
             patience=None if p["patience"] is None else int(p["patience"]),
             grad_clip=None if p["grad_clip"] is None else float(p["grad_clip"]),
+            # A method with a learning-rate schedule (TRIPLEX's StepLR) declares its keys.
+            **(schedule_kwargs(p) if "scheduler" in p else {}),
             description=f"{self.name}",
         )
         self.model_ = model.cpu().eval()

@@ -96,6 +96,7 @@ def attend(
     *,
     scale: float | None = None,
     explicit: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-head scaled dot-product attention on projected tokens.
 
@@ -113,6 +114,9 @@ def attend(
         Materialise the ``N x M`` attention matrix (``softmax(Q K^T) V``), as
         the published slide-level models do; otherwise the fused kernel, which
         never holds it.
+    bias
+        Additive attention logits broadcastable to ``(B, heads, N, M)``
+        (relative-position biases, ``-inf``-like values for masked keys), or None.
 
     Returns
     -------
@@ -122,9 +126,13 @@ def attend(
     qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
     if explicit:
         s = qh.shape[-1] ** -0.5 if scale is None else scale
-        out = torch.matmul(torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)) * s, dim=-1), vh)
+        logits = torch.matmul(qh, kh.transpose(-1, -2)) * s
+        if bias is not None:
+            logits = logits + bias
+        out = torch.matmul(torch.softmax(logits, dim=-1), vh)
     else:
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+        mask = None if bias is None else bias.to(qh.dtype)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return merge_heads(out)
 
 
@@ -183,7 +191,7 @@ class MultiHeadAttention(nn.Module):
         return self.to_q(x), self.to_k(context), self.to_v(context)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                neighbors: LocalNeighbors | torch.Tensor | None = None) -> torch.Tensor:
+                neighbors: LocalNeighbors | torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         """Attended tokens.
 
         Parameters
@@ -194,6 +202,9 @@ class MultiHeadAttention(nn.Module):
             Key/value tokens ``(B, M, context_dim)`` (None: self-attention).
         neighbors
             Local neighbour lists of the tokens of one slide (None: global attention).
+        bias
+            Additive attention logits broadcastable to ``(B, heads, N, M)``
+            (global attention only; see :func:`attend`).
 
         Returns
         -------
@@ -202,11 +213,13 @@ class MultiHeadAttention(nn.Module):
         """
         if x.dim() == 2:
             ctx = None if context is None else context.unsqueeze(0)
-            return MultiHeadAttention.forward(self, x.unsqueeze(0), ctx, neighbors).squeeze(0)
+            return MultiHeadAttention.forward(self, x.unsqueeze(0), ctx, neighbors, bias).squeeze(0)
         q, k, v = self._project(x, context)
         if neighbors is None:
-            out = attend(q, k, v, self.heads, scale=self.scale, explicit=self.explicit)
+            out = attend(q, k, v, self.heads, scale=self.scale, explicit=self.explicit, bias=bias)
         else:
+            if bias is not None:
+                raise He2stInputError("an attention bias serves global attention only")
             if x.shape[0] != 1:
                 raise He2stInputError("local attention runs over the tokens of one slide, (n, dim)")
             n = x.shape[1]
@@ -292,7 +305,8 @@ class TransformerBlock(nn.Module):
             nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout)
         )
 
-    def forward(self, x: torch.Tensor, neighbors: LocalNeighbors | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, neighbors: LocalNeighbors | torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         """The block's output.
 
         Parameters
@@ -301,13 +315,15 @@ class TransformerBlock(nn.Module):
             Tokens ``(B, N, dim)`` or ``(N, dim)``.
         neighbors
             Local neighbour lists (None: global attention).
+        bias
+            Additive attention logits (relative-position biases, key masks), see :func:`attend`.
 
         Returns
         -------
         torch.Tensor
             The shape of ``x``.
         """
-        x = x + self.attn(self.norm1(x), neighbors=neighbors)
+        x = x + self.attn(self.norm1(x), neighbors=neighbors, bias=bias)
         return x + self.mlp(self.norm2(x))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

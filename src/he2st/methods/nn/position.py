@@ -16,6 +16,17 @@ is *added* to the spot's expression (mclSTExp eq. 6: ``Spot + S_x + S_y``).
   a linear encoding of raw position, as the commented-out variant in the
   mclSTExp repository (our reading of "naive PE").
 - ``"none"``: zeros (the ablation without position).
+
+Two encodings act on tokens rather than being added to them:
+
+- :class:`RelativeGridBias` (LeViT, Graham et al. 2021; TRIPLEX's neighbour
+  encoder): one learnt attention logit per head and per absolute offset
+  ``(|dr|, |dc|)`` between two cells of a small ``rows x cols`` token grid,
+  added to the attention logits;
+- :class:`SpotGridConv` (a conditional position encoding, PEG of Chu et al.
+  2023, on the sparse spot array: TRIPLEX's APEG): spot tokens are scattered
+  onto their integer array grid, a depthwise convolution runs over the grid
+  and its output at each spot is added to the spot's token.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 POSITION_ENCODINGS = ("none", "sinusoidal", "naive", "learnable")
+
 
 
 class NoPositionEncoding(nn.Module):
@@ -160,3 +172,89 @@ def make_position_encoding(kind: str, dim: int, max_positions: int = 65536) -> n
     if kind == "none":
         return NoPositionEncoding(dim)
     raise ValueError(f"unknown position encoding {kind!r}; use one of {POSITION_ENCODINGS}")
+
+
+class RelativeGridBias(nn.Module):
+    """Learnt attention biases of the tokens of a ``rows x cols`` grid, one per head and absolute offset.
+
+    Cells are numbered row-major. The bias between cells ``(r1, c1)`` and
+    ``(r2, c2)`` is ``B[h, (|r1 - r2|, |c1 - c2|)]``; all biases start at zero.
+
+    Parameters
+    ----------
+    rows, cols
+        Grid shape (TRIPLEX: 5 x 5 neighbour cells).
+    heads
+        Attention heads (one bias table each).
+    """
+
+    def __init__(self, rows: int, cols: int, heads: int) -> None:
+        super().__init__()
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        r, c = r.reshape(-1), c.reshape(-1)
+        dr = (r[:, None] - r[None, :]).abs()
+        dc = (c[:, None] - c[None, :]).abs()
+        # Offset (dr, dc) -> table column; the table has rows x cols distinct offsets.
+        self.register_buffer("index", dr * cols + dc, persistent=False)
+        self.bias = nn.Parameter(torch.zeros(heads, rows * cols))
+
+    def forward(self) -> torch.Tensor:
+        """The bias of every pair of cells.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(heads, rows * cols, rows * cols)`` additive attention logits.
+        """
+        return self.bias[:, self.index]
+
+
+class SpotGridConv(nn.Module):
+    """Conditional position encoding of spot tokens on their integer array grid (TRIPLEX's APEG).
+
+    The tokens ``(n, dim)`` are placed at their grid cells (shifted so the
+    smallest coordinate is 0; empty cells are zero; tokens sharing a cell are
+    summed there), a ``kernel_size`` depthwise convolution with bias runs over
+    the dense grid, and each token gets the convolution's value at its own
+    cell added: ``x_i + conv(X)[g_i]``. Only the spots' cells are read back,
+    in the spots' order.
+
+    Parameters
+    ----------
+    dim
+        Token width (channels of the depthwise convolution).
+    kernel_size
+        Side of the convolution kernel (odd; padding keeps the grid size).
+    """
+
+    def __init__(self, dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=True)
+
+    def forward(self, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Tokens with the grid convolution added.
+
+        Parameters
+        ----------
+        x
+            ``(n, dim)`` spot tokens (or ``(1, n, dim)``).
+        grid
+            ``(n, 2)`` integer array coordinates ``(col, row)``.
+
+        Returns
+        -------
+        torch.Tensor
+            The shape of ``x``.
+        """
+        squeeze = x.dim() == 3
+        tokens = x[0] if squeeze else x
+        g = grid.long().to(tokens.device)
+        g = g - g.min(dim=0).values
+        cols, rows = int(g[:, 0].max()) + 1, int(g[:, 1].max()) + 1
+        dense = tokens.new_zeros(rows, cols, tokens.shape[1])
+        dense = dense.index_put((g[:, 1], g[:, 0]), tokens, accumulate=True)
+        out = self.conv(dense.permute(2, 0, 1).unsqueeze(0))[0]  # (dim, rows, cols)
+        y = tokens + out[:, g[:, 1], g[:, 0]].transpose(0, 1)
+        return y.unsqueeze(0) if squeeze else y
