@@ -172,6 +172,12 @@ BEYOND: list[tuple[str, str, dict]] = [
     ("stack+smooth", "stack", {"methods": [{"name": "ridge", "params": dict(_RIDGE)}, {"name": "knn", "params": dict(_KNN)},
                                            {"name": "bleep", "params": dict(_BLEEP)}], "smooth": "cv"}),
 ]
+# TRIPLEX on a CPU budget: the her2st config's structure at 128-d, depths 1/2/2, 4 heads, MLP ratio 2, 20 of 200
+# epochs, and a 3 x 3 neighbour window instead of 5 x 5 (8,190 instead of 22,750 extra patches to encode).
+_TRIPLEX_CPU = {**ENCODER, "emb_dim": 128, "fusion_depth": 1, "global_depth": 2, "neighbor_depth": 2, "fusion_heads": 4,
+                "global_heads": 4, "neighbor_heads": 4, "fusion_mlp_ratio": 2.0, "global_mlp_ratio": 2.0,
+                "neighbor_mlp_ratio": 2.0, "epochs": 20, "n_neighbors": 3}
+BEYOND += [("triplex", "triplex", dict(_TRIPLEX_CPU))]
 SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH, "eggn-full": EGGN_FULL,
         "beyond": BEYOND}
 
