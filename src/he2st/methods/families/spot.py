@@ -69,8 +69,9 @@ from torch import nn
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st._utils import jsonable
-from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities, Method
+from he2st.methods.base import CONTEXT_DEFAULTS, FIELD_OF_VIEW_DEFAULTS, SCALING_DEFAULTS, Capabilities, Method
 from he2st.methods.nn.inputs import BackboneModel, FeatureModel, image_inputs, make_augmenter, to_unit, unit_batch
+from he2st.methods.scaling import centre_slide, scaler_buffers
 from he2st.methods.nn.train import (
     MODES,
     SCHEDULERS,
@@ -118,6 +119,8 @@ SPOT_DEFAULTS: dict[str, Any] = {
     "stain_fit_spots": 64,
     "device": "auto",
     **FIELD_OF_VIEW_DEFAULTS,
+    **CONTEXT_DEFAULTS,
+    **SCALING_DEFAULTS,
 }
 
 
@@ -222,6 +225,8 @@ class SpotRegressor(Method):
         for key in ("n_models", "epochs", "batch_size"):
             if int(p[key]) < 1:
                 raise He2stInputError(f"method {self.name!r}: {key} must be >= 1, got {p[key]!r}")
+        if p.get("context") is not None and p["mode"] != "frozen":
+            raise He2stInputError(f"method {self.name!r}: the context option needs mode='frozen', got mode={p['mode']!r}")
 
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
         p = self.params
@@ -283,11 +288,16 @@ class SpotRegressor(Method):
             tr_t = torch.from_numpy(tr_m)
             model = self._build_model(seed=int(p["seed"]) + m)
             augment = None if frozen else make_augmenter(p["augment"], seed=int(p["seed"]) + m)
-            if frozen and p["standardize"]:
+            kind = p.get("feature_scaling", "standard")
+            if frozen and p["standardize"] and kind == "standard":
                 Xtr = X[tr_m].astype(np.float64)
                 sd = Xtr.std(axis=0)
                 model.shift.copy_(torch.from_numpy(Xtr.mean(axis=0)).float())
                 model.scale.copy_(torch.from_numpy(np.where(sd > 1e-8, sd, 1.0)).float())
+            elif frozen and p["standardize"] and kind != "none":
+                shift, scale = scaler_buffers(X, kind, tr_m)  # "slide": X is already centred per slide
+                model.shift.copy_(torch.from_numpy(shift).float())
+                model.scale.copy_(torch.from_numpy(scale).float())
             self._init_head(model.head, tuple(a[tr_m] for a in T))
             model.to(device)
 
@@ -365,11 +375,15 @@ class SpotRegressor(Method):
         frozen = p["mode"] == "frozen"
         self.check_servable(slide)
         size = self._patch_px(slide)
-        return image_inputs(
+        x = image_inputs(
             slide, p["mode"], p["encoder"], p["weights"], size, input_px=p["input_px"],
             tta=bool(p["tta"]), stain=self.stain_, dim=self.in_dim_ if frozen else None,
             patches=None if frozen else self._patches(slide), target_mpp=self.read_mpp(slide, size),
+            context=p.get("context"),
         )
+        if frozen and p["standardize"] and p.get("feature_scaling") == "slide":
+            x = centre_slide(x)  # each slide's own mean, at fit and at predict (he2st.methods.scaling)
+        return x
 
     def _fit_stain(self, slides: list[Any]) -> Any:
         """Stain normaliser fitted on patches of the TRAINING slides only (None when ``stain`` is unset)."""
