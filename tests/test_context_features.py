@@ -119,6 +119,9 @@ METHODS = {
     "knn": {"k": 10},
     "stnet": {"epochs": 3, "lr": 1e-3, "tta": False},
     "bleep": {"epochs": 3, "batch_size": 32, "top_k": 10},
+    "spahgc": {"hidden": 16, "layers": 1, "epochs": 2, "lr": 1e-3, "top_k": 3},
+    "hist2st": {"patch_size": 8, "depth": 1, "heads": 2, "dim_head": 8, "gnn_depth": 1, "distill_views": 1,
+                "epochs": 2, "dim": 16, "mode": "frozen"},
 }
 
 

@@ -71,6 +71,15 @@ finetuning patches of every slide are read at ``patch_um_ / patch_px`` microns
 per pixel (:meth:`he2st.methods.base.Method.read_mpp`), and pixel positions
 (``position_source="pixel"``) are expressed in the training slides' pixels.
 Prediction needs only the image: the bank holds the expression.
+
+Context and feature scaling
+---------------------------
+``context`` (default None; frozen feature vectors only, not tokens nor
+finetuning) appends wider fields of view and/or neighbour means to each spot's
+features (:func:`he2st.methods.base.parse_context`). ``feature_scaling``
+(default ``"standard"``) sets the frozen features' ``shift``/``scale``
+(:mod:`he2st.methods.scaling`; ``"slide"`` centres each slide on its own mean
+first); token inputs keep ``"standard"``.
 """
 
 from __future__ import annotations

@@ -41,6 +41,10 @@ CV, its validation slide) can never be a reference.
 
 Prediction needs only the image: the bank (embeddings and expression) is
 saved with the model, so image-only slides are predicted like any other.
+
+``context`` (default None) appends wider fields of view and/or neighbour means
+to each spot's frozen features (:func:`he2st.methods.base.parse_context`); the
+graph's edges are unchanged.
 """
 
 from __future__ import annotations

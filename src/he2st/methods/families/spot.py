@@ -55,6 +55,18 @@ microns per pixel) is the field of view of a patch in microns; every slide is
 read at ``patch_um_ / patch_px`` microns per pixel
 (:meth:`he2st.methods.base.Method.read_mpp`), in both modes, before the stain
 normaliser, the augmentation and the encoder see it.
+
+Context and feature scaling (frozen mode)
+-----------------------------------------
+``context`` (default None) adds, to each spot's features, those of wider
+fields of view around it and/or the mean features of its nearest spots
+(:func:`he2st.methods.base.parse_context`,
+:func:`he2st.methods.nn.inputs.context_features`); finetuning refuses it.
+``feature_scaling`` (default ``"standard"``, the paper's standardisation) sets
+the ``shift``/``scale`` buffers of the :class:`~he2st.methods.nn.inputs.FeatureModel`
+(:mod:`he2st.methods.scaling`); with ``"slide"`` each slide's features are
+centred on their own mean first, at fit and at predict. Both need
+``standardize=True`` to matter for scaling; both are saved with the model.
 """
 
 from __future__ import annotations
