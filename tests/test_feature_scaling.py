@@ -61,7 +61,11 @@ def test_bad_kinds_name_the_option() -> None:
         create_method("stnet", **FEAT, feature_scaling="robustt")
     with pytest.raises(He2stInputError, match="feature_scaling"):
         create_method("cmrcnet", encoder="color_stats", weights=None, patch_px=32, feature_scaling="floor")
-    assert create_method("ridge", **FEAT).params["feature_scaling"] == "standard"
+    # defaults: the ports keep their standardisation; ridge chooses by inner CV (docs/fidelity.md)
+    assert create_method("ridge", **FEAT).params["feature_scaling"] == "cv"
+    assert create_method("knn", **FEAT).params["feature_scaling"] == "standard"
+    assert create_method("stnet", **FEAT).params["feature_scaling"] == "standard"
+    assert create_method("bleep", **FEAT).params["feature_scaling"] == "standard"
 
 
 # -- a synthetic domain shift --------------------------------------------------------------
