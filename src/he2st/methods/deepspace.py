@@ -63,7 +63,8 @@ class DeepSpaCE(SpotRegressor):
     dropout=0.5 (only with hidden > 0), max_mean_rgb=0.8, epochs=10, batch_size=128, lr=1e-4,
     optimizer="adam", weight_decay=1e-4, momentum=0.9 (unused), patience=5,
     val_split="spot", val_fraction=0.2, n_models=1, standardize=True,
-    stain_fit_spots=64, device="auto".
+    stain_fit_spots=64, device="auto",
+    patch_um=None, context=None (:func:`he2st.methods.base.parse_context`), feature_scaling="standard" (:mod:`he2st.methods.scaling`).
     """
 
     paper: ClassVar[str] = "Monjo et al. 2022 (DeepSpaCE)"

@@ -126,7 +126,7 @@ class EGGN(ExemplarGraphMethod):
     pcc_weight=0.5, epochs=300, lr=5e-4, optimizer="adamw",
     weight_decay=1e-4, shuffle=False, grad_clip=None,
     exclude_test_patient="auto", on_bank_overlap="error", device="auto",
-    patch_um=None.
+    patch_um=None, context=None (:func:`he2st.methods.base.parse_context`).
     """
 
     paper: ClassVar[str] = "Yang et al., Pattern Recognit. 2024 (EGGN)"

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from he2st.data.slide import meta, require_counts
 from he2st.errors import He2stInputError, SlideError
-from he2st.methods.base import Capabilities, EncoderUse
+from he2st.methods.base import CONTEXT_DEFAULTS, Capabilities, EncoderUse
 from he2st.methods.registry import register_method
 from he2st.methods.nn.likelihoods import ZINBHead, zinb_nll
 from he2st.methods.families.slide import SLIDE_DEFAULTS, SlideBatch, SlideRegressor
@@ -316,7 +316,8 @@ class Hist2ST(SlideRegressor):
     gat_heads=8, gat_variant="shared", epochs=350, lr=1e-5, optimizer="adam", weight_decay=0.0,
     grad_clip=None, patience=None, attention="full", attention_k=64,
     attention_radius=None, window_px=4000.0, window_min_spots=1000,
-    window_overlap=0.5, device="auto".
+    window_overlap=0.5, device="auto", context=None (frozen pretrained features only;
+    :func:`he2st.methods.base.parse_context`).
 
     Examples
     --------
@@ -333,6 +334,7 @@ class Hist2ST(SlideRegressor):
     )
     defaults: ClassVar[dict[str, Any]] = {
         **SLIDE_DEFAULTS,
+        **CONTEXT_DEFAULTS,
         "patch_px": 112,
         "encoder": "convmixer",
         "weights": None,
@@ -377,6 +379,9 @@ class Hist2ST(SlideRegressor):
                 "method 'hist2st': the ConvMixer is trained from scratch with the rest of the model; "
                 "mode='frozen' needs a pretrained encoder (e.g. encoder='efficientnet_lite0', weights='imagenet')"
             )
+        if p.get("context") is not None and (p["encoder"] == "convmixer" or p["mode"] == "finetune"):
+            raise He2stInputError("method 'hist2st': the context option needs frozen features of a pretrained encoder "
+                                  "(e.g. encoder='efficientnet_lite0', weights='imagenet')")
         if p["encoder"] != "convmixer" and p["mode"] == "finetune":
             raise He2stInputError(
                 "method 'hist2st': with a pretrained encoder only its last layer is trained, which is "
@@ -443,7 +448,8 @@ class Hist2ST(SlideRegressor):
     def _features(self, slide: Any) -> np.ndarray:
         """Frozen features ``(n, d)`` float32 of a slide, checked for shape and NaN/inf."""
         p = self.params
-        return encoder_inputs(slide, p["encoder"], p["weights"], int(p["patch_px"]), target_mpp=self.read_mpp(slide))
+        return encoder_inputs(slide, p["encoder"], p["weights"], int(p["patch_px"]), target_mpp=self.read_mpp(slide),
+                              context=p.get("context"))
 
     def _slide_inputs(self, slide: Any, train: bool) -> np.ndarray:
         if self.frozen:
@@ -469,7 +475,10 @@ class Hist2ST(SlideRegressor):
         return out
 
     def _view_features(self, slide: Any) -> np.ndarray:
-        """Backbone features of ``distill_views`` augmented copies of each patch, ``(n, V, d)``."""
+        """Backbone features of ``distill_views`` augmented copies of each patch, ``(n, V, d)``.
+
+        With ``context``, each view is followed by the unaugmented context columns.
+        """
         from he2st.encoders import create_encoder, preprocess
         from he2st.image import extract_patches
 
@@ -491,7 +500,12 @@ class Hist2ST(SlideRegressor):
                     u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
                     feats.append(enc(preprocess(u8, enc.info)).float().numpy())
                 views.append(np.concatenate(feats))
-        return np.stack(views, axis=1).astype(np.float32)
+        out = np.stack(views, axis=1).astype(np.float32)
+        if p.get("context") is not None:
+            # Context: the augmented spot patch, with the (unaugmented) wider views and neighbour means.
+            rest = self._features(slide)[:, out.shape[2]:]
+            out = np.concatenate([out, np.broadcast_to(rest[:, None, :], (*out.shape[:2], rest.shape[1]))], axis=2)
+        return out
 
     # -- model --------------------------------------------------------------------------
     def _build_model(self) -> nn.Module:

@@ -211,7 +211,8 @@ class M2OST(SpotRegressor):
     paper: ClassVar[str] = "Wang et al., AAAI 2025 (M2OST)"
     capabilities: ClassVar[Capabilities] = Capabilities(frozen_features=False, finetune=True)
     defaults: ClassVar[dict[str, Any]] = {
-        **SPOT_DEFAULTS,
+        # Pixels only (no frozen features): no context views, no feature scaling.
+        **{k: v for k, v in SPOT_DEFAULTS.items() if k not in ("context", "feature_scaling")},
         "mode": "finetune",
         "encoder": None,
         "weights": None,

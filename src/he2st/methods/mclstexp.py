@@ -126,7 +126,8 @@ class MclSTExp(ContrastiveRetrieval):
     aggregation="inverse_square", softmax_temperature=1.0, search="exact",
     search_backend="torch", target_recall=0.95, bank_chunk=32, reference_slides=None,
     reference_fill_missing=False, reference_correction=None, exclude_test_patient="auto",
-    on_bank_overlap="error", device="auto".
+    on_bank_overlap="error", device="auto",
+    patch_um=None, context=None (:func:`he2st.methods.base.parse_context`), feature_scaling="standard" (:mod:`he2st.methods.scaling`).
     """
 
     paper: ClassVar[str] = "Min et al., Brief. Bioinform. 2024 (mclSTExp)"

@@ -181,7 +181,7 @@ class SpaHGC(ExemplarGraphMethod):
     inference="masked", epochs=200,
     lr=1e-4, optimizer="adamw", weight_decay=1e-4, shuffle=False,
     grad_clip=None, exclude_test_patient="auto", on_bank_overlap="error",
-    device="auto", patch_um=None.
+    device="auto", patch_um=None, context=None (:func:`he2st.methods.base.parse_context`).
     """
 
     paper: ClassVar[str] = "Shi et al., arXiv 2603.22821 (SpaHGC)"

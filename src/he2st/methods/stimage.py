@@ -152,7 +152,8 @@ class STimage(SpotRegressor):
     n_models=5, epochs=100, batch_size=64, lr=1e-5, optimizer="adam",
     weight_decay=0.0, momentum=0.9 (unused), patience=10, scheduler="none",
     val_split="auto", val_fraction=0.3, member_data="same", head_init="random",
-    moments="exact", standardize=True, device="auto".
+    moments="exact", standardize=True, device="auto",
+    patch_um=None, context=None (:func:`he2st.methods.base.parse_context`), feature_scaling="standard" (:mod:`he2st.methods.scaling`).
 
     Departures (see ``docs/fidelity.md#stimage``): the NB is fitted to
     counts with a library-size offset (the repository fits it to log1p

@@ -62,7 +62,8 @@ class STNet(SpotRegressor):
     tta=True, stain=None, augment="stnet", epochs=50, batch_size=32, lr=1e-6,
     optimizer="sgd", momentum=0.9, weight_decay=0.0, patience=None,
     val_split="auto", val_fraction=0.1, n_models=1, standardize=True,
-    stain_fit_spots=64, device="auto".
+    stain_fit_spots=64, device="auto",
+    patch_um=None, context=None (:func:`he2st.methods.base.parse_context`), feature_scaling="standard" (:mod:`he2st.methods.scaling`).
 
     The paper's lr of 1e-6 trains a 7M-parameter network for 50 epochs on a GPU;
     a frozen-feature head on a CPU needs a larger one (e.g. ``lr=1e-3``).

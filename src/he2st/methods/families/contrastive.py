@@ -80,6 +80,15 @@ finetuning patches of every slide are read at ``patch_um_ / patch_px`` microns
 per pixel (:meth:`he2st.methods.base.Method.read_mpp`), and pixel positions
 (``position_source="pixel"``) are expressed in the training slides' pixels.
 Prediction needs only the image: the bank holds the expression.
+
+Context and feature scaling
+---------------------------
+``context`` (default None; frozen feature vectors only, not tokens nor
+finetuning) appends wider fields of view and/or neighbour means to each spot's
+features (:func:`he2st.methods.base.parse_context`). ``feature_scaling``
+(default ``"standard"``) sets the frozen features' ``shift``/``scale``
+(:mod:`he2st.methods.scaling`; ``"slide"`` centres each slide on its own mean
+first); token inputs keep ``"standard"``.
 """
 
 from __future__ import annotations
@@ -94,9 +103,10 @@ from torch import nn
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities
+from he2st.methods.base import CONTEXT_DEFAULTS, FIELD_OF_VIEW_DEFAULTS, SCALING_DEFAULTS, Capabilities
 from he2st.methods.families.banked import BankedMethod
 from he2st.methods.nn.inputs import image_inputs, make_augmenter, to_unit, unit_batch
+from he2st.methods.scaling import centre_slide, scaler_buffers
 from he2st.methods.nn.train import (
     MODES,
     SCHEDULERS,
@@ -160,6 +170,8 @@ CONTRASTIVE_DEFAULTS: dict[str, Any] = {
     "on_bank_overlap": "error",
     "device": "auto",
     **FIELD_OF_VIEW_DEFAULTS,
+    **CONTEXT_DEFAULTS,
+    **SCALING_DEFAULTS,
 }
 
 
@@ -296,6 +308,16 @@ class ContrastiveRetrieval(BankedMethod):
         self._check_choice("exclude_test_patient", ("auto", True, False))
         self._check_choice("reference_correction", CORRECTIONS)
         self._check_choice("val_split", VAL_SPLITS)
+        if p.get("context") is not None and (p["mode"] != "frozen" or self.input_kind == "tokens"):
+            raise He2stInputError(
+                f"method {self.name!r}: the context option needs frozen feature vectors (mode='frozen' on "
+                f"features, not tokens); got mode={p['mode']!r}, inputs {self.input_kind!r}"
+            )
+        if p.get("feature_scaling", "standard") != "standard" and self.input_kind == "tokens":
+            raise He2stInputError(
+                f"method {self.name!r}: feature_scaling={p['feature_scaling']!r} applies to feature vectors; "
+                "token inputs are standardised per dimension (feature_scaling='standard', or standardize=False)"
+            )
         if p["bank_chunk"] is not None and int(p["bank_chunk"]) < 1:
             raise He2stInputError(f"method {self.name!r}: bank_chunk must be >= 1 or None, got {p['bank_chunk']!r}")
         for key in ("epochs", "batch_size", "top_k", "embed_dim"):
@@ -324,11 +346,14 @@ class ContrastiveRetrieval(BankedMethod):
         """Frozen features ``(n, d)`` / tokens ``(n, T, D)``, or uint8 patches in finetune mode."""
         p = self.params
         self.check_servable(slide)
-        return image_inputs(
+        x = image_inputs(
             slide, p["mode"], p["encoder"], p["weights"], int(p["patch_px"]), input_px=p["input_px"],
             tokens=self.input_kind == "tokens", dim=self._net_spec.get("feature_dim") if p["mode"] == "frozen" else None,
-            target_mpp=self.read_mpp(slide),
+            target_mpp=self.read_mpp(slide), context=p.get("context"),
         )
+        if p["mode"] == "frozen" and p["standardize"] and p.get("feature_scaling") == "slide" and x.ndim == 2:
+            x = centre_slide(x)  # each slide's own mean, at fit and at predict (he2st.methods.scaling)
+        return x
 
     def _augmenter(self) -> Any:
         """The training augmentation (finetune mode only; None otherwise)."""
@@ -412,10 +437,15 @@ class ContrastiveRetrieval(BankedMethod):
         self._net_spec = {"n_genes": len(self.genes or []), "feature_dim": int(Xa.shape[-1]) if frozen else None,
                           "n_tokens": int(Xa.shape[1]) if (frozen and Xa.ndim == 3) else None}
         net = self._build_net()
-        if frozen and p["standardize"]:
+        kind = p.get("feature_scaling", "standard")
+        if frozen and p["standardize"] and (kind == "standard" or Xa.ndim != 2):
             mean, sd = _column_moments(Xa, tr)
             net.shift.copy_(torch.from_numpy(mean).float())
             net.scale.copy_(torch.from_numpy(np.where(sd > 1e-8, sd, 1.0)).float())
+        elif frozen and p["standardize"] and kind != "none":
+            shift, scale = scaler_buffers(Xa, kind, tr)  # "slide": Xa is already centred per slide
+            net.shift.copy_(torch.from_numpy(shift).float())
+            net.scale.copy_(torch.from_numpy(scale).float())
         net.to(device)
 
         Xt, Yt, Pt = torch.from_numpy(np.ascontiguousarray(Xa)), torch.from_numpy(Ya), torch.from_numpy(Pa)

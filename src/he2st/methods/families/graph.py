@@ -41,6 +41,10 @@ CV, its validation slide) can never be a reference.
 
 Prediction needs only the image: the bank (embeddings and expression) is
 saved with the model, so image-only slides are predicted like any other.
+
+``context`` (default None) appends wider fields of view and/or neighbour means
+to each spot's frozen features (:func:`he2st.methods.base.parse_context`); the
+graph's edges are unchanged.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from torch import nn
 
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
-from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities
+from he2st.methods.base import CONTEXT_DEFAULTS, FIELD_OF_VIEW_DEFAULTS, Capabilities
 from he2st.methods.families.banked import BankedMethod
 from he2st.methods.nn.hetero import (
     CS,
@@ -104,6 +108,7 @@ GRAPH_DEFAULTS: dict[str, Any] = {
     "on_bank_overlap": "error",
     "device": "auto",
     **FIELD_OF_VIEW_DEFAULTS,
+    **CONTEXT_DEFAULTS,
 }
 
 
@@ -189,7 +194,8 @@ class ExemplarGraphMethod(BankedMethod):
         p = self.params
         self.check_servable(slide)
         return image_inputs(slide, "frozen", p["encoder"], p["weights"], int(p["patch_px"]),
-                            dim=self._net_spec.get("feature_dim"), target_mpp=self.read_mpp(slide))
+                            dim=self._net_spec.get("feature_dim"), target_mpp=self.read_mpp(slide),
+                            context=p["context"])
 
     def _coords(self, slide: Any) -> np.ndarray:
         """Spot centres in the slide's own pixels.

@@ -55,6 +55,18 @@ microns per pixel) is the field of view of a patch in microns; every slide is
 read at ``patch_um_ / patch_px`` microns per pixel
 (:meth:`he2st.methods.base.Method.read_mpp`), in both modes, before the stain
 normaliser, the augmentation and the encoder see it.
+
+Context and feature scaling (frozen mode)
+-----------------------------------------
+``context`` (default None) adds, to each spot's features, those of wider
+fields of view around it and/or the mean features of its nearest spots
+(:func:`he2st.methods.base.parse_context`,
+:func:`he2st.methods.nn.inputs.context_features`); finetuning refuses it.
+``feature_scaling`` (default ``"standard"``, the paper's standardisation) sets
+the ``shift``/``scale`` buffers of the :class:`~he2st.methods.nn.inputs.FeatureModel`
+(:mod:`he2st.methods.scaling`); with ``"slide"`` each slide's features are
+centred on their own mean first, at fit and at predict. Both need
+``standardize=True`` to matter for scaling; both are saved with the model.
 """
 
 from __future__ import annotations
@@ -69,8 +81,9 @@ from torch import nn
 from he2st.data.slide import meta
 from he2st.errors import He2stInputError
 from he2st._utils import jsonable
-from he2st.methods.base import FIELD_OF_VIEW_DEFAULTS, Capabilities, Method
+from he2st.methods.base import CONTEXT_DEFAULTS, FIELD_OF_VIEW_DEFAULTS, SCALING_DEFAULTS, Capabilities, Method
 from he2st.methods.nn.inputs import BackboneModel, FeatureModel, image_inputs, make_augmenter, to_unit, unit_batch
+from he2st.methods.scaling import centre_slide, scaler_buffers
 from he2st.methods.nn.train import (
     MODES,
     SCHEDULERS,
@@ -118,6 +131,8 @@ SPOT_DEFAULTS: dict[str, Any] = {
     "stain_fit_spots": 64,
     "device": "auto",
     **FIELD_OF_VIEW_DEFAULTS,
+    **CONTEXT_DEFAULTS,
+    **SCALING_DEFAULTS,
 }
 
 
@@ -222,6 +237,8 @@ class SpotRegressor(Method):
         for key in ("n_models", "epochs", "batch_size"):
             if int(p[key]) < 1:
                 raise He2stInputError(f"method {self.name!r}: {key} must be >= 1, got {p[key]!r}")
+        if p.get("context") is not None and p["mode"] != "frozen":
+            raise He2stInputError(f"method {self.name!r}: the context option needs mode='frozen', got mode={p['mode']!r}")
 
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
         p = self.params
@@ -283,11 +300,16 @@ class SpotRegressor(Method):
             tr_t = torch.from_numpy(tr_m)
             model = self._build_model(seed=int(p["seed"]) + m)
             augment = None if frozen else make_augmenter(p["augment"], seed=int(p["seed"]) + m)
-            if frozen and p["standardize"]:
+            kind = p.get("feature_scaling", "standard")
+            if frozen and p["standardize"] and kind == "standard":
                 Xtr = X[tr_m].astype(np.float64)
                 sd = Xtr.std(axis=0)
                 model.shift.copy_(torch.from_numpy(Xtr.mean(axis=0)).float())
                 model.scale.copy_(torch.from_numpy(np.where(sd > 1e-8, sd, 1.0)).float())
+            elif frozen and p["standardize"] and kind != "none":
+                shift, scale = scaler_buffers(X, kind, tr_m)  # "slide": X is already centred per slide
+                model.shift.copy_(torch.from_numpy(shift).float())
+                model.scale.copy_(torch.from_numpy(scale).float())
             self._init_head(model.head, tuple(a[tr_m] for a in T))
             model.to(device)
 
@@ -365,11 +387,15 @@ class SpotRegressor(Method):
         frozen = p["mode"] == "frozen"
         self.check_servable(slide)
         size = self._patch_px(slide)
-        return image_inputs(
+        x = image_inputs(
             slide, p["mode"], p["encoder"], p["weights"], size, input_px=p["input_px"],
             tta=bool(p["tta"]), stain=self.stain_, dim=self.in_dim_ if frozen else None,
             patches=None if frozen else self._patches(slide), target_mpp=self.read_mpp(slide, size),
+            context=p.get("context"),
         )
+        if frozen and p["standardize"] and p.get("feature_scaling") == "slide":
+            x = centre_slide(x)  # each slide's own mean, at fit and at predict (he2st.methods.scaling)
+        return x
 
     def _fit_stain(self, slides: list[Any]) -> Any:
         """Stain normaliser fitted on patches of the TRAINING slides only (None when ``stain`` is unset)."""

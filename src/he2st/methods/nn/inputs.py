@@ -6,6 +6,8 @@ training (``mode="finetune"``). What they share lives here:
 
 - :func:`encoder_inputs` / :func:`check_encoder_inputs`: frozen features or
   tokens of a slide, checked for shape, width and NaN/inf;
+- :func:`context_features`: the ``context`` option (wider fields of view and
+  neighbour means concatenated to each spot's features), for every family;
 - :func:`image_inputs`: the frozen-or-finetune dispatch (cached features, or
   stain-normalised patches resized to the encoder's input size);
 - :func:`resize_uint8`, :func:`to_unit`, :func:`unit_batch`: patch arrays to
@@ -31,13 +33,16 @@ __all__ = [
     "BackboneModel",
     "FeatureModel",
     "check_encoder_inputs",
+    "context_features",
     "encoder_input_px",
     "encoder_inputs",
     "image_inputs",
     "make_augmenter",
+    "neighbour_mean",
     "resize_uint8",
     "to_unit",
     "unit_batch",
+    "view_mpp",
 ]
 
 
@@ -96,6 +101,7 @@ def encoder_inputs(
     dim: int | None = None,
     dtype: Any = np.float32,
     target_mpp: float | None = None,
+    context: Any = None,
 ) -> np.ndarray:
     """Cached frozen features ``(n, d)`` or tokens ``(n, T, D)`` of a slide, checked.
 
@@ -117,6 +123,11 @@ def encoder_inputs(
         Resample the patches to this many microns per pixel (a method's
         :meth:`~he2st.methods.base.Method.read_mpp`); None reads ``patch_px``
         image pixels. Part of the feature-cache key only when not None.
+    context
+        A method's ``context`` parameter (:func:`he2st.methods.base.parse_context`):
+        None gives the plain features; otherwise the features of each
+        field-of-view multiple, concatenated, then the mean features of
+        nearest spots (:func:`context_features`). Features only.
 
     Returns
     -------
@@ -124,7 +135,18 @@ def encoder_inputs(
         One row per spot of ``slide``.
     """
     from he2st.encoders import get_features, get_tokens
+    from he2st.methods.base import parse_context
 
+    spec = parse_context(context)
+    if spec is not None:
+        if tokens:
+            raise He2stInputError(
+                f"slide {meta(slide).slide_id!r}: the context option adds feature vectors and does not apply to "
+                f"token inputs (encoder {encoder!r}); use context=None"
+            )
+        x = context_features(slide, encoder, weights, patch_px, spec, tta=tta, stain=stain, target_mpp=target_mpp)
+        x = x if dtype is None else np.asarray(x, dtype=dtype)
+        return check_encoder_inputs(x, slide, encoder, dim=dim)
     # target_mpp is passed only when set, so that callers (and test doubles) of the
     # pixel-only signature see exactly the calls they saw before.
     extra = {} if target_mpp is None else {"target_mpp": float(target_mpp)}
@@ -134,6 +156,141 @@ def encoder_inputs(
         raw = get_features(slide, encoder=encoder, weights=weights, patch_px=patch_px, tta=tta, stain=stain, **extra)
     x = np.asarray(raw) if dtype is None else np.asarray(raw, dtype=dtype)
     return check_encoder_inputs(x, slide, encoder, what="tokens" if tokens else "features", ndim=3 if tokens else 2, dim=dim)
+
+
+def view_mpp(slide: Any, patch_px: int, target_mpp: float | None, fov: float) -> float | None:
+    """Microns per pixel of a context view ``fov`` times the method's field of view.
+
+    Parameters
+    ----------
+    slide
+        A slide AnnData.
+    patch_px
+        Side of every view in output pixels.
+    target_mpp
+        The 1x view's ``target_mpp`` (:meth:`~he2st.methods.base.Method.read_mpp`;
+        None when the slide's own pixels give it).
+    fov
+        The multiple.
+
+    Returns
+    -------
+    float or None
+        None for the 1x view read as the slide's own pixels; otherwise
+        ``fov`` times the 1x view's microns per pixel.
+
+    Raises
+    ------
+    He2stInputError
+        A view wider than 1x on a slide whose microns per pixel are unknown.
+    """
+    if fov == 1.0:
+        return target_mpp
+    if target_mpp is not None:
+        return float(target_mpp) * fov
+    m = meta(slide)
+    if m.mpp is None:
+        raise He2stInputError(
+            f"slide {m.slide_id!r}: context fov {fov:g} needs the slide's microns per pixel "
+            "(uns['he2st']['mpp'] is None); set it or use context fov [1]"
+        )
+    return float(m.mpp) * fov
+
+
+def neighbour_mean(slide: Any, x: np.ndarray, k: int) -> np.ndarray:
+    """Mean of ``x`` over each spot's ``k`` nearest other spots of the slide.
+
+    Nearest by Euclidean distance between ``obsm["spatial"]`` positions (pixels;
+    the ranking is the same in microns), the spot itself excluded; with fewer
+    than ``k`` other spots, all of them; a slide of one spot gets its own row.
+    On a Visium/ST hex lattice ``k=6`` is the first ring.
+
+    Parameters
+    ----------
+    slide
+        A slide AnnData (positions).
+    x
+        ``(n, d)`` features of its spots.
+    k
+        Number of neighbours.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, d)`` float64 means.
+    """
+    from scipy.spatial import cKDTree
+
+    n = len(x)
+    kk = min(int(k), n - 1)
+    if kk < 1:
+        return np.asarray(x, dtype=np.float64).copy()
+    xy = np.asarray(slide.obsm["spatial"], dtype=np.float64)
+    _, idx = cKDTree(xy).query(xy, k=kk + 1)
+    idx = np.asarray(idx).reshape(n, kk + 1)
+    rows = np.arange(n)[:, None]
+    # Drop the spot itself (normally column 0; not always when another spot shares its position).
+    own = idx == rows
+    keep = np.where(own.any(axis=1, keepdims=True), ~own, np.arange(kk + 1)[None, :] < kk)
+    nb = idx[keep].reshape(n, kk)
+    return np.asarray(x, dtype=np.float64)[nb].mean(axis=1)
+
+
+def context_features(
+    slide: Any,
+    encoder: str,
+    weights: Any,
+    patch_px: int,
+    spec: Any,
+    *,
+    tta: bool = False,
+    stain: Any = None,
+    target_mpp: float | None = None,
+) -> np.ndarray:
+    """A slide's context features: one view per field-of-view multiple, then neighbour means.
+
+    Each view ``f`` is the patch of ``f`` times the 1x field of view around the
+    same spot centre, resampled to ``patch_px`` pixels (``target_mpp`` times
+    ``f``; outside the image padded white) and encoded by the same encoder; each
+    is read from, or written to, the feature cache like any features (its key
+    holds the view's ``target_mpp``). With ``neighbours: k`` the mean 1x
+    features of the ``k`` nearest other spots follow.
+
+    Parameters
+    ----------
+    slide
+        A slide AnnData.
+    encoder, weights, patch_px
+        Encoder settings (see :func:`he2st.encoders.get_features`).
+    spec
+        A :class:`he2st.methods.base.ContextSpec` or a ``context`` mapping.
+    tta, stain
+        As for :func:`encoder_inputs`.
+    target_mpp
+        The 1x view's microns per pixel (None: the slide's own pixels).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, dim * (len(fov) + (neighbours > 0)))`` float32.
+    """
+    from he2st.encoders import get_features
+    from he2st.methods.base import parse_context
+
+    spec = parse_context(spec)
+    assert spec is not None
+
+    def view(mpp: float | None) -> np.ndarray:
+        extra = {} if mpp is None else {"target_mpp": float(mpp)}
+        return np.asarray(get_features(slide, encoder=encoder, weights=weights, patch_px=patch_px, tta=tta,
+                                       stain=stain, **extra), dtype=np.float32)
+
+    views = {f: view(view_mpp(slide, patch_px, target_mpp, f)) for f in spec.fov}
+    parts = [views[f] for f in spec.fov]
+    if spec.neighbours:
+        base = views[1.0] if 1.0 in views else view(target_mpp)
+        parts.append(neighbour_mean(slide, base, spec.neighbours).astype(np.float32))
+    return np.concatenate(parts, axis=1)
 
 
 # -- patches -----------------------------------------------------------------------------
@@ -250,6 +407,7 @@ def image_inputs(
     dim: int | None = None,
     patches: Any = None,
     target_mpp: float | None = None,
+    context: Any = None,
 ) -> np.ndarray:
     """A slide's network inputs: frozen encoder outputs, or patches for finetuning.
 
@@ -273,6 +431,9 @@ def image_inputs(
         mode; extracted here when None).
     target_mpp
         Microns per pixel to resample the patches to (see :func:`encoder_inputs`).
+    context
+        Context views of frozen features (see :func:`encoder_inputs`); the
+        finetune mode refuses it.
 
     Returns
     -------
@@ -281,7 +442,12 @@ def image_inputs(
     """
     if mode == "frozen":
         return encoder_inputs(slide, encoder, weights, patch_px, tokens=tokens, tta=tta, stain=stain, dim=dim,
-                              dtype=None if tokens else np.float32, target_mpp=target_mpp)
+                              dtype=None if tokens else np.float32, target_mpp=target_mpp, context=context)
+    if context is not None:
+        raise He2stInputError(
+            f"slide {meta(slide).slide_id!r}: the context option applies to frozen features (mode='frozen'), "
+            f"not to mode={mode!r}; use context=None"
+        )
     if patches is None:
         from he2st.image import extract_patches
 
