@@ -62,9 +62,21 @@ def test_processes_match_local_and_resume_across_executors(tmp_path, syn_root, l
 
 
 def test_seeds_records_and_summary(tmp_path, syn_root) -> None:
+    from typer.testing import CliRunner
+
+    from he2st.cli import app
+
     out = tmp_path / "s"
-    res = run_benchmark(_config(out, syn_root, methods=["mean", "knn"], seeds=[0, 1]))
-    assert res.folds_run == 12
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'genes = "all"\nencoder = "color_stats"\nreport = false\nexecutor = {{kind = "local"}}\n'
+        f'[data_params]\nn_slides = 3\nn_spots = 120\nn_genes = 20\npatch_px = 32\nseed = 0\nroot = "{syn_root}"\n'
+        '[method_params.knn]\nk = 10\n'
+    )
+    res = CliRunner().invoke(app, ["benchmark", "--config", str(toml), "--methods", "mean,knn", "--seeds", "0,1",
+                                   "--executor", "local", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "12 method x fold pairs run" in res.output
     for seed in (0, 1):
         rec = json.loads((out / "folds" / "knn" / f"seed{seed}" / "syn0.json").read_text())
         assert rec["seed"] == seed and rec["params"]["seed"] == seed

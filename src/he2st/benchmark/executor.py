@@ -297,6 +297,21 @@ class Executor:
         """
         return len(handles)
 
+    def cancel(self, handles: Sequence[Any]) -> list[Any]:
+        """Drop the tasks of ``handles`` that have not started (after a failure).
+
+        Parameters
+        ----------
+        handles
+            Handles of unfinished tasks.
+
+        Returns
+        -------
+        list
+            The handles dropped (they will never be returned by :meth:`wait`).
+        """
+        return []
+
     def close(self) -> None:
         """Release the workers (a Ray instance this executor started is shut down)."""
 
@@ -321,6 +336,11 @@ class LocalExecutor(Executor):
 
     def running(self, handles: Sequence[Any]) -> int:  # noqa: D102
         return min(1, len(handles))
+
+    def cancel(self, handles: Sequence[Any]) -> list[Any]:  # noqa: D102
+        for h in handles:
+            self._queue.pop(h, None)
+        return list(handles)
 
     def wait(self, handles: Sequence[Any]) -> list[Done]:  # noqa: D102
         h = min(handles)
@@ -357,6 +377,9 @@ class ProcessExecutor(Executor):
 
     def running(self, handles: Sequence[Any]) -> int:  # noqa: D102
         return sum(1 for h in handles if h.running())
+
+    def cancel(self, handles: Sequence[Any]) -> list[Any]:  # noqa: D102
+        return [h for h in handles if h.cancel()]
 
     def wait(self, handles: Sequence[Any]) -> list[Done]:  # noqa: D102
         from concurrent.futures import FIRST_COMPLETED
@@ -574,8 +597,9 @@ def run_graph(executor: Executor, tasks: Sequence[Task], quiet: bool = False) ->
 
     A failed feature task is reported and its dependants run anyway (a fit
     computes the features it lacks). After a failed fit task nothing new is
-    started; the tasks in flight finish (their results are kept), then the first
-    error is raised.
+    started and queued tasks are dropped where the executor can (``local``,
+    ``processes``); the tasks running finish (their results are kept), then the
+    first error is raised.
 
     Parameters
     ----------
@@ -623,6 +647,8 @@ def run_graph(executor: Executor, tasks: Sequence[Task], quiet: bool = False) ->
                 event = f"{t.key} FAILED: {type(d.error).__name__}: {d.error}"
                 if t.kind == "fit" and first_error is None:
                     first_error = d.error
+                    for h in executor.cancel(list(in_flight)):  # queued, not started: never run
+                        in_flight.pop(h)
             prog.update(event, executor.running(list(in_flight)))
     if first_error is not None:
         raise first_error
