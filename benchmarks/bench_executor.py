@@ -4,7 +4,9 @@ The same leave-one-section-out run (``he2st benchmark``) under each executor, ea
 fresh run folder under a temporary directory, each executor in its own child process
 (so that its peak memory is its own). Measured:
 
-- wall time of the run and speed-up over serial (``local``);
+- wall time of the run and speed-up over serial (``local``); the wall time includes the
+  executor's start-up (spawning the pool's workers; starting the local Ray instance and its
+  workers, several seconds), which a long benchmark amortises;
 - peak memory: the driver's ``ru_maxrss``, its children's (``RUSAGE_CHILDREN``: the pool's
   workers; Ray's workers are children of its raylet, not reaped before the end), and the
   peak of the summed RSS of the driver's whole process tree, sampled every 0.2 s with

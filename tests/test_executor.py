@@ -173,6 +173,8 @@ def test_ray_matches_local(tmp_path, syn_root, local_run, ray_instance) -> None:
     assert res.folds_run == 6
     _same_tables(local_run, out)
     assert ray_instance.is_initialized()  # an instance the executor did not start is left running
+    with pytest.raises(He2stInputError, match="gpus-per-task"):  # infeasible: refused, not a hang
+        run_benchmark(_config(tmp_path / "g", syn_root, executor="ray", gpus_per_task=1))
 
 
 @pytest.mark.ray

@@ -439,6 +439,13 @@ class RayExecutor(Executor):
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 raise ExecutorError(f"--ray-address {self.address or '(local)'}: cannot start Ray: {exc}") from None
             self._started = True
+        have = ray.cluster_resources()
+        for opt, need, res in (("--cpus-per-task", self.cpus_per_task, "CPU"), ("--gpus-per-task", self.gpus_per_task, "GPU")):
+            if need > 0 and need > have.get(res, 0.0):
+                self.close()
+                raise ExecutorError(
+                    f"{opt} {need:g}: the Ray cluster has {have.get(res, 0.0):g} {res}(s) in all, so no task could ever start"
+                )
         self._cohort_ref = ray.put(cohort)
         self._remote = ray.remote(_ray_call).options(
             num_cpus=self.cpus_per_task,
