@@ -129,7 +129,7 @@ def test_search_spec_and_sampler() -> None:
 
 
 def test_random_search_is_nested_and_never_sees_the_test_slide(tmp_path, syn_root, monkeypatch) -> None:
-    import he2st.evaluate.protocol as protocol
+    from he2st.evaluate import protocol
 
     seen = []
     real = protocol.fit_on
@@ -207,3 +207,36 @@ def test_ray_missing_or_unreachable_is_an_input_error(tmp_path, syn_root, monkey
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(He2stInputError, match="ray package"):
         run_benchmark(_config(tmp_path / "x", syn_root, executor="ray"))
+
+
+def test_run_graph_failures_and_progress(monkeypatch, capsys) -> None:
+    from he2st.benchmark import executor as ex
+
+    calls = []
+
+    def task(payload, cohort):
+        calls.append(payload["i"])
+        if payload.get("boom"):
+            raise ValueError(f"bad task {payload['i']}")
+        return payload["i"]
+
+    monkeypatch.setitem(ex.TASKS, "fit", task)
+    monkeypatch.setitem(ex.TASKS, "feature", task)
+    monkeypatch.delenv("HE2ST_QUIET", raising=False)
+    got = []
+    tasks = [
+        ex.Task("features s1", "feature", {"i": 0, "boom": True}),
+        ex.Task("fit a", "fit", {"i": 1}, deps=["features s1"], on_done=got.append),
+        ex.Task("fit b", "fit", {"i": 2, "boom": True}, deps=["features s1"], on_done=got.append),
+        ex.Task("fit c", "fit", {"i": 3}, deps=["features s1"], on_done=got.append),
+    ]
+    local = ex.make_executor("local")
+    local.start(None)
+    with pytest.raises(ValueError, match="bad task 2"):
+        ex.run_graph(local, tasks)
+    # A failed feature task does not block its fits; after a failed fit, queued fits never start.
+    assert calls == [0, 1, 2] and got == [1]
+    err = capsys.readouterr().err
+    assert "features s1 FAILED: ValueError" in err and "tasks 1/4 done, 0 running, 2 failed" in err
+    with pytest.raises(ex.ExecutorError, match="threads"):
+        ex.make_executor("threads")

@@ -11,6 +11,12 @@ or ``he2st benchmark --data synthetic --methods mean,ridge,knn --out runs/demo``
 or a TOML file (``he2st benchmark --config run.toml``) whose keys are the
 fields of :class:`BenchmarkConfig`.
 
+The fits run as tasks of an executor (``executor``: ``local``, the serial
+default; ``processes``; ``ray``; see :mod:`he2st.benchmark.executor`): feature
+extraction per (slide, encoder setting), then one task per (method, fold, seed).
+Tasks return their results; this process alone writes the run folder, each
+result as it arrives.
+
 Run folder
 ----------
 ``config.json``
@@ -31,6 +37,9 @@ Run folder
     get a short hash of the id, so two ids never share a file. Methods may be added to a run folder later (only their pairs
     run); changing a method's settings, or a run-wide setting (data, split,
     genes, seed...), is refused.
+``folds/<method>/seed<k>/<fold>.json``
+    With ``seeds``: one record per (method, fold, seed), with a ``seed`` key;
+    predictions and models go to ``seed<k>/`` folders likewise.
 ``predictions/<method>/<test_slide>.h5ad``
     ``.X`` predicted, ``layers["observed"]``, ``layers["uncertainty"]`` (when the
     method has one), ``obsm["spatial"]``, ``var`` = panel genes, normalised scale;
@@ -44,7 +53,8 @@ Run folder
     one column per field metric computed (``spearman, nrmse, auc, jsd``; opt-in ``ssim, mi``,
     ``moran_observed, moran_predicted``; see :func:`he2st.evaluate.metrics.evaluate_slide`).
 ``summary.csv``
-    Mean and sd over test slides per ``method, metric, gene_set``.
+    Mean and sd over test slides per ``method, metric, gene_set`` (with seeds: of
+    each slide's mean over seeds; ``summary_seeds.csv``: mean and sd over seeds).
 ``wilcoxon.csv``, ``top_genes.csv``
     Paired tests between methods (``WILCOXON_METRICS``: PCC(ACG), PCC(HEG), MSE(ACG) and the
     field metrics on ACG, SVG recovery) and the top genes per method; a method with no defined
@@ -75,7 +85,6 @@ from he2st._utils import (
     atomic_write_json,
     clean_temp_files,
     jsonable,
-    progress,
 )
 from he2st.benchmark.config import (
     BenchmarkConfig,
