@@ -69,7 +69,7 @@ def test_seeds_records_and_summary(tmp_path, syn_root) -> None:
     out = tmp_path / "s"
     toml = tmp_path / "run.toml"
     toml.write_text(
-        f'genes = "all"\nencoder = "color_stats"\nreport = false\nexecutor = {{kind = "local"}}\n'
+        f'genes = "all"\nencoder = "color_stats"\nreport = false\nsave_models = true\nexecutor = {{kind = "local"}}\n'
         f'[data_params]\nn_slides = 3\nn_spots = 120\nn_genes = 20\npatch_px = 32\nseed = 0\nroot = "{syn_root}"\n'
         '[method_params.knn]\nk = 10\n'
     )
@@ -81,6 +81,10 @@ def test_seeds_records_and_summary(tmp_path, syn_root) -> None:
         rec = json.loads((out / "folds" / "knn" / f"seed{seed}" / "syn0.json").read_text())
         assert rec["seed"] == seed and rec["params"]["seed"] == seed
     assert not (out / "folds" / "knn" / "syn0.json").exists()
+    # Models travel back from the task as file bytes; the driver writes them (per seed).
+    from he2st.methods import load_method
+
+    assert load_method(out / "models" / "knn" / "seed1" / "syn0").params["seed"] == 1
     m = pd.read_csv(out / "metrics.csv")
     assert list(m.columns[:8]) == ["method", "fold", "test_slide", "metric", "gene_set", "value", "n_genes", "n_nan"]
     assert sorted(m["seed"].unique()) == [0, 1]
@@ -93,7 +97,7 @@ def test_seeds_records_and_summary(tmp_path, syn_root) -> None:
     from he2st.evaluate.results import read_run
 
     assert len(read_run(out).folds) == 12
-    assert run_benchmark(_config(out, syn_root, methods=["mean", "knn"], seeds=[0, 1])).folds_skipped == 12
+    assert run_benchmark(_config(out, syn_root, methods=["mean", "knn"], seeds=[0, 1], save_models=True)).folds_skipped == 12
 
 
 def test_seed_and_executor_options() -> None:
