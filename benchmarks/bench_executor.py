@@ -10,7 +10,8 @@ fresh run folder under a temporary directory, each executor in its own child pro
 - peak memory: the driver's ``ru_maxrss``, its children's (``RUSAGE_CHILDREN``: the pool's
   workers; Ray's workers are children of its raylet, not reaped before the end), and the
   peak of the summed RSS of the driver's whole process tree, sampled every 0.2 s with
-  psutil (driver + pool workers, or driver + raylet + Ray workers);
+  psutil while the run goes (driver + pool workers, or driver + raylet + Ray workers; the
+  driver's ``ru_maxrss`` also covers loading the cohort before the run);
 - whether ``metrics.csv`` is identical to serial's (byte for byte; and the largest
   absolute difference per method, since methods that train on a CPU with several torch
   threads need not be bit-identical);
