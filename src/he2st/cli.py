@@ -198,6 +198,12 @@ def benchmark(
     n_top: int = typer.Option(None, help="Size of the HEG/HVG gene sets (default 50)."),
     config: Path = typer.Option(None, "--config", "-c", help="TOML run configuration; options given here override it."),
     seed: int = typer.Option(None, help="Seed of every method and of k-fold shuffling (default 0)."),
+    seeds: str = typer.Option(None, help="Comma-separated seeds: every (method, fold) once per seed (e.g. 0,1,2)."),
+    executor: str = typer.Option(None, help="Where tasks run: local (default, serial), processes, or ray."),
+    workers: int = typer.Option(None, help="Parallel processes (processes), or CPUs of a local Ray instance."),
+    ray_address: str = typer.Option(None, "--ray-address", help="A running Ray cluster (e.g. auto, ray://host:10001)."),
+    cpus_per_task: float = typer.Option(None, help="CPUs each Ray task asks for (default 1)."),
+    gpus_per_task: float = typer.Option(None, help="GPUs each Ray task asks for (default 0; fractions allowed)."),
     save_models: bool = typer.Option(None, "--save-models/--no-save-models", help="Save each fitted model."),
     maps: str = typer.Option(None, help="Comma-separated genes: predicted and observed maps of each test slide (run/maps/)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Hide progress bars and logs."),
@@ -243,6 +249,20 @@ def benchmark(
         command line override its keys.
     seed
         ``--seed``: seed of every method and of k-fold shuffling (default 0).
+    seeds
+        ``--seeds``: comma-separated seeds; each (method, fold) runs once per seed
+        and the summary gives mean ± sd over seeds (``summary_seeds.csv``).
+    executor
+        ``--executor``: ``local`` (serial, default), ``processes`` or ``ray``
+        (:mod:`he2st.benchmark.executor`); not part of the run's fingerprint.
+    workers
+        ``--workers``: processes of the pool, or CPUs of a local Ray instance.
+    ray_address
+        ``--ray-address``: connect to this Ray cluster instead of starting one.
+    cpus_per_task
+        ``--cpus-per-task``: CPUs each Ray task asks for.
+    gpus_per_task
+        ``--gpus-per-task``: GPUs each Ray task asks for.
     save_models
         ``--save-models/--no-save-models``: save each fitted model.
     maps
@@ -258,8 +278,9 @@ def benchmark(
         os.environ["HE2ST_QUIET"] = "1"
     cfg = config_from_options(
         config, data=data, methods=methods, split=split, out=out, encoder=encoder, weights=weights, patch_px=patch_px,
-        genes=genes, min_spots=min_spots, markers=markers, n_top=n_top, seed=seed,
-        save_models=save_models, quiet=quiet or None,
+        genes=genes, min_spots=min_spots, markers=markers, n_top=n_top, seed=seed, seeds=seeds,
+        executor=executor, workers=workers, ray_address=ray_address, cpus_per_task=cpus_per_task,
+        gpus_per_task=gpus_per_task, save_models=save_models, quiet=quiet or None,
     )
     result = run_benchmark(cfg)
     typer.echo(result.format_table())

@@ -24,6 +24,10 @@ from he2st.methods.base import param_type_mismatch
 DEMO_METHODS: list[str] = ["mean", "ridge", "knn"]
 #: Encoder of the demo: non-neural, needs no weights, a few ms per slide.
 DEMO_ENCODER = "color_stats"
+#: Executors of :mod:`he2st.benchmark.executor`.
+EXECUTORS = ("local", "processes", "ray")
+#: Configuration keys of the executor: where tasks run, never what they compute.
+EXECUTOR_KEYS = ("executor", "workers", "ray_address", "cpus_per_task", "gpus_per_task")
 
 
 class RunConfigError(He2stInputError):
@@ -46,16 +50,24 @@ class MethodSpec:
         Resolved method parameters (seed, run-wide and per-method overrides applied).
     grid
         ``{param: [values]}`` searched on the inner folds (split ``nested``).
+    search
+        A random search on the inner folds (split ``nested``):
+        ``{"method": "random", "n_trials": N, "space": {param: distribution}}``
+        (see :func:`he2st.evaluate.protocol.search_candidates`); empty: none.
     """
 
     name: str
     label: str
     params: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
 
     def record(self) -> dict[str, Any]:
         """JSON form stored with every result, compared on resume."""
-        return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+        d = dataclasses.asdict(self)
+        if not d["search"]:
+            del d["search"]  # records written before random search existed stay comparable
+        return json.loads(json.dumps(d, sort_keys=True, default=str))
 
 
 @dataclass
@@ -110,6 +122,26 @@ class BenchmarkConfig:
         ``{label: {param: [values]}}`` searched on inner folds (split ``nested``).
     seed
         Seed of every method and of k-fold shuffling.
+    seeds
+        Run every (method, fold) once per seed (the method parameter ``seed``);
+        records go to ``folds/<method>/seed<k>/<fold>.json`` and the tables gain a
+        ``seed`` column. None (default): one run with ``seed``, today's layout.
+    search
+        ``{label: {"method": "random", "n_trials": N, "space": {...}}}``: random
+        search on inner folds (split ``nested``), see
+        :func:`he2st.evaluate.protocol.search_candidates`.
+    executor
+        Where the tasks run: ``"local"`` (serial, in this process; default),
+        ``"processes"`` (a local process pool) or ``"ray"``; or a table
+        ``{kind, workers, ray_address, cpus_per_task, gpus_per_task}``
+        (:mod:`he2st.benchmark.executor`). Not part of the run's fingerprint: a
+        run started with one executor resumes with another.
+    workers
+        Parallel tasks of ``processes`` (default: CPU count), CPUs of a local Ray instance.
+    ray_address
+        Address of a running Ray cluster (None: start a local instance).
+    cpus_per_task, gpus_per_task
+        Resources each Ray task asks for (default 1 CPU, no GPU).
     save_models, clustering, report, quiet
         Save fitted models; add ARI/NMI for labelled slides; write report.html; hide progress.
     name
@@ -133,6 +165,13 @@ class BenchmarkConfig:
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     grid: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     seed: int = 0
+    seeds: list[int] | None = None
+    search: dict[str, dict[str, Any]] = field(default_factory=dict)
+    executor: Any = "local"
+    workers: int | None = None
+    ray_address: str | None = None
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
     save_models: bool = False
     clustering: bool = True
     report: bool = True
@@ -140,7 +179,7 @@ class BenchmarkConfig:
     name: str | None = None
 
     # Keys that do not change results: a rerun may differ in them and still resume.
-    _VOLATILE = ("out", "quiet", "report", "name")
+    _VOLATILE = ("out", "quiet", "report", "name", *EXECUTOR_KEYS)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> BenchmarkConfig:
@@ -186,11 +225,23 @@ class BenchmarkConfig:
         """
         if self.genes is None:
             self.genes = default_genes(self.data, self.data_params)
+        if isinstance(self.executor, Mapping):
+            table = dict(self.executor)
+            unknown = sorted(set(table) - {"kind", *EXECUTOR_KEYS[1:]})
+            if unknown:
+                raise RunConfigError(f"{where}: 'executor' table: unknown key(s) {unknown}; known: kind, {', '.join(EXECUTOR_KEYS[1:])}")
+            self.executor = table.pop("kind", "local")
+            for k, v in table.items():
+                setattr(self, k, v)
+        if isinstance(self.cpus_per_task, int) and not isinstance(self.cpus_per_task, bool):
+            self.cpus_per_task = float(self.cpus_per_task)
+        if isinstance(self.gpus_per_task, int) and not isinstance(self.gpus_per_task, bool):
+            self.gpus_per_task = float(self.gpus_per_task)
         for key, (ok, expected) in _FIELD_TYPES.items():
             value = getattr(self, key)
             if not ok(value):
                 raise RunConfigError(f"{where}: {key!r} must be {expected}, got {value!r}")
-        for key in ("method_params", "grid"):
+        for key in ("method_params", "grid", "search"):
             for label, table in getattr(self, key).items():
                 if not isinstance(table, Mapping):
                     raise RunConfigError(f"{where}: {key!r} of {label!r} must be a table of parameters, got {table!r}")
@@ -198,6 +249,8 @@ class BenchmarkConfig:
             for param, values in table.items():
                 if not isinstance(values, list) or not values:
                     raise RunConfigError(f"{where}: 'grid' of {label!r}: {param!r} must be a non-empty list of values, got {values!r}")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise RunConfigError(f"{where}: 'seeds' lists a seed twice: {self.seeds}")
         labels = [s.label for s in self.method_specs()]
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
@@ -206,7 +259,7 @@ class BenchmarkConfig:
 
         # Entries for registered methods left out of this run are ignored (a config
         # file may hold settings for more methods than --methods picks); others are typos.
-        for key in ("method_params", "grid"):
+        for key in ("method_params", "grid", "search"):
             extra = sorted(set(getattr(self, key)) - set(labels) - set(list_methods()))
             if extra:
                 raise RunConfigError(f"{where}: {key} names method(s) {extra} that are not in 'methods' {labels}")
@@ -218,13 +271,14 @@ class BenchmarkConfig:
         specs = []
         for i, m in enumerate(self.methods):
             if isinstance(m, str):
-                name, label, params, grid = m, m, {}, {}
+                name, label, params, grid, search = m, m, {}, {}, {}
             elif isinstance(m, Mapping) and "name" in m:
-                unknown = set(m) - {"name", "label", "params", "grid"}
+                unknown = set(m) - {"name", "label", "params", "grid", "search"}
                 if unknown:
                     raise RunConfigError(f"methods[{i}]: unknown key(s) {sorted(unknown)}")
                 name, label = str(m["name"]), str(m.get("label", m["name"]))
                 params, grid = m.get("params", {}), m.get("grid", {})
+                search = dict(m.get("search", {}) or {})
                 if not isinstance(params, Mapping) or not isinstance(grid, Mapping):
                     raise RunConfigError(f"methods[{i}]: 'params' and 'grid' must be tables, got {params!r}, {grid!r}")
                 params, grid = dict(params), dict(grid)
@@ -251,10 +305,24 @@ class BenchmarkConfig:
             resolved.update(params)
             resolved.update(self.method_params.get(label, {}))
             grid.update(self.grid.get(label, {}))
+            search = dict(self.search.get(label, search))
+            if search:
+                from he2st.evaluate.protocol import check_search
+
+                try:
+                    check_search(search, where=f"method {label!r}")
+                except He2stInputError as exc:
+                    raise RunConfigError(str(exc)) from None
+                if grid:
+                    raise RunConfigError(f"method {label!r}: give either a 'grid' or a 'search', not both")
             unknown = sorted(set(resolved) - set(accepted))
             if unknown:
                 raise RunConfigError(f"method {label!r} ({name}): unknown parameter(s) {unknown}; known: {sorted(accepted)}")
             candidates = [(k, v) for k, v in resolved.items()] + [(k, v) for k, vs in grid.items() for v in vs]
+            candidates += [(k, v) for k, d in search.get("space", {}).items() for v in _search_values(d)]
+            unknown = sorted(set(search.get("space", {})) - set(accepted))
+            if unknown:
+                raise RunConfigError(f"method {label!r} ({name}): search over unknown parameter(s) {unknown}; known: {sorted(accepted)}")
             for key, value in candidates:
                 expected = param_type_mismatch(value, accepted.get(key))
                 if expected:
@@ -262,8 +330,18 @@ class BenchmarkConfig:
                         f"method {label!r} ({name}): parameter {key!r} must be {expected} "
                         f"(like its default {accepted[key]!r}), got {value!r}"
                     )
-            specs.append(MethodSpec(name, label, resolved, grid))
+            specs.append(MethodSpec(name, label, resolved, grid, search))
         return specs
+
+    def seed_list(self) -> list[int | None]:
+        """The seeds each (method, fold) is fitted with: ``[None]`` (one fit, ``seed``) or ``seeds``.
+
+        Returns
+        -------
+        list
+            ``[None]`` without ``seeds``, else the seeds as integers.
+        """
+        return [None] if self.seeds is None else [int(s) for s in self.seeds]
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -276,9 +354,21 @@ class BenchmarkConfig:
         method whose spec changed is refused (see :func:`run_benchmark`).
         """
         d = self.to_dict()
-        for k in (*self._VOLATILE, "methods", "method_params", "grid", "encoder", "weights", "patch_px", "normalization"):
+        for k in (*self._VOLATILE, "methods", "method_params", "grid", "search", "encoder", "weights", "patch_px", "normalization"):
             d.pop(k, None)
+        if d.get("seeds") is None:
+            d.pop("seeds", None)  # run folders written before seeds existed keep their fingerprint
         return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def _search_values(dist: Any) -> list[Any]:
+    """Values to type-check of one search distribution (its choices, or its bounds)."""
+    if isinstance(dist, Mapping) and len(dist) == 1:
+        (kind, v), = dist.items()
+        if isinstance(v, list):
+            return [float(x) for x in v] if kind in ("uniform", "loguniform") and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) else list(v)
+    return []
 
 
 def _is_int(x: Any) -> bool:
@@ -316,6 +406,13 @@ _FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "method_params": (lambda x: isinstance(x, Mapping), "a table {method: {parameter: value}}"),
     "grid": (lambda x: isinstance(x, Mapping), "a table {method: {parameter: [values]}}"),
     "seed": (_is_int, "an integer"),
+    "seeds": (_optional(lambda x: isinstance(x, list) and len(x) > 0 and all(_is_int(s) for s in x)), "a non-empty list of integers"),
+    "search": (lambda x: isinstance(x, Mapping), "a table {method: {method, n_trials, space}}"),
+    "executor": (lambda x: x in EXECUTORS, f"one of {list(EXECUTORS)} (or a table with 'kind')"),
+    "workers": (_optional(lambda x: _is_int(x) and x >= 1), "a positive integer"),
+    "ray_address": (_optional(lambda x: isinstance(x, str) and x != ""), "a Ray address such as 'ray://host:10001' or 'auto'"),
+    "cpus_per_task": (lambda x: isinstance(x, float) and x > 0, "a positive number of CPUs"),
+    "gpus_per_task": (lambda x: isinstance(x, float) and x >= 0, "a non-negative number of GPUs"),
     "save_models": (lambda x: isinstance(x, bool), "true or false"),
     "clustering": (lambda x: isinstance(x, bool), "true or false"),
     "report": (lambda x: isinstance(x, bool), "true or false"),
@@ -393,6 +490,11 @@ def config_from_options(config_file: str | os.PathLike | None = None, **options:
     for key in ("methods", "markers"):
         if isinstance(opts.get(key), str):
             opts[key] = [x.strip() for x in opts[key].split(",") if x.strip()]
+    if isinstance(opts.get("seeds"), str):
+        try:
+            opts["seeds"] = [int(x) for x in opts["seeds"].split(",") if x.strip()]
+        except ValueError:
+            raise RunConfigError(f"--seeds: expected integers separated by commas, got {opts['seeds']!r}") from None
     if config_file is not None:
         return load_config(config_file, **opts)
     return BenchmarkConfig.from_dict(opts, where="command line")

@@ -11,6 +11,12 @@ or ``he2st benchmark --data synthetic --methods mean,ridge,knn --out runs/demo``
 or a TOML file (``he2st benchmark --config run.toml``) whose keys are the
 fields of :class:`BenchmarkConfig`.
 
+The fits run as tasks of an executor (``executor``: ``local``, the serial
+default; ``processes``; ``ray``; see :mod:`he2st.benchmark.executor`): feature
+extraction per (slide, encoder setting), then one task per (method, fold, seed).
+Tasks return their results; this process alone writes the run folder, each
+result as it arrives.
+
 Run folder
 ----------
 ``config.json``
@@ -31,6 +37,9 @@ Run folder
     get a short hash of the id, so two ids never share a file. Methods may be added to a run folder later (only their pairs
     run); changing a method's settings, or a run-wide setting (data, split,
     genes, seed...), is refused.
+``folds/<method>/seed<k>/<fold>.json``
+    With ``seeds``: one record per (method, fold, seed), with a ``seed`` key;
+    predictions and models go to ``seed<k>/`` folders likewise.
 ``predictions/<method>/<test_slide>.h5ad``
     ``.X`` predicted, ``layers["observed"]``, ``layers["uncertainty"]`` (when the
     method has one), ``obsm["spatial"]``, ``var`` = panel genes, normalised scale;
@@ -44,7 +53,8 @@ Run folder
     one column per field metric computed (``spearman, nrmse, auc, jsd``; opt-in ``ssim, mi``,
     ``moran_observed, moran_predicted``; see :func:`he2st.evaluate.metrics.evaluate_slide`).
 ``summary.csv``
-    Mean and sd over test slides per ``method, metric, gene_set``.
+    Mean and sd over test slides per ``method, metric, gene_set`` (with seeds: of
+    each slide's mean over seeds; ``summary_seeds.csv``: mean and sd over seeds).
 ``wilcoxon.csv``, ``top_genes.csv``
     Paired tests between methods (``WILCOXON_METRICS``: PCC(ACG), PCC(HEG), MSE(ACG) and the
     field metrics on ACG, SVG recovery) and the top genes per method; a method with no defined
@@ -75,7 +85,6 @@ from he2st._utils import (
     atomic_write_json,
     clean_temp_files,
     jsonable,
-    progress,
 )
 from he2st.benchmark.config import (
     BenchmarkConfig,
@@ -172,67 +181,34 @@ def _validate(config: BenchmarkConfig, cohort: Any) -> tuple[list[MethodSpec], A
 
 
 def _run_locked(config: BenchmarkConfig, out: Path, specs: list[MethodSpec], cohort: Any, folds: list[Fold]) -> RunResult:
-    from he2st.evaluate.protocol import run_fold
+    from he2st.benchmark.executor import make_executor, run_graph
 
     check_or_write_config(out, config, folds, cohort)
     tested = [s for f in folds for s in f.test]
     per_fold_files = len(set(tested)) < len(tested)
 
-    pairs = [(spec, fold) for spec in specs for fold in folds]
-    done = {(spec.label, fold.name): _finished(out, spec, fold) for spec, fold in pairs}
-    n_run = n_skip = 0
-    for spec, fold in progress(pairs, description="benchmark", total=len(pairs)):
-        marker = _marker(out, spec.label, fold.name)
-        if done[(spec.label, fold.name)]:
-            n_skip += 1
-            continue
-        _log(config, f"{spec.label}: fold {fold.name} (test {', '.join(fold.test)})")
-        outcome = run_fold(
-            spec.name,
-            spec.params,
-            cohort,
-            fold,
-            config.genes,
-            label=spec.label,
-            min_spots=config.min_spots,
-            markers=config.markers,
-            n_top=config.n_top,
-            grid=spec.grid or None,
-            clustering=config.clustering,
-            metrics=config.metrics,
-        )
-        files = _write_predictions(out, spec.label, fold, outcome, cohort, per_fold_files)
-        if config.save_models:
-            outcome.model.save(out / "models" / spec.label / _safe(fold.name))
-        atomic_write_json(
-            marker,
-            {
-                "version": _RESULT_VERSION,
-                "method": spec.label,
-                "method_name": spec.name,
-                "spec": spec.record(),
-                "fold": fold.to_dict(),
-                "params": outcome.params,
-                # False: an encoder started from random weights; None: the method uses no encoder.
-                "pretrained": outcome.model.pretrained,
-                "panel": outcome.panel.to_dict(),
-                "selection": outcome.selection,
-                "missing_genes": {p.slide_id: p.missing_genes for p in outcome.predictions},
-                "predictions": files,
-                "extra": jsonable(outcome.model.get_extra()),
-                "timings": outcome.timings,
-                "metrics": outcome.metrics.to_dict(orient="list"),
-                "per_gene": outcome.per_gene.to_dict(orient="list"),
-                # Validation slides scored as an in-distribution test (validation="score").
-                "validation_metrics": _records(outcome.validation_metrics),
-            },
-        )
-        n_run += 1
+    seeds = config.seed_list()
+    jobs = [(spec, fold, seed) for spec in specs for fold in folds for seed in seeds]
+    done = {(spec.label, fold.name, seed): _finished(out, spec, fold, seed) for spec, fold, seed in jobs}
+    todo = [j for j in jobs if not done[(j[0].label, j[1].name, j[2])]]
+    n_skip = len(jobs) - len(todo)
+    tasks = _work_graph(config, out, todo, cohort, per_fold_files) if todo else []
+    if todo:
+        _log(config, f"{len(todo)} (method, fold{', seed' if config.seeds else ''}) fits to run, {n_skip} resumed; "
+             f"executor {config.executor}")
+        executor = make_executor(config.executor, config.workers, config.ray_address, config.cpus_per_task,
+                                 config.gpus_per_task)
+        executor.start(cohort)
+        try:
+            run_graph(executor, tasks, quiet=config.quiet)
+        finally:
+            executor.close()
+    n_run = len(todo)
 
     # The tables describe the whole folder: methods of earlier invocations too.
     recorded = json.loads((out / CONFIG_FILE).read_text()).get("methods", [])
     labels = list(dict.fromkeys([m["label"] for m in recorded] + [s.label for s in specs]))
-    result = aggregate(out, labels=labels, folds=[f.name for f in folds])
+    result = aggregate(out, labels=labels, folds=[f.name for f in folds], seeds=config.seeds)
     result.folds_run, result.folds_skipped = n_run, n_skip
     if config.report:
         from he2st.analysis.report import write_report
@@ -241,7 +217,109 @@ def _run_locked(config: BenchmarkConfig, out: Path, specs: list[MethodSpec], coh
     return result
 
 
-def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds: Sequence[str] | None = None) -> RunResult:
+def _seed_spec(spec: MethodSpec, seed: int | None) -> MethodSpec:
+    """The spec a (method, seed) fit uses: ``params["seed"]`` set to the seed (None: unchanged)."""
+    if seed is None:
+        return spec
+    return MethodSpec(spec.name, spec.label, {**spec.params, "seed": int(seed)}, dict(spec.grid), dict(spec.search))
+
+
+def _task_key(spec: MethodSpec, fold: Fold, seed: int | None) -> str:
+    return f"fit {spec.label}/{fold.name}" + ("" if seed is None else f"/seed{seed}")
+
+
+def _work_graph(config: BenchmarkConfig, out: Path, todo: list[tuple[MethodSpec, Fold, int | None]], cohort: Any,
+                per_fold_files: bool) -> list[Any]:
+    """Feature tasks (one per slide and encoder setting the fits read), then the fit tasks.
+
+    See :mod:`he2st.benchmark.executor`; each fit's result is written by the driver as it arrives.
+    """
+    from he2st.benchmark.executor import Task, driver_env
+    from he2st.evaluate.protocol import resolve_slides
+    from he2st.methods import create_method
+
+    env = driver_env()
+    settings = {
+        "genes": config.genes, "min_spots": config.min_spots, "markers": config.markers, "n_top": config.n_top,
+        "clustering": config.clustering, "metrics": config.metrics, "save_models": config.save_models,
+    }
+    features: dict[str, Task] = {}
+    fits: list[Task] = []
+    for spec, fold, seed in todo:
+        sspec = _seed_spec(spec, seed)
+        deps = []
+        try:
+            planner = create_method(sspec.name, **sspec.params)
+            train = resolve_slides(cohort, fold.train)
+            ids = list(dict.fromkeys([*fold.train, *fold.val, *fold.test,
+                                      *(s for f in fold.inner for s in (*f.train, *f.val, *f.test))]))
+            requests = planner.feature_requests(train, resolve_slides(cohort, ids))
+        except Exception:  # noqa: BLE001 (the fit task reports the real problem)
+            requests = []
+        for r in requests:
+            key = "features " + json.dumps(r, sort_keys=True, default=str)
+            if key not in features:
+                features[key] = Task(key, "feature", {"request": r, "env": env})
+            deps.append(key)
+        payload = {
+            "name": sspec.name, "label": sspec.label, "params": sspec.params, "grid": sspec.grid,
+            "search": sspec.search, "fold": fold, "settings": settings, "env": env,
+        }
+        fits.append(Task(_task_key(spec, fold, seed), "fit", payload, deps=list(dict.fromkeys(deps)),
+                         on_done=_writer(config, out, sspec, fold, seed, cohort, per_fold_files)))
+    return [*features.values(), *fits]
+
+
+def _writer(config: BenchmarkConfig, out: Path, spec: MethodSpec, fold: Fold, seed: int | None, cohort: Any,
+            per_fold_files: bool) -> Any:
+    """The driver's handler of one fit result: prediction files, model, then the fold record (atomically)."""
+
+    def write(result: dict[str, Any]) -> None:
+        from he2st._utils import atomic_dir
+
+        files = _write_predictions(out, spec.label, fold, result, cohort, per_fold_files, seed)
+        if result.get("model_files") is not None:
+            with atomic_dir(_seed_dir(out / "models" / spec.label, seed) / _safe(fold.name)) as tmp:
+                for rel, data in result["model_files"].items():
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (tmp / rel).write_bytes(data)
+        r = result["record"]
+        head = {
+            "version": _RESULT_VERSION,
+            "method": spec.label,
+            "method_name": spec.name,
+            "spec": spec.record(),
+            "fold": fold.to_dict(),
+        }
+        if seed is not None:
+            head["seed"] = int(seed)
+        atomic_write_json(
+            _marker(out, spec.label, fold.name, seed),
+            {
+                **head,
+                "params": r["params"],
+                "pretrained": r["pretrained"],
+                "panel": r["panel"],
+                "selection": r["selection"],
+                "missing_genes": r["missing_genes"],
+                "predictions": files,
+                "extra": r["extra"],
+                "timings": r["timings"],
+                "metrics": r["metrics"],
+                "per_gene": r["per_gene"],
+                "validation_metrics": r["validation_metrics"],
+            },
+        )
+
+    return write
+
+
+def _seed_dir(folder: Path, seed: int | None) -> Path:
+    return folder if seed is None else folder / f"seed{int(seed)}"
+
+
+def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds: Sequence[str] | None = None,
+              seeds: Sequence[int] | None = None) -> RunResult:
     """Collect the per-(method, fold) results of a run folder into its CSV tables.
 
     Writes ``metrics.csv``, ``per_gene.csv``, ``summary.csv``, ``wilcoxon.csv``
@@ -259,6 +337,12 @@ def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds
         with a result).
     folds
         Fold names to keep, in the row order wanted (default: every fold).
+    seeds
+        Seeds to keep (runs with ``seeds``); None: every record. With seeded
+        records, ``metrics.csv`` and ``per_gene.csv`` gain a ``seed`` column,
+        ``summary.csv`` is over test slides of the per-slide means over seeds, and
+        ``summary_seeds.csv`` gives, per method, metric and gene set, the mean and sd
+        over seeds of the mean over test slides (:func:`seed_summary`).
 
     Returns
     -------
@@ -277,10 +361,18 @@ def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds
             continue
         if folds is not None and d["fold"]["name"] not in folds:
             continue
-        metrics.append(pd.DataFrame(d["metrics"]))
-        per_gene.append(pd.DataFrame(d["per_gene"]))
-        if d.get("validation_metrics"):
-            validation.append(pd.DataFrame(d["validation_metrics"]))
+        if seeds is not None and d.get("seed") not in seeds:
+            continue
+        mt, pg = pd.DataFrame(d["metrics"]), pd.DataFrame(d["per_gene"])
+        vm = pd.DataFrame(d["validation_metrics"]) if d.get("validation_metrics") else None
+        if "seed" in d:
+            for df in (mt, pg, vm):
+                if df is not None:
+                    df.insert(min(2, len(df.columns)), "seed", int(d["seed"]))
+        metrics.append(mt)
+        per_gene.append(pg)
+        if vm is not None:
+            validation.append(vm)
     if not metrics:
         raise He2stInputError(f"run folder {out} has no finished (method, fold) results under {FOLDS_DIR}/")
     m = _ordered(pd.concat(metrics, ignore_index=True), METRICS_COLUMNS)
@@ -292,11 +384,21 @@ def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds
     if folds is not None:
         m["fold"] = pd.Categorical(m["fold"], categories=list(folds), ordered=True)
         g["fold"] = pd.Categorical(g["fold"], categories=list(folds), ordered=True)
-    m = m.sort_values(["method", "fold"], kind="stable").reset_index(drop=True)
-    g = g.sort_values(["method", "fold"], kind="stable").reset_index(drop=True)
+    seeded = "seed" in m.columns
+    order = ["method", "fold", "seed"] if seeded else ["method", "fold"]
+    m = m.sort_values(order, kind="stable").reset_index(drop=True)
+    g = g.sort_values(order, kind="stable").reset_index(drop=True)
     m[["method", "fold"]] = m[["method", "fold"]].astype(str)
     g[["method", "fold"]] = g[["method", "fold"]].astype(str)
-    summary = summarize(m)
+    if seeded:
+        # A slide's value is its mean over seeds; the sd is then over test slides, as without seeds.
+        keys = [c for c in ("method", "fold", "test_slide", "metric", "gene_set") if c in m.columns]
+        per_slide = m.groupby(keys, sort=False, observed=True, dropna=False).agg(
+            value=("value", "mean"), n_nan=("n_nan", "max")).reset_index()
+        summary = summarize(per_slide)
+        _write_csv(out / "summary_seeds.csv", seed_summary(m))
+    else:
+        summary = summarize(m)
     methods = list(dict.fromkeys(m["method"]))
     wil = []
     for metric, gs in WILCOXON_METRICS:
@@ -318,6 +420,27 @@ def aggregate(out: str | os.PathLike, labels: Sequence[str] | None = None, folds
         _write_csv(out / "validation_metrics.csv", v)
         _write_csv(out / "validation_summary.csv", summarize(v))
     return RunResult(out=out, metrics=m, per_gene=g, summary=summary, wilcoxon=wilcoxon, top_genes=top)
+
+
+def seed_summary(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Spread over seeds: per seed the mean over test slides, then their mean and sd over seeds.
+
+    Parameters
+    ----------
+    metrics
+        ``metrics.csv`` of a run with seeds (a ``seed`` column).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``method, metric, gene_set, mean, sd, n_seeds`` (``sd`` over seeds; NaN with one seed).
+    """
+    by = ["method", "metric", "gene_set"]
+    per_seed = metrics.groupby([*by, "seed"], sort=False, observed=True)["value"].mean().reset_index()
+    g = per_seed.groupby(by, sort=False, observed=True)["value"]
+    out = g.agg(mean="mean", sd=lambda v: v.std(ddof=1) if v.notna().sum() > 1 else np.nan)
+    out["n_seeds"] = g.count()
+    return out.reset_index()
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -350,13 +473,14 @@ def _safe(name: str) -> str:
     return f"{s.lstrip('.') or '_'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
-def _marker(out: Path, label: str, fold: str) -> Path:
-    return out / FOLDS_DIR / label / f"{_safe(fold)}.json"
+def _marker(out: Path, label: str, fold: str, seed: int | None = None) -> Path:
+    return _seed_dir(out / FOLDS_DIR / label, seed) / f"{_safe(fold)}.json"
 
 
-def _finished(out: Path, spec: MethodSpec, fold: Fold) -> bool:
-    """Whether (method, fold) has a result; raises if it was made with other method settings."""
-    path = _marker(out, spec.label, fold.name)
+def _finished(out: Path, spec: MethodSpec, fold: Fold, seed: int | None = None) -> bool:
+    """Whether (method, fold, seed) has a result; raises if it was made with other method settings."""
+    spec = _seed_spec(spec, seed)
+    path = _marker(out, spec.label, fold.name, seed)
     if not path.is_file():
         return False
     try:
@@ -426,34 +550,36 @@ def _write_csv(path: Path, df: pd.DataFrame) -> None:
         df.to_csv(tmp, index=False)
 
 
-def _write_predictions(out: Path, label: str, fold: Fold, outcome: Any, cohort: Any, per_fold: bool) -> list[str]:
+def _write_predictions(out: Path, label: str, fold: Fold, result: dict[str, Any], cohort: Any, per_fold: bool,
+                       seed: int | None = None) -> list[str]:
+    """Prediction files of one fit result (:func:`he2st.benchmark.executor.fit_task`); their relative paths."""
     from he2st.inference.output import prediction_adata, write_h5ad
 
     files = []
-    genes = list(outcome.model.genes)
-    for p in outcome.predictions:
-        slide = cohort[p.slide_id]
+    genes = list(result["genes"])
+    for p in result["predictions"]:
+        slide = cohort[p["slide_id"]]
         # The layout of he2st.predict (scanpy/squidpy draw it as is), plus the observed values.
         a = prediction_adata(
             slide,
-            p.predicted,
+            p["predicted"],
             genes,
-            sd=p.uncertainty,
+            sd=p["uncertainty"],
             sd_layer="uncertainty",
             thumbnail_max_side=PREDICTION_THUMBNAIL_MAX_SIDE,
             info={
                 "method": label,
-                "method_name": outcome.model.name,
+                "method_name": result["model_name"],
                 "fold": fold.name,
-                "normalization": outcome.model.normalizer_.method,
-                "scale": outcome.model.normalizer_.method,
-                "missing_genes": list(p.missing_genes),
+                "normalization": result["normalization"],
+                "scale": result["normalization"],
+                "missing_genes": list(p["missing_genes"]),
             },
         )
-        a.layers["observed"] = np.asarray(p.observed, dtype=np.float32)
-        rel = Path(PREDICTIONS_DIR) / label
+        a.layers["observed"] = np.asarray(p["observed"], dtype=np.float32)
+        rel = _seed_dir(Path(PREDICTIONS_DIR) / label, seed)
         rel = rel / _safe(fold.name) if per_fold else rel
-        rel = rel / f"{_safe(p.slide_id)}.h5ad"
+        rel = rel / f"{_safe(p['slide_id'])}.h5ad"
         write_h5ad(a, out / rel)
         files.append(str(rel))
     return files

@@ -33,6 +33,7 @@ consulted.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -463,6 +464,7 @@ def run_fold(
     markers: Sequence[str] | None = None,
     n_top: int = N_TOP,
     grid: Mapping[str, Sequence[Any]] | None = None,
+    search: Mapping[str, Any] | None = None,
     clustering: bool = True,
     validation: str | None = None,
     metrics: Sequence[str] | None = None,
@@ -485,6 +487,9 @@ def run_fold(
         Size of the HEG/HVG sets.
     grid
         Optional ``{param: [values]}`` searched on ``fold.inner``.
+    search
+        Optional random search (:func:`search_candidates`) on ``fold.inner``,
+        its sampler seeded by the method's ``seed``.
     clustering
         Add ARI/NMI rows for test slides with ``obs["label"]``.
     validation
@@ -517,6 +522,18 @@ def run_fold(
         best, selection = select_params(
             method_name, params, grid, cohort, fold.inner, genes, min_spots=min_spots, markers=markers, n_top=n_top
         )
+        params.update(best)
+    elif search:
+        if not fold.inner:
+            raise He2stInputError(
+                f"method {label!r}: a hyper-parameter search needs nested folds (split 'nested'); "
+                f"fold {fold.name!r} has no inner folds"
+            )
+        candidates = search_candidates(search, seed=int(params.get("seed", 0)))
+        best, scored = score_candidates(
+            method_name, params, candidates, cohort, fold.inner, genes, min_spots=min_spots, markers=markers, n_top=n_top
+        )
+        selection = {"search": json.loads(json.dumps(dict(search))), **scored}
         params.update(best)
     t1 = time.perf_counter()
     mode = fold.val_mode if validation is None else validation
@@ -642,6 +659,55 @@ def select_params(
         if isinstance(grid[k], (str, bytes)) or not isinstance(grid[k], Sequence) or not grid[k]:
             raise He2stInputError(f"grid for {method_name!r}: {k!r} must be a non-empty list of values")
     candidates = [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    best, scored = score_candidates(
+        method_name, params, candidates, cohort, inner, genes, min_spots=min_spots, markers=markers, n_top=n_top
+    )
+    record = {"grid": {k: list(v) for k, v in grid.items()}, **scored}
+    return best, record
+
+
+def score_candidates(
+    method_name: str,
+    params: Mapping[str, Any],
+    candidates: Sequence[Mapping[str, Any]],
+    cohort: Any,
+    inner: Sequence[Fold],
+    genes: Any,
+    *,
+    min_spots: int | None = None,
+    markers: Sequence[str] | None = None,
+    n_top: int = N_TOP,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Score parameter candidates on inner folds (training slides of the outer fold only).
+
+    The score of a candidate is the mean PCC(ACG) over the inner folds' test
+    slides (NaN slides ignored); ties go to the first candidate.
+
+    Parameters
+    ----------
+    method_name
+        Registered method name.
+    params
+        Fixed parameters; each candidate's values override them.
+    candidates
+        ``[{param: value}, ...]`` in the order ties are broken.
+    cohort
+        The cohort holding every slide the inner folds name.
+    inner
+        The inner folds; each chooses its own panel from its own training slides.
+    genes, min_spots, markers
+        Panel recipe, see :func:`choose_panel`.
+    n_top
+        Size of the HEG/HVG sets.
+
+    Returns
+    -------
+    best : dict
+        The best candidate (the first when no score is finite).
+    record : dict
+        ``candidates`` (each with its ``params`` and ``inner_pcc_acg``), ``best`` and ``inner_folds``.
+    """
+    candidates = [dict(c) for c in candidates]
     scores = []
     for cand in candidates:
         vals = []
@@ -665,9 +731,102 @@ def select_params(
     finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
     best = max(finite, key=lambda i: (scores[i], -i)) if finite else 0
     record = {
-        "grid": {k: list(v) for k, v in grid.items()},
         "candidates": [{"params": c, "inner_pcc_acg": s} for c, s in zip(candidates, scores)],
         "best": candidates[best],
         "inner_folds": [f.name for f in inner],
     }
     return candidates[best], record
+
+
+#: Distributions of a random search space (``{param: {kind: args}}``).
+SEARCH_DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
+
+
+def check_search(search: Mapping[str, Any], where: str = "search") -> None:
+    """Check a random-search specification.
+
+    ``{"method": "random", "n_trials": N, "space": {param: {"uniform": [a, b]} |
+    {"loguniform": [a, b]} | {"randint": [a, b]} | {"choice": [v1, v2, ...]}}}``;
+    ``seed`` (optional) fixes the sampler (default: the method's ``seed``).
+
+    Parameters
+    ----------
+    search
+        The specification.
+    where
+        Its place in the configuration, for error messages.
+
+    Raises
+    ------
+    he2st.errors.He2stInputError
+        Naming the key at fault and what was expected.
+    """
+    if not isinstance(search, Mapping):
+        raise He2stInputError(f"{where}: 'search' must be a table, got {search!r}")
+    unknown = sorted(set(search) - {"method", "n_trials", "space", "seed"})
+    if unknown:
+        raise He2stInputError(f"{where}: 'search' has unknown key(s) {unknown}; known: method, n_trials, space, seed")
+    if search.get("method", "random") != "random":
+        raise He2stInputError(f"{where}: search 'method' must be 'random' (use 'grid' for a grid), got {search.get('method')!r}")
+    n = search.get("n_trials")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise He2stInputError(f"{where}: search 'n_trials' must be a positive integer, got {n!r}")
+    seed = search.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise He2stInputError(f"{where}: search 'seed' must be an integer, got {seed!r}")
+    space = search.get("space")
+    if not isinstance(space, Mapping) or not space:
+        raise He2stInputError(f"{where}: search 'space' must be a non-empty table {{param: distribution}}, got {space!r}")
+    for param, dist in space.items():
+        ok = isinstance(dist, Mapping) and len(dist) == 1 and next(iter(dist)) in SEARCH_DISTRIBUTIONS
+        if ok:
+            (kind, args), = dist.items()
+            if kind == "choice":
+                ok = isinstance(args, list) and len(args) > 0
+            else:
+                nums = isinstance(args, list) and len(args) == 2 and all(
+                    isinstance(a, (int, float)) and not isinstance(a, bool) and np.isfinite(a) for a in args)
+                ok = nums and args[0] < args[1] and (kind != "loguniform" or args[0] > 0)
+                ok = ok and (kind != "randint" or all(isinstance(a, int) for a in args))
+        if not ok:
+            raise He2stInputError(
+                f"{where}: search space of {param!r} must be one of {{uniform = [a, b]}}, {{loguniform = [a, b]}} "
+                f"(0 < a < b), {{randint = [a, b]}} (integers, b excluded) or {{choice = [values]}}, got {dist!r}"
+            )
+
+
+def search_candidates(search: Mapping[str, Any], seed: int) -> list[dict[str, Any]]:
+    """The candidates of a random search: ``n_trials`` draws of a seeded numpy sampler.
+
+    The same specification and seed give the same candidates on any machine and
+    under any executor (parameters are drawn in the order the space lists them).
+
+    Parameters
+    ----------
+    search
+        A specification checked by :func:`check_search`.
+    seed
+        Seed of the sampler when ``search`` names none (the method's ``seed``).
+
+    Returns
+    -------
+    list of dict
+        ``n_trials`` candidates ``{param: value}``.
+    """
+    check_search(search)
+    rng = np.random.default_rng(int(search.get("seed", seed)))
+    out = []
+    for _ in range(int(search["n_trials"])):
+        cand: dict[str, Any] = {}
+        for param, dist in search["space"].items():
+            (kind, args), = dist.items()
+            if kind == "choice":
+                cand[param] = args[int(rng.integers(len(args)))]
+            elif kind == "randint":
+                cand[param] = int(rng.integers(args[0], args[1]))
+            elif kind == "uniform":
+                cand[param] = float(rng.uniform(args[0], args[1]))
+            else:
+                cand[param] = float(np.exp(rng.uniform(np.log(args[0]), np.log(args[1]))))
+        out.append(cand)
+    return out

@@ -177,7 +177,9 @@ def fold_records(out: str | os.PathLike) -> list[dict[str, Any]]:
     Returns
     -------
     list of dict
-        One parsed ``folds/<method>/<fold>.json`` per finished pair.
+        One parsed ``folds/<method>/<fold>.json`` per finished pair, or, in a run
+        with seeds, ``folds/<method>/seed<k>/<fold>.json`` per (method, fold,
+        seed), whose record has a ``seed`` key.
 
     Raises
     ------
@@ -185,9 +187,11 @@ def fold_records(out: str | os.PathLike) -> list[dict[str, Any]]:
         A record is not valid JSON.
     """
     records = []
-    for p in sorted((Path(out) / FOLDS_DIR).glob("*/*.json")):
+    root = Path(out) / FOLDS_DIR
+    paths = [*root.glob("*/*.json"), *root.glob("*/seed*/*.json")]
+    for p in sorted(paths, key=lambda q: q.relative_to(root).parts):
         # Hidden names are temporary files of interrupted writes, never results.
-        if p.name.startswith("."):
+        if any(part.startswith(".") for part in p.relative_to(root).parts):
             continue
         try:
             records.append(json.loads(p.read_text()))

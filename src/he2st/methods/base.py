@@ -322,6 +322,49 @@ class Method(abc.ABC):
             return []
         return [EncoderUse(str(p["encoder"]), p.get("weights"), trained=p.get("mode") == "finetune")]
 
+    def feature_requests(self, train_slides: Sequence[Any], slides: Sequence[Any]) -> list[dict[str, Any]]:
+        """The frozen-feature computations a fit on ``train_slides`` will ask the feature cache for.
+
+        A benchmark executor (:mod:`he2st.benchmark.executor`) runs each request once
+        per slide and encoder setting, as its own task, before the fits that read
+        it, so parallel fits find the cache warm. The default is none: the method
+        computes (and caches) whatever it needs during ``fit``. A request that is
+        not exactly what ``fit`` reads only costs time, never changes a result.
+
+        Parameters
+        ----------
+        train_slides
+            The fold's training slides (they fix the field of view, ``patch_um_``).
+        slides
+            Every slide the fit and its predictions read.
+
+        Returns
+        -------
+        list of dict
+            ``{"slide", "encoder", "weights", "patch_px", "tta", "target_mpp"}``, the
+            arguments of :func:`he2st.methods.nn.inputs.encoder_inputs`.
+        """
+        return []
+
+    def _frozen_feature_requests(self, train_slides: Sequence[Any], slides: Sequence[Any], tta: bool) -> list[dict[str, Any]]:
+        """Requests of a method reading frozen features with its ``encoder``/``weights``/``patch_px``.
+
+        None with a stain normaliser: it is fitted on the training slides, so its
+        features are specific to the fold.
+        """
+        from he2st.data.slide import meta
+
+        p = self.params
+        if p.get("stain") or not p.get("encoder"):
+            return []
+        self._fit_scale(list(train_slides))
+        out = []
+        for s in slides:
+            size = self._patch_px(s)
+            out.append({"slide": meta(s).slide_id, "encoder": str(p["encoder"]), "weights": p.get("weights"),
+                        "patch_px": int(size), "tta": bool(tta), "target_mpp": self.read_mpp(s, size)})
+        return out
+
     def check_weights(self) -> None:
         """Resolve every named or given weights file now, so that a missing one fails at construction.
 

@@ -227,6 +227,23 @@ class RidgeProbe(Method):
         "cv_metric": "mse",
     }
 
+    def feature_requests(self, train_slides: list[Any], slides: list[Any]) -> list[dict[str, Any]]:
+        """The frozen features of ``slides`` this method reads (see :meth:`Method.feature_requests`).
+
+        Parameters
+        ----------
+        train_slides
+            The fold's training slides.
+        slides
+            Every slide the fit and its predictions read.
+
+        Returns
+        -------
+        list of dict
+            One request per slide.
+        """
+        return self._frozen_feature_requests(train_slides, slides, tta=bool(self.params["tta"]))
+
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
         slides = train_slides + (val_slides or [])
         alphas = np.asarray(self.params["alphas"], dtype=np.float64).ravel()
@@ -459,6 +476,23 @@ class KNNRetrieval(Method):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._index: Any = None
+
+    def feature_requests(self, train_slides: list[Any], slides: list[Any]) -> list[dict[str, Any]]:
+        """The frozen features of ``slides`` this method reads (see :meth:`Method.feature_requests`).
+
+        Parameters
+        ----------
+        train_slides
+            The fold's training slides.
+        slides
+            Every slide the fit and its predictions read.
+
+        Returns
+        -------
+        list of dict
+            One request per slide.
+        """
+        return self._frozen_feature_requests(train_slides, slides, tta=bool(self.params["tta"]))
 
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
         self._index = None
