@@ -357,12 +357,20 @@ class Method(abc.ABC):
         p = self.params
         if p.get("stain") or not p.get("encoder"):
             return []
+        from he2st.methods.nn.inputs import view_mpp
+
         self._fit_scale(list(train_slides))
+        spec = parse_context(p.get("context"), self.name)
+        # Context views: each field-of-view multiple is its own cached feature (the 1x view for neighbour means).
+        fovs = (1.0,) if spec is None else tuple(dict.fromkeys(spec.fov + ((1.0,) if spec.neighbours else ())))
         out = []
         for s in slides:
             size = self._patch_px(s)
-            out.append({"slide": meta(s).slide_id, "encoder": str(p["encoder"]), "weights": p.get("weights"),
-                        "patch_px": int(size), "tta": bool(tta), "target_mpp": self.read_mpp(s, size)})
+            base = self.read_mpp(s, size)
+            for f in fovs:
+                out.append({"slide": meta(s).slide_id, "encoder": str(p["encoder"]), "weights": p.get("weights"),
+                            "patch_px": int(size), "tta": bool(tta),
+                            "target_mpp": base if f == 1.0 else view_mpp(s, size, base, f)})
         return out
 
     def check_weights(self) -> None:
