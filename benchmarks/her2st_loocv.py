@@ -178,6 +178,23 @@ _TRIPLEX_CPU = {**ENCODER, "emb_dim": 128, "fusion_depth": 1, "global_depth": 2,
                 "global_heads": 4, "neighbor_heads": 4, "fusion_mlp_ratio": 2.0, "global_mlp_ratio": 2.0,
                 "neighbor_mlp_ratio": 2.0, "epochs": 20, "n_neighbors": 3}
 BEYOND += [("triplex", "triplex", dict(_TRIPLEX_CPU))]
+# Context features: the spot's 1x patch, the 3x field of view around it, and the mean 1x features of its 6 nearest
+# spots (3 x 1280 = 3,840 dimensions); robust scaling: ridge's feature_scaling chosen by inner CV is its default now.
+_CTX = {"fov": [1, 3], "neighbours": 6}
+BEYOND += [
+    ("ridge-standard", "ridge", {**_RIDGE, "feature_scaling": "standard"}),  # HEST's StandardScaler (ridge before)
+    ("ridge+ctx", "ridge", {**_RIDGE, "context": _CTX}),
+    ("knn+ctx", "knn", {**_KNN, "context": _CTX}),
+    ("bleep+ctx", "bleep", {**_BLEEP, "context": _CTX}),
+    ("smooth-ridge+ctx", "smooth", {"method": "ridge", "params": {**_RIDGE, "context": _CTX}}),
+    ("smooth-knn+ctx", "smooth", {"method": "knn", "params": {**_KNN, "context": _CTX}}),
+]
+_STACK_CTX = [{"name": "ridge", "params": {**_RIDGE, "context": _CTX}}, {"name": "knn", "params": {**_KNN, "context": _CTX}},
+              {"name": "bleep", "params": {**_BLEEP, "context": _CTX}}]
+BEYOND += [
+    ("stack+ctx", "stack", {"methods": _STACK_CTX}),
+    ("stack+ctx+smooth", "stack", {"methods": _STACK_CTX, "smooth": "cv"}),
+]
 SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH, "eggn-full": EGGN_FULL,
         "beyond": BEYOND}
 
