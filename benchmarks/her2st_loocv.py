@@ -177,7 +177,7 @@ BEYOND: list[tuple[str, str, dict]] = [
 _TRIPLEX_CPU = {**ENCODER, "emb_dim": 128, "fusion_depth": 1, "global_depth": 2, "neighbor_depth": 2, "fusion_heads": 4,
                 "global_heads": 4, "neighbor_heads": 4, "fusion_mlp_ratio": 2.0, "global_mlp_ratio": 2.0,
                 "neighbor_mlp_ratio": 2.0, "epochs": 20, "n_neighbors": 3}
-BEYOND += [("triplex", "triplex", dict(_TRIPLEX_CPU))]
+BEYOND += [("triplex", "triplex", dict(_TRIPLEX_CPU)), ("triplex-200ep", "triplex", {**_TRIPLEX_CPU, "epochs": 200})]
 # Context features: the spot's 1x patch, the 3x field of view around it, and the mean 1x features of its 6 nearest
 # spots (3 x 1280 = 3,840 dimensions); robust scaling: ridge's feature_scaling chosen by inner CV is its default now.
 _CTX = {"fov": [1, 3], "neighbours": 6}
