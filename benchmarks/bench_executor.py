@@ -55,7 +55,7 @@ METHODS = ["mean", "ridge", "knn", "stnet", "bleep"]
 SYNTHETIC = {"n_slides": 4, "n_spots": 200, "n_genes": 40, "patch_px": 32, "seed": 0}
 
 
-def _method_table(names: list[str], data: str, epochs: int | None) -> list[dict]:
+def _method_table(names: list[str], data: str, epochs: int | None, no_tta: bool = False) -> list[dict]:
     """Method entries of the run: her2st_loocv.py's labels and budgets (or color_stats on synthetic)."""
     if data == "synthetic":
         enc = {"encoder": "color_stats", "weights": None, "patch_px": 32}
@@ -77,6 +77,8 @@ def _method_table(names: list[str], data: str, epochs: int | None) -> list[dict]
         params = dict(params)
         if epochs is not None and "epochs" in _defaults(name):
             params["epochs"] = int(epochs)
+        if no_tta and params.get("tta", _defaults(name).get("tta")):
+            params["tta"] = False
         out.append({"name": name, "label": n, "params": params})
     return out
 
@@ -93,7 +95,7 @@ def _config(args: argparse.Namespace, out: str, executor: str) -> dict:
         "out": out,
         "data": args.data if args.data == "synthetic" else "her2st",
         "data_params": dict(SYNTHETIC) if args.data == "synthetic" else {"sections": args.sections},
-        "methods": _method_table(args.methods, args.data, args.epochs),
+        "methods": _method_table(args.methods, args.data, args.epochs, args.no_tta),
         "split": "loso",
         "seed": 0,
         "report": False,
@@ -228,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help="her2st sections (default C2-C6)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"labels of her2st_loocv.py (default {METHODS})")
     ap.add_argument("--epochs", type=int, default=None, help="override the epochs of every method that has them")
+    ap.add_argument("--no-tta", action="store_true",
+                    help="test-time augmentation off (stnet): its 8 dihedral passes make a cold cache 9x dearer")
     ap.add_argument("--executors", default="local,processes,ray", help="executors to compare; local is the reference")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="pool processes / Ray CPUs (default: all)")
     ap.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs of each Ray task")
@@ -266,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                           "--workers", str(args.workers), "--cpus-per-task", str(args.cpus_per_task)]
             if args.epochs is not None:
                 argv_child += ["--epochs", str(args.epochs)]
+            if args.no_tta:
+                argv_child += ["--no-tta"]
             print(f"running {ex} ...", file=sys.stderr)
             subprocess.run(argv_child, env=env, check=True)
             row = json.loads(one_json.read_text())
@@ -285,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         "sections": args.sections if args.data != "synthetic" else None,
         "methods": args.methods,
         "epochs_override": args.epochs,
+        "tta": not args.no_tta,
         "split": "leave-one-section-out",
         "cache": args.cache,
         "machine": {"cpus": os.cpu_count(), "workers": args.workers, "cpus_per_task": args.cpus_per_task},

@@ -244,3 +244,20 @@ def test_run_graph_failures_and_progress(monkeypatch, capsys) -> None:
     assert "features s1 FAILED: ValueError" in err and "tasks 1/4 done, 0 running, 2 failed" in err
     with pytest.raises(ex.ExecutorError, match="threads"):
         ex.make_executor("threads")
+
+
+@pytest.mark.ray
+def test_random_search_through_ray_tune_matches_local(tmp_path, syn_root, ray_instance) -> None:
+    """backend='tune': one Ray Tune trial per candidate; same candidates, scores and choices as in-process."""
+    local = tmp_path / "l"
+    run_benchmark(_config(local, syn_root, methods=["knn"], split="nested", search={"knn": SEARCH}))
+    tuned = tmp_path / "t"
+    spec = {**SEARCH, "backend": "tune"}
+    run_benchmark(_config(tuned, syn_root, methods=["knn"], split="nested", search={"knn": spec}))
+    for f in ("syn0", "syn1", "syn2"):
+        a = json.loads((local / "folds" / "knn" / f"{f}.json").read_text())["selection"]
+        b = json.loads((tuned / "folds" / "knn" / f"{f}.json").read_text())["selection"]
+        assert a["candidates"] == b["candidates"] and a["best"] == b["best"] and b["search"]["backend"] == "tune"
+    assert (local / "metrics.csv").read_bytes() == (tuned / "metrics.csv").read_bytes()
+    with pytest.raises(He2stInputError, match="backend"):
+        check_search({**SEARCH, "backend": "optuna"})

@@ -531,7 +531,8 @@ def run_fold(
             )
         candidates = search_candidates(search, seed=int(params.get("seed", 0)))
         best, scored = score_candidates(
-            method_name, params, candidates, cohort, fold.inner, genes, min_spots=min_spots, markers=markers, n_top=n_top
+            method_name, params, candidates, cohort, fold.inner, genes, min_spots=min_spots, markers=markers, n_top=n_top,
+            backend=str(search.get("backend", "local")),
         )
         selection = {"search": json.loads(json.dumps(dict(search))), **scored}
         params.update(best)
@@ -677,11 +678,15 @@ def score_candidates(
     min_spots: int | None = None,
     markers: Sequence[str] | None = None,
     n_top: int = N_TOP,
+    backend: str = "local",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Score parameter candidates on inner folds (training slides of the outer fold only).
 
     The score of a candidate is the mean PCC(ACG) over the inner folds' test
     slides (NaN slides ignored); ties go to the first candidate.
+    ``backend="tune"`` runs one Ray Tune trial per candidate
+    (:func:`_tune_scores`); the candidates, their scores and the choice are the
+    same as in this process.
 
     Parameters
     ----------
@@ -699,6 +704,8 @@ def score_candidates(
         Panel recipe, see :func:`choose_panel`.
     n_top
         Size of the HEG/HVG sets.
+    backend
+        ``"local"`` (candidates one after the other here) or ``"tune"`` (Ray Tune trials).
 
     Returns
     -------
@@ -708,8 +715,10 @@ def score_candidates(
         ``candidates`` (each with its ``params`` and ``inner_pcc_acg``), ``best`` and ``inner_folds``.
     """
     candidates = [dict(c) for c in candidates]
-    scores = []
-    for cand in candidates:
+    if backend not in ("local", "tune"):
+        raise He2stInputError(f"search backend must be 'local' or 'tune', got {backend!r}")
+
+    def score(cand: Mapping[str, Any]) -> float:
         vals = []
         for f in inner:
             _, model = fit_on(
@@ -727,7 +736,9 @@ def score_candidates(
                 v = m[(m["metric"] == "pcc") & (m["gene_set"] == "ACG")]["value"].iloc[0]
                 vals.append(v)
         arr = np.asarray(vals, dtype=np.float64)
-        scores.append(float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan"))
+        return float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+
+    scores = _tune_scores(score, candidates) if backend == "tune" else [score(c) for c in candidates]
     finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
     best = max(finite, key=lambda i: (scores[i], -i)) if finite else 0
     record = {
@@ -736,6 +747,47 @@ def score_candidates(
         "inner_folds": [f.name for f in inner],
     }
     return candidates[best], record
+
+
+def _tune_scores(score: Any, candidates: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Each candidate's inner-CV score from one Ray Tune trial (a grid over the candidates' indices).
+
+    The candidates are drawn before (:func:`search_candidates` or the grid), so
+    Tune only schedules the trials, one CPU each, on the running Ray instance
+    (or a local one it starts); nothing is written to disk (no checkpoints; the
+    trial records go to a temporary folder that is removed).
+    """
+    import shutil
+    import tempfile
+
+    try:
+        import ray
+        from ray import tune
+    except ImportError as exc:  # pragma: no cover - ray is in the test extra
+        raise He2stInputError("search backend 'tune' needs Ray Tune: pip install 'he2st[ray]'") from exc
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+
+    def trial(config: dict[str, Any]) -> dict[str, float]:
+        return {"score": score(candidates[config["index"]])}
+
+    where = tempfile.mkdtemp(prefix="he2st-tune-")
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(trial, {"cpu": 1}),
+            param_space={"index": tune.grid_search(list(range(len(candidates))))},
+            run_config=tune.RunConfig(storage_path=where, name="inner", verbose=0),
+        )
+        results = tuner.fit()
+        out = [float("nan")] * len(candidates)
+        for r in results:
+            if r.error is not None:
+                raise r.error
+            out[int(r.config["index"])] = float(r.metrics["score"])
+        return out
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 #: Distributions of a random search space (``{param: {kind: args}}``).
@@ -763,9 +815,12 @@ def check_search(search: Mapping[str, Any], where: str = "search") -> None:
     """
     if not isinstance(search, Mapping):
         raise He2stInputError(f"{where}: 'search' must be a table, got {search!r}")
-    unknown = sorted(set(search) - {"method", "n_trials", "space", "seed"})
+    unknown = sorted(set(search) - {"method", "n_trials", "space", "seed", "backend"})
     if unknown:
-        raise He2stInputError(f"{where}: 'search' has unknown key(s) {unknown}; known: method, n_trials, space, seed")
+        raise He2stInputError(
+            f"{where}: 'search' has unknown key(s) {unknown}; known: method, n_trials, space, seed, backend")
+    if search.get("backend", "local") not in ("local", "tune"):
+        raise He2stInputError(f"{where}: search 'backend' must be 'local' or 'tune', got {search.get('backend')!r}")
     if search.get("method", "random") != "random":
         raise He2stInputError(f"{where}: search 'method' must be 'random' (use 'grid' for a grid), got {search.get('method')!r}")
     n = search.get("n_trials")
