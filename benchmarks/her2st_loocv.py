@@ -189,6 +189,11 @@ BEYOND += [
     ("smooth-ridge+ctx", "smooth", {"method": "ridge", "params": {**_RIDGE, "context": _CTX}}),
     ("smooth-knn+ctx", "smooth", {"method": "knn", "params": {**_KNN, "context": _CTX}}),
 ]
+# Wider context for the best single row: a 5x view too, or the two nearest rings of spots (18).
+BEYOND += [
+    ("ridge+ctx5", "ridge", {**_RIDGE, "context": {"fov": [1, 3, 5], "neighbours": 6}}),
+    ("ridge+ctx-ring2", "ridge", {**_RIDGE, "context": {"fov": [1, 3], "neighbours": 18}}),
+]
 _STACK_CTX = [{"name": "ridge", "params": {**_RIDGE, "context": _CTX}}, {"name": "knn", "params": {**_KNN, "context": _CTX}},
               {"name": "bleep", "params": {**_BLEEP, "context": _CTX}}]
 BEYOND += [

@@ -264,6 +264,9 @@ class Method(abc.ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     defaults: ClassVar[dict[str, Any]] = {}
     common_defaults: ClassVar[dict[str, Any]] = {"normalization": "cpm_log1p", "train_normalization": None, "seed": 0}
+    #: Whether ``fit`` reads cached frozen features of its ``encoder``/``weights``/``patch_px`` (and ``context``),
+    #: which a benchmark executor then computes first as tasks of their own (:meth:`feature_requests`).
+    reads_frozen_features: ClassVar[bool] = False
     #: Whether training targets come from :meth:`train_targets` and predictions pass :meth:`to_eval_scale`.
     supports_train_normalization: ClassVar[bool] = False
     #: Values of ``feature_scaling`` the method accepts (methods with that parameter).
@@ -342,9 +345,12 @@ class Method(abc.ABC):
         -------
         list of dict
             ``{"slide", "encoder", "weights", "patch_px", "tta", "target_mpp"}``, the
-            arguments of :func:`he2st.methods.nn.inputs.encoder_inputs`.
+            arguments of :func:`he2st.methods.nn.inputs.encoder_inputs`; none unless
+            :attr:`reads_frozen_features`.
         """
-        return []
+        if not self.reads_frozen_features:
+            return []
+        return self._frozen_feature_requests(train_slides, slides, tta=bool(self.params.get("tta", False)))
 
     def _frozen_feature_requests(self, train_slides: Sequence[Any], slides: Sequence[Any], tta: bool) -> list[dict[str, Any]]:
         """Requests of a method reading frozen features with its ``encoder``/``weights``/``patch_px``.

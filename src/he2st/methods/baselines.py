@@ -218,6 +218,7 @@ class RidgeProbe(Method):
 
     family = "baseline"
     capabilities = Capabilities(frozen_features=True)
+    reads_frozen_features = True
     _scaling_kinds = (*SCALING_KINDS, "cv")
     defaults: dict[str, Any] = {
         **_FEATURE_DEFAULTS,
@@ -226,23 +227,6 @@ class RidgeProbe(Method):
         "alphas": list(DEFAULT_ALPHAS),
         "cv_metric": "mse",
     }
-
-    def feature_requests(self, train_slides: list[Any], slides: list[Any]) -> list[dict[str, Any]]:
-        """The frozen features of ``slides`` this method reads (see :meth:`Method.feature_requests`).
-
-        Parameters
-        ----------
-        train_slides
-            The fold's training slides.
-        slides
-            Every slide the fit and its predictions read.
-
-        Returns
-        -------
-        list of dict
-            One request per slide.
-        """
-        return self._frozen_feature_requests(train_slides, slides, tta=bool(self.params["tta"]))
 
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
         slides = train_slides + (val_slides or [])
@@ -471,28 +455,12 @@ class KNNRetrieval(Method):
 
     family = "baseline"
     capabilities = Capabilities(frozen_features=True)
+    reads_frozen_features = True
     defaults: dict[str, Any] = {**_FEATURE_DEFAULTS, "k": 50, "metric": "cosine"}
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self._index: Any = None
-
-    def feature_requests(self, train_slides: list[Any], slides: list[Any]) -> list[dict[str, Any]]:
-        """The frozen features of ``slides`` this method reads (see :meth:`Method.feature_requests`).
-
-        Parameters
-        ----------
-        train_slides
-            The fold's training slides.
-        slides
-            Every slide the fit and its predictions read.
-
-        Returns
-        -------
-        list of dict
-            One request per slide.
-        """
-        return self._frozen_feature_requests(train_slides, slides, tta=bool(self.params["tta"]))
 
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
         self._index = None

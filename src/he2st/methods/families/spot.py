@@ -240,24 +240,10 @@ class SpotRegressor(Method):
         if p.get("context") is not None and p["mode"] != "frozen":
             raise He2stInputError(f"method {self.name!r}: the context option needs mode='frozen', got mode={p['mode']!r}")
 
-    def feature_requests(self, train_slides: list[Any], slides: list[Any]) -> list[dict[str, Any]]:
-        """Frozen features of ``slides`` (frozen mode only; see :meth:`Method.feature_requests`).
-
-        Parameters
-        ----------
-        train_slides
-            The fold's training slides.
-        slides
-            Every slide the fit and its predictions read.
-
-        Returns
-        -------
-        list of dict
-            One request per slide; none in finetune mode.
-        """
-        if self.params.get("mode") != "frozen":
-            return []
-        return self._frozen_feature_requests(train_slides, slides, tta=bool(self.params["tta"]))
+    @property
+    def reads_frozen_features(self) -> bool:  # type: ignore[override]
+        """Frozen mode reads cached encoder features (the executor precomputes them); finetune mode reads pixels."""
+        return self.params.get("mode") == "frozen"
 
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
         p = self.params
