@@ -193,6 +193,7 @@ BEYOND += [
 BEYOND += [
     ("ridge+ctx5", "ridge", {**_RIDGE, "context": {"fov": [1, 3, 5], "neighbours": 6}}),
     ("ridge+ctx-ring2", "ridge", {**_RIDGE, "context": {"fov": [1, 3], "neighbours": 18}}),
+    ("ridge+ctx-1235", "ridge", {**_RIDGE, "context": {"fov": [1, 2, 3, 5], "neighbours": 6}}),
 ]
 _STACK_CTX = [{"name": "ridge", "params": {**_RIDGE, "context": _CTX}}, {"name": "knn", "params": {**_KNN, "context": _CTX}},
               {"name": "bleep", "params": {**_BLEEP, "context": _CTX}}]
