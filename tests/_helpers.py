@@ -36,3 +36,15 @@ def with_leak_gene(base, leaky_slide: str = "syn2", seed: int = 0):
             )
         )
     return Cohort(slides, name="leaky")
+
+
+def image_only(slide):
+    """The slide as a never-sequenced section: same image, spots and scale; no genes, counts=False."""
+    from he2st.data.slide import make_slide, meta
+
+    m = meta(slide)
+    return make_slide(
+        None, list(slide.obs_names), [], np.asarray(slide.obsm["spatial"]), slide_id=m.slide_id, patient=m.patient,
+        image_path=m.image_path, spot_diameter_px=m.spot_diameter_px, mpp=m.mpp, scale=m.scale,
+        array_row=slide.obs["array_row"].to_numpy(), array_col=slide.obs["array_col"].to_numpy(), counts=False,
+    )

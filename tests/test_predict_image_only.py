@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import image_only
 
-from he2st.data.slide import make_slide, meta
+from he2st.data.slide import meta
 from he2st.methods import create_method, list_methods
 
 FEAT = {"encoder": "color_stats", "weights": None, "patch_px": 32}
@@ -56,16 +57,6 @@ def small(tmp_path_factory):
     from he2st.datasets import synthetic
 
     return synthetic(n_slides=3, n_spots=40, n_genes=10, patch_px=32, seed=5, root=tmp_path_factory.mktemp("syn"))
-
-
-def image_only(slide):
-    """The slide as a never-sequenced section: same image, spots and scale; no genes, counts=False."""
-    m = meta(slide)
-    return make_slide(
-        None, list(slide.obs_names), [], np.asarray(slide.obsm["spatial"]), slide_id=m.slide_id, patient=m.patient,
-        image_path=m.image_path, spot_diameter_px=m.spot_diameter_px, mpp=m.mpp, scale=m.scale,
-        array_row=slide.obs["array_row"].to_numpy(), array_col=slide.obs["array_col"].to_numpy(), counts=False,
-    )
 
 
 def test_every_registered_method_has_a_config() -> None:

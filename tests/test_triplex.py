@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers import image_only, mean_pcc
 
-from _helpers import mean_pcc
-from he2st.data.slide import make_slide, meta
 from he2st.errors import He2stInputError
 from he2st.methods import create_method, load_method
 from he2st.methods.nn.position import RelativeGridBias, SpotGridConv
@@ -39,15 +38,6 @@ def fitted(cohort, _module_cache):
         yield create_method("triplex", **TINY, epochs=25).fit([cohort[0], cohort[1]], genes)
     finally:
         mp.undo()
-
-
-def image_only(slide):
-    m = meta(slide)
-    return make_slide(
-        None, list(slide.obs_names), [], np.asarray(slide.obsm["spatial"]), slide_id=m.slide_id, patient=m.patient,
-        image_path=m.image_path, spot_diameter_px=m.spot_diameter_px, mpp=m.mpp, scale=m.scale,
-        array_row=slide.obs["array_row"].to_numpy(), array_col=slide.obs["array_col"].to_numpy(), counts=False,
-    )
 
 
 def test_defaults_are_the_authors() -> None:

@@ -101,6 +101,22 @@ def _training_data(method: Method, slides: Sequence[Any]) -> tuple[list[np.ndarr
     return feats, targets
 
 
+class _ScaledFeatures:
+    """The fitted feature scaler's shift and scale under the names of the former standardisation."""
+
+    scaler_: Any
+
+    @property
+    def scaler_mean_(self) -> np.ndarray:
+        """Shift of the fitted feature scaler (the training mean for ``"standard"``)."""
+        return self.scaler_.shift_
+
+    @property
+    def scaler_scale_(self) -> np.ndarray:
+        """Scale of the fitted feature scaler (the training sd for ``"standard"``)."""
+        return self.scaler_.scale_
+
+
 # -- mean ---------------------------------------------------------------------------
 
 
@@ -157,7 +173,7 @@ class MeanPredictor(Method):
 
 
 @register_method("ridge")
-class RidgeProbe(Method):
+class RidgeProbe(_ScaledFeatures, Method):
     """Linear probe on frozen patch features, HEST-Benchmark style, with a cross-validated penalty.
 
     Pipeline (HEST-Benchmark, Jaume et al. NeurIPS 2024, ``--dimreduce PCA``):
@@ -260,16 +276,6 @@ class RidgeProbe(Method):
         Z = np.concatenate([_project(x, self.scaler_, self.pca_mean_, self.pca_components_) for x in feats])
         self.coef_, self.intercept_ = _ridge_path(Z, Y, np.array([self.alpha_]))[0]
         self.train_slides_ = [meta(s).slide_id for s in slides]
-
-    @property
-    def scaler_mean_(self) -> np.ndarray:
-        """Shift of the fitted feature scaler (the training mean for ``"standard"``)."""
-        return self.scaler_.shift_
-
-    @property
-    def scaler_scale_(self) -> np.ndarray:
-        """Scale of the fitted feature scaler (the training sd for ``"standard"``)."""
-        return self.scaler_.scale_
 
     def predict(self, slide: Any) -> np.ndarray:
         self._check_fitted()
@@ -425,7 +431,7 @@ def _inner_cv_scores(
 
 
 @register_method("knn")
-class KNNRetrieval(Method):
+class KNNRetrieval(_ScaledFeatures, Method):
     """k-nearest-neighbour retrieval of training spots in frozen-feature space.
 
     The query spot's prediction is the unweighted mean of the normalised
@@ -477,16 +483,6 @@ class KNNRetrieval(Method):
         self.bank_slides_ = [meta(s).slide_id for s in slides]
         self.bank_slide_index_ = np.concatenate([np.full(s.n_obs, i, dtype=np.int64) for i, s in enumerate(slides)])
         self.bank_obs_ = [str(o) for s in slides for o in s.obs_names]
-
-    @property
-    def scaler_mean_(self) -> np.ndarray:
-        """Shift of the fitted feature scaler (the training mean for ``"standard"``)."""
-        return self.scaler_.shift_
-
-    @property
-    def scaler_scale_(self) -> np.ndarray:
-        """Scale of the fitted feature scaler (the training sd for ``"standard"``)."""
-        return self.scaler_.scale_
 
     def _embed(self, X: np.ndarray) -> np.ndarray:
         """Scaled (and, for cosine, unit-length) features of ONE slide."""

@@ -7,7 +7,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from he2st.errors import He2stInputError
-from he2st.methods.families.meta import MetaMethod, choose_strength, merge_capabilities, smooth_prediction
+from he2st.methods.families.meta import (
+    MetaMethod,
+    choose_strength,
+    merge_capabilities,
+    smooth_prediction,
+)
 from he2st.methods.registry import get_method_class, register_method
 from he2st.methods.stack import DEFAULT_STRENGTHS
 
@@ -74,7 +79,7 @@ class Smooth(MetaMethod):
         slides = train_slides + (val_slides or [])
         strengths = list(self.params["strengths"])
         n_genes = len(self.genes or [])
-        build = lambda: self.new_member(self.params["method"], self.params["params"] or {})  # noqa: E731
+        build = lambda: self.new_member(self.params["method"], self.params["params"] or {})
         if len(strengths) == 1:
             self.strength_, self.cv_scores_ = np.full(n_genes, float(strengths[0])), {}
         else:

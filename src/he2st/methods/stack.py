@@ -8,7 +8,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from he2st.errors import He2stInputError
-from he2st.methods.families.meta import MetaMethod, choose_strength, merge_capabilities, smooth_prediction
+from he2st.methods.families.meta import (
+    MetaMethod,
+    choose_strength,
+    merge_capabilities,
+    smooth_prediction,
+)
 from he2st.methods.registry import get_method_class, register_method
 
 #: Smoothing strengths tried by the ``smooth`` option of ``stack`` and by the ``smooth`` method.
