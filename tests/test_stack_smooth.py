@@ -117,6 +117,11 @@ def test_stack_beats_the_mean_and_matches_its_best_member(cohort) -> None:
     np.testing.assert_allclose(st.members_[0].predict(test), ridge.predict(test), rtol=1e-5, atol=1e-6)
     extra = st.get_extra()
     assert extra["member_labels"] == ["ridge", "knn"] and "oof_mse" in extra
+    # An executor precomputes the members' features for the stack: exactly their requests.
+    unfitted = create_method("stack", methods=[{"name": "ridge", "params": RIDGE}, {"name": "knn", "params": KNN}])
+    want = [r for m in (create_method("ridge", **RIDGE), create_method("knn", **KNN))
+            for r in m.feature_requests(train, list(cohort))]
+    assert unfitted.feature_requests(train, list(cohort)) == want and len(want) == 2 * len(cohort)
 
 
 def test_stack_weights_never_see_the_test_slide(cohort, monkeypatch) -> None:

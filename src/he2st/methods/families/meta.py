@@ -246,6 +246,25 @@ class MetaMethod(Method):
         members = getattr(self, "members_", None) or getattr(self, "_prototypes", [])
         return list(dict.fromkeys(u for m in members for u in m.encoders()))
 
+    def feature_requests(self, train_slides: Sequence[Any], slides: Sequence[Any]) -> list[dict[str, Any]]:
+        """The members' frozen-feature requests (see :meth:`Method.feature_requests`), so that an executor
+        computes them first for a meta method too.
+
+        Parameters
+        ----------
+        train_slides
+            The fold's training slides.
+        slides
+            Every slide the fit and its predictions read.
+
+        Returns
+        -------
+        list of dict
+            Every member prototype's requests (the executor keeps one task per distinct request).
+        """
+        members = getattr(self, "members_", None) or getattr(self, "_prototypes", [])
+        return [r for m in members for r in m.feature_requests(train_slides, slides)]
+
     def _fit_scale(self, slides: Sequence[Any]) -> None:
         """Nothing here: each member fixes its own field of view; :meth:`_share_serving` reports the first's."""
 
