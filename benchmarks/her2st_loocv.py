@@ -15,8 +15,8 @@ start over) and ``benchmarks/results/her2st_loocv.json``; prints the table.
 
 Add a method by appending ``(label, method name, params)`` to :data:`METHODS`.
 
-    python benchmarks/her2st_loocv.py [--set main|fidelity|graph|hypergraph|eggn-full|beyond] [--data PATH] [--out DIR] [--summary FILE]
-                                      [--methods mean,ridge] [--quiet]
+    python benchmarks/her2st_loocv.py [--set main|fidelity|graph|hypergraph|eggn-full|beyond|beyond-nested] [--data PATH] [--out DIR] [--summary FILE]
+                                      [--methods mean,ridge] [--executor local|processes|ray] [--workers N] [--quiet]
 
 ``--methods`` runs a subset of the labels of :data:`METHODS`; results of methods run
 before stay in the run folder and are reported too (the run folder is shared).
@@ -195,14 +195,34 @@ BEYOND += [
     ("ridge+ctx-ring2", "ridge", {**_RIDGE, "context": {"fov": [1, 3], "neighbours": 18}}),
     ("ridge+ctx-1235", "ridge", {**_RIDGE, "context": {"fov": [1, 2, 3, 5], "neighbours": 6}}),
 ]
+# A penalty per gene (inner CV by each gene's held-out MSE) instead of one for all 785 genes.
+BEYOND += [
+    ("ridge+gene-alpha", "ridge", {**_RIDGE, "alpha_per_gene": True}),
+    ("ridge+ctx-1235+gene-alpha", "ridge", {**_RIDGE, "context": {"fov": [1, 2, 3, 5], "neighbours": 6},
+                                            "alpha_per_gene": True}),
+]
 _STACK_CTX = [{"name": "ridge", "params": {**_RIDGE, "context": _CTX}}, {"name": "knn", "params": {**_KNN, "context": _CTX}},
               {"name": "bleep", "params": {**_BLEEP, "context": _CTX}}]
 BEYOND += [
     ("stack+ctx", "stack", {"methods": _STACK_CTX}),
     ("stack+ctx+smooth", "stack", {"methods": _STACK_CTX, "smooth": "cv"}),
 ]
+#: ``--set beyond-nested`` (split ``nested``): the context and the per-gene penalty of ridge chosen for each
+#: held-out section by an inner leave-one-section-out CV over its four training sections (mean inner PCC(ACG));
+#: the held-out section is never consulted. Written to results/her2st_beyond-nested/.
+CONTEXT_GRID = [None, {"fov": [1, 3], "neighbours": 6}, {"fov": [1, 3, 5], "neighbours": 6},
+                {"fov": [1, 2, 3, 5], "neighbours": 6}]
+BEYOND_NESTED: list[tuple[str, str, dict]] = [
+    ("mean", "mean", {}),
+    ("ridge", "ridge", dict(_RIDGE)),
+    ("ridge+ctx-cv", "ridge", dict(_RIDGE)),
+]
+#: ``{set: {label: {param: [values]}}}``: grids searched on the inner folds (sets whose split is ``nested``).
+GRIDS = {"beyond-nested": {"ridge+ctx-cv": {"context": CONTEXT_GRID, "alpha_per_gene": [False, True]}}}
+#: Split per set (default ``loso``); ``nested`` has the same outer folds, with inner folds for the grids.
+SPLITS = {"beyond-nested": "nested"}
 SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH, "eggn-full": EGGN_FULL,
-        "beyond": BEYOND}
+        "beyond": BEYOND, "beyond-nested": BEYOND_NESTED}
 
 #: Printed and saved columns: (metric, gene set).
 COLUMNS = [("pcc", "ACG"), ("pcc", "HEG"), ("pcc", "HVG"), ("mse", "ACG"), ("mae", "ACG")]
@@ -217,10 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="her2st folder (default: he2st.datasets' lookup)")
     ap.add_argument("--set", default="main", choices=sorted(SETS),
                     help="main: METHODS; fidelity: FIDELITY (issue 12); graph: GRAPH (issue 15); "
-                         "hypergraph: HYPERGRAPH (issue 16); eggn-full: EGGN at 300 epochs; beyond: BEYOND (issue 18)")
+                         "hypergraph: HYPERGRAPH (issue 16); eggn-full: EGGN at 300 epochs; beyond: BEYOND (issue 18); "
+                         "beyond-nested: BEYOND_NESTED (issue 18, split nested, GRIDS)")
     ap.add_argument("--out", default=None, help="run folder (default results/her2st_loocv or results/her2st_fidelity)")
     ap.add_argument("--summary", default=None, help="summary JSON to write (default: the run folder's name + .json)")
     ap.add_argument("--methods", default=None, help="comma-separated labels of the set to run (default: all)")
+    ap.add_argument("--executor", default="local", choices=["local", "processes", "ray"],
+                    help="where the (method, fold) tasks run (he2st.benchmark.executor); results are identical")
+    ap.add_argument("--workers", type=int, default=None, help="parallel tasks of --executor processes/ray")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     table = SETS[args.set]
@@ -244,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         "data": "her2st",
         "data_params": {"sections": SECTIONS},
         "methods": [{"name": name, "label": label, "params": params} for label, name, params in chosen],
-        "split": "loso",
+        "split": SPLITS.get(args.set, "loso"),
+        "grid": {label: g for label, g in GRIDS.get(args.set, {}).items() if label in {m[0] for m in chosen}},
         "genes": panel,
         "seed": 0,
+        "executor": args.executor,
+        "workers": args.workers,
         "quiet": args.quiet,
     }
     result = run_benchmark(config, cohort=cohort)
@@ -271,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         if fit:
             rows[label]["train_fit"] = fit
         rows[label]["seconds_per_fold"] = _timings(Path(args.out), label)
+        chosen_params = _choices(Path(args.out), label)
+        if chosen_params:
+            rows[label]["inner_cv_choice"] = chosen_params
     panel_sizes = sorted(
         {len(json.loads(p.read_text())["panel"]["genes"]) for p in (Path(args.out) / "folds").glob("*/*.json")}
     )
@@ -310,6 +340,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: median seconds per fold: fit {t['fit_median']}, predict {t['predict_median']}")
     print(f"panel sizes: {panel_sizes}; {elapsed:.0f} s; summary: {args.summary}")
     return 0
+
+
+def _choices(run: Path, label: str) -> dict:
+    """Per fold: the grid candidate the inner CV chose and its inner score (empty without a grid)."""
+    out = {}
+    for p in sorted((run / "folds" / label).glob("*.json")):
+        rec = json.loads(p.read_text())
+        sel = rec.get("selection") or {}
+        if sel.get("best") is not None:
+            best = next((c for c in sel.get("candidates", []) if c.get("params") == sel["best"]), {})
+            out[rec["fold"]["name"]] = {"params": sel["best"], "inner_pcc_acg": _num(best.get("inner_pcc_acg", float("nan")))}
+    return out
 
 
 def _train_fit(run: Path, label: str) -> dict:

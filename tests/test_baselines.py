@@ -130,3 +130,35 @@ def test_knn_index_matches_full_sort(cohort, genes, metric, k) -> None:
     ref = _sorted_neighbours(m.bank_features_, queries, metric, k)
     np.testing.assert_array_equal(m.neighbours(cohort[2]), ref)
     np.testing.assert_allclose(m.predict(cohort[2]), m.bank_targets_[ref].mean(axis=1), atol=1e-5)
+
+
+def test_ridge_alpha_per_gene(cohort, genes, tmp_path) -> None:
+    alphas = [0.1, 10.0, 1e4]
+    shared = create_method("ridge", **FEAT, alphas=alphas, feature_scaling="standard").fit(cohort[:2], genes)
+    m = create_method("ridge", **FEAT, alphas=alphas, feature_scaling="standard", alpha_per_gene=True).fit(cohort[:2], genes)
+    assert m.gene_alphas_.shape == (len(genes),) and set(m.gene_alphas_) <= set(alphas)
+    # each gene's penalty minimises its own held-out MSE, recomputed here by hand (leave one slide out)
+    from he2st.methods.baselines import _fit_projection, _project, _ridge_path, _training_data
+
+    feats, targets = _training_data(m, cohort[:2])
+    mse = np.zeros((len(alphas), len(genes)))
+    for out in (0, 1):
+        proj = _fit_projection([feats[1 - out]], 256, "standard")
+        Ztr, Zte = _project(feats[1 - out], *proj), _project(feats[out], *proj)
+        for i, (c, b) in enumerate(_ridge_path(Ztr, targets[1 - out], np.array(alphas))):
+            mse[i] += np.mean((Zte @ c + b - targets[out]) ** 2, axis=0) / 2
+    best = np.array(alphas)[::-1][np.argmin(mse[::-1], axis=0)]  # ties: the stronger penalty
+    np.testing.assert_array_equal(m.gene_alphas_, best)
+    # the genes' coefficients are those of a one-penalty fit at that gene's penalty
+    for a in set(best):
+        one = create_method("ridge", **FEAT, alphas=[a], feature_scaling="standard").fit(cohort[:2], genes)
+        cols = best == a
+        np.testing.assert_allclose(m.predict(cohort[2])[:, cols], one.predict(cohort[2])[:, cols], rtol=1e-4, atol=1e-5)
+    # its pooled inner-CV MSE can only be at or below the shared penalty's
+    assert -mse.min(axis=0).mean() >= max(shared.cv_scores_.values()) - 1e-9
+    m.save(tmp_path / "model")
+    back = load_method(tmp_path / "model")
+    np.testing.assert_array_equal(back.gene_alphas_, m.gene_alphas_)
+    np.testing.assert_array_equal(back.predict(cohort[2]), m.predict(cohort[2]))
+    with pytest.raises(He2stInputError, match="alpha_per_gene"):
+        create_method("ridge", **FEAT, alpha_per_gene=True, cv_metric="pcc").fit(cohort[:2], genes)

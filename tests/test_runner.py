@@ -304,3 +304,22 @@ def test_default_gene_panel(her2st_root) -> None:
     path = default_genes("her2st", {"root": str(her2st_root)})
     assert path.endswith("her_hvg_cut_1000.npy")
     assert len(her2st_panel(her2st_root)) == 785
+
+
+def test_nested_grid_over_context_and_per_gene_penalty(tmp_path, syn_root) -> None:
+    """Context and the per-gene penalty are ordinary grid values: None, tables and booleans, chosen on inner folds."""
+    ctx = {"fov": [1, 3], "neighbours": 6}
+    grid = {"ridge": {"context": [None, ctx], "alpha_per_gene": [False, True]}}
+    fast = {"ridge": {"patch_px": 32, "feature_scaling": "standard", "alphas": [1.0, 100.0]}}  # CI time
+    run_benchmark(_config(tmp_path / "nested", syn_root, methods=["ridge"], split="nested", grid=grid, method_params=fast))
+    for fold in ("syn0", "syn1", "syn2"):
+        rec = json.loads((tmp_path / "nested" / "folds" / "ridge" / f"{fold}.json").read_text())
+        sel = rec["selection"]
+        assert [(c["params"]["context"], c["params"]["alpha_per_gene"]) for c in sel["candidates"]] == [
+            (None, False), (None, True), (ctx, False), (ctx, True)]
+        assert all(fold not in name.split("-inner-")[1] for name in sel["inner_folds"])
+        best = max(sel["candidates"], key=lambda c: c["inner_pcc_acg"])
+        assert sel["best"] == best["params"]
+        assert rec["params"]["context"] == best["params"]["context"]
+        assert rec["params"]["alpha_per_gene"] == best["params"]["alpha_per_gene"]
+        assert ("gene_alphas" in rec["extra"]) == best["params"]["alpha_per_gene"]

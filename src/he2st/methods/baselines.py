@@ -218,6 +218,14 @@ class RidgeProbe(_ScaledFeatures, Method):
     (``benchmarks/her2st_domain_shift.py``); a fixed ``"standard"`` is HEST's
     probe exactly.
 
+    Per-gene penalty (``alpha_per_gene=True``, ours, like scikit-learn's
+    ``RidgeCV(alpha_per_target=True)``): the same inner CV picks a penalty for
+    each gene by its own held-out MSE (ties: the stronger penalty), so genes
+    with a strong image signal are not shrunk as hard as the noisy majority
+    that dominates the pooled MSE. The scaling kind is then the one with the
+    best mean of the per-gene best scores; the per-gene penalties are
+    ``gene_alphas_`` (saved with the model), ``alpha_`` the pooled choice.
+
     Context (``context``, :func:`he2st.methods.base.parse_context`): features
     of wider fields of view around each spot and/or the mean features of its
     nearest spots, concatenated to its own.
@@ -229,7 +237,8 @@ class RidgeProbe(_ScaledFeatures, Method):
     stain=None (or "macenko"/"reinhard"/"vahadane", fitted on training patches),
     patch_um=None (patch_px x the training slides' median mpp), context=None,
     feature_scaling="cv" (HEST: a StandardScaler, "standard"; see below), n_components=256, alphas=10^-2..10^6 (17
-    values, half-decade steps), cv_metric="mse", normalization="cpm_log1p", seed=0.
+    values, half-decade steps), cv_metric="mse", alpha_per_gene=False (HEST: one penalty),
+    normalization="cpm_log1p", seed=0.
     """
 
     family = "baseline"
@@ -242,6 +251,7 @@ class RidgeProbe(_ScaledFeatures, Method):
         "n_components": 256,
         "alphas": list(DEFAULT_ALPHAS),
         "cv_metric": "mse",
+        "alpha_per_gene": False,
     }
 
     def _fit(self, train_slides: list[Any], val_slides: list[Any] | None) -> None:
@@ -251,30 +261,46 @@ class RidgeProbe(_ScaledFeatures, Method):
             raise He2stInputError(f"ridge: alphas must be positive numbers, got {self.params['alphas']!r}")
         if self.params["cv_metric"] not in ("mse", "pcc"):
             raise He2stInputError(f"ridge: cv_metric must be 'mse' or 'pcc', got {self.params['cv_metric']!r}")
+        per_gene = bool(self.params["alpha_per_gene"])
+        if per_gene and self.params["cv_metric"] != "mse":
+            # A per-gene PCC on one held-out slide is too noisy to rank 17 penalties gene by gene.
+            raise He2stInputError("ridge: alpha_per_gene=True needs cv_metric='mse'")
         _fit_stain(self, slides)
         feats, targets = _training_data(self, slides)
         groups = _cv_groups(slides)
         given = self.params["feature_scaling"]
         kinds = list(RIDGE_CV_SCALINGS) if given == "cv" else [given]
         per_kind = {k: _inner_cv_scores(feats, targets, groups, alphas, self.params["n_components"],
-                                        self.params["cv_metric"], kind=k) for k in kinds}
+                                        self.params["cv_metric"], kind=k, per_gene=per_gene) for k in kinds}
+        # Per gene: each gene's best penalty; a kind scores the mean of those best per-gene scores.
+        gene_best = {k: _best_alpha_per_gene(v, alphas) for k, v in per_kind.items()} if per_gene else {}
+        curves = {k: (v.mean(axis=1) if per_gene else v) for k, v in per_kind.items()}
+        kind_scores = {k: (gene_best[k][1] if per_gene else (float(np.nanmax(v)) if np.isfinite(v).any() else np.nan))
+                       for k, v in curves.items()}
         best_kind, best, best_score = kinds[0], int(np.argmax(alphas)), -np.inf
         for k in kinds:  # the best (scaling, alpha) pair; ties: the earlier kind, then the stronger penalty
-            scores = per_kind[k]
-            if np.isfinite(scores).any() and np.nanmax(scores) > best_score:
+            scores = curves[k]
+            if np.isfinite(kind_scores[k]) and kind_scores[k] > best_score:
                 tied = np.flatnonzero(scores == np.nanmax(scores))
-                best_kind, best, best_score = k, int(tied[np.argmax(alphas[tied])]), float(np.nanmax(scores))
+                best_kind, best, best_score = k, int(tied[np.argmax(alphas[tied])]), float(kind_scores[k])
         # (no inner CV possible, e.g. too few spots: the first kind and the strongest penalty of the grid)
         self.alpha_ = float(alphas[best])
         self.feature_scaling_ = best_kind
-        scores = per_kind[best_kind]
+        scores = curves[best_kind]
         self.cv_scores_ = {f"{a:g}": (None if np.isnan(s) else float(s)) for a, s in zip(alphas, scores)}
-        self.cv_scaling_scores_ = {k: (None if not np.isfinite(v).any() else float(np.nanmax(v))) for k, v in per_kind.items()}
+        self.cv_scaling_scores_ = {k: (None if not np.isfinite(v) else float(v)) for k, v in kind_scores.items()}
         self.cv_groups_ = len(groups)
         Y = np.concatenate(targets)
         self.scaler_, self.pca_mean_, self.pca_components_ = _fit_projection(feats, self.params["n_components"], best_kind)
         Z = np.concatenate([_project(x, self.scaler_, self.pca_mean_, self.pca_components_) for x in feats])
-        self.coef_, self.intercept_ = _ridge_path(Z, Y, np.array([self.alpha_]))[0]
+        if per_gene:
+            # With no inner CV (NaN scores) every gene keeps the shared fallback penalty.
+            idx = gene_best[best_kind][0] if best_kind in gene_best and np.isfinite(best_score) else np.full(Y.shape[1], best)
+            self.gene_alphas_ = alphas[idx].astype(np.float64)
+            self.coef_, self.intercept_ = _ridge_per_gene(Z, Y, alphas, idx)
+        else:
+            self.gene_alphas_ = None
+            self.coef_, self.intercept_ = _ridge_path(Z, Y, np.array([self.alpha_]))[0]
         self.train_slides_ = [meta(s).slide_id for s in slides]
 
     def predict(self, slide: Any) -> np.ndarray:
@@ -304,6 +330,7 @@ class RidgeProbe(_ScaledFeatures, Method):
     def get_extra(self) -> dict[str, Any]:
         return {
             "alpha": self.alpha_,
+            **({"gene_alphas": [float(a) for a in self.gene_alphas_]} if getattr(self, "gene_alphas_", None) is not None else {}),
             "feature_scaling": self.feature_scaling_,
             "cv_scaling_scores": self.cv_scaling_scores_,
             "cv_scores": self.cv_scores_,
@@ -314,6 +341,8 @@ class RidgeProbe(_ScaledFeatures, Method):
 
     def set_extra(self, extra: dict[str, Any]) -> None:
         self.alpha_ = float(extra["alpha"])
+        ga = extra.get("gene_alphas")
+        self.gene_alphas_ = None if ga is None else np.asarray(ga, dtype=np.float64)
         self.feature_scaling_ = str(extra.get("feature_scaling", "standard"))  # models saved before it: standard
         self.cv_scaling_scores_ = dict(extra.get("cv_scaling_scores", {}))
         if getattr(self, "scaler_", None) is not None:
@@ -365,6 +394,32 @@ def _ridge_path(Z: np.ndarray, Y: np.ndarray, alphas: np.ndarray) -> list[tuple[
     return out
 
 
+def _best_alpha_per_gene(scores: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, float]:
+    """Each gene's best penalty (index into ``alphas``; ties: the stronger) and the mean best score.
+
+    ``scores`` is ``(n_alphas, n_genes)``, higher is better. Returns NaN as the
+    score when no penalty of any gene has a finite score.
+    """
+    if not np.isfinite(scores).any():
+        return np.full(scores.shape[1], int(np.argmax(alphas))), float("nan")
+    order = np.argsort(-alphas, kind="stable")  # strongest penalty first, so argmax breaks ties towards it
+    filled = np.where(np.isfinite(scores), scores, -np.inf)[order]
+    idx = order[np.argmax(filled, axis=0)]
+    best = filled.max(axis=0)
+    return idx, float(np.mean(best[np.isfinite(best)]))
+
+
+def _ridge_per_gene(Z: np.ndarray, Y: np.ndarray, alphas: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge solution with gene ``j`` penalised by ``alphas[idx[j]]`` (one SVD for all genes)."""
+    coef = np.empty((Z.shape[1], Y.shape[1]))
+    intercept = np.empty(Y.shape[1])
+    used = np.unique(idx)
+    for i, (c, b) in zip(used, _ridge_path(Z, Y, alphas[used])):
+        cols = idx == i
+        coef[:, cols], intercept[cols] = c[:, cols], b[cols]
+    return coef, intercept
+
+
 def _cv_groups(slides: Sequence[Any]) -> list[np.ndarray]:
     """Inner-CV group labels per slide: the slide itself, or row blocks of a lone slide."""
     if len(slides) >= 2:
@@ -384,6 +439,7 @@ def _inner_cv_scores(
     n_components: int,
     metric: str = "mse",
     kind: str = "standard",
+    per_gene: bool = False,
 ) -> np.ndarray:
     """Inner-CV score of each alpha, averaged over held-out groups (higher is better).
 
@@ -391,14 +447,16 @@ def _inner_cv_scores(
     held-out mean per-gene PCC (NaN genes excluded). The feature scaler of
     ``kind`` is refitted in every inner fold on the training part of each slide
     (a ``"slide"`` scaler centres each slide's part, and the held-out part, on
-    its own mean).
+    its own mean). ``per_gene=True`` (MSE only) keeps one score per gene:
+    an ``(n_alphas, n_genes)`` array instead of ``(n_alphas,)``.
     """
     from he2st._stats import pearson_per_gene
 
     g = np.concatenate(groups)
     labels = np.unique(g)
+    shape = (len(alphas), targets[0].shape[1]) if per_gene else (len(alphas),)
     if len(labels) < 2:
-        return np.full(len(alphas), np.nan)
+        return np.full(shape, np.nan)
     per_fold = []
     for lab in labels:
         tr_x = [x[gi != lab] for x, gi in zip(feats, groups) if (gi != lab).any()]
@@ -413,6 +471,9 @@ def _inner_cv_scores(
         scores = []
         for coef, b in _ridge_path(Ztr, Ytr, alphas):
             pred = Zte @ coef + b
+            if per_gene:
+                scores.append(-np.mean((pred - Yte) ** 2, axis=0))
+                continue
             if metric == "mse":
                 scores.append(-float(np.mean((pred - Yte) ** 2)))
                 continue
@@ -420,7 +481,7 @@ def _inner_cv_scores(
             scores.append(np.nanmean(r) if np.isfinite(r).any() else np.nan)
         per_fold.append(scores)
     if not per_fold:
-        return np.full(len(alphas), np.nan)
+        return np.full(shape, np.nan)
     arr = np.asarray(per_fold, dtype=np.float64)
     ok = np.isfinite(arr)
     n_ok = ok.sum(axis=0)
