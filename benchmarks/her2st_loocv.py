@@ -201,13 +201,25 @@ BEYOND += [
     ("ridge+ctx-1235+gene-alpha", "ridge", {**_RIDGE, "context": {"fov": [1, 2, 3, 5], "neighbours": 6},
                                             "alpha_per_gene": True}),
 ]
+# More principal components for the 6,400-dim context features (HEST's 256 was set for one 1,280-dim view).
+BEYOND += [
+    ("ridge+ctx-1235-pc512", "ridge", {**_RIDGE, "context": {"fov": [1, 2, 3, 5], "neighbours": 6}, "n_components": 512}),
+    ("ridge+ctx-1235-pc1024", "ridge", {**_RIDGE, "context": {"fov": [1, 2, 3, 5], "neighbours": 6},
+                                        "n_components": 1024}),
+]
+# Multi-level features: the same network's pooled middle stages (2-6) next to its head, 2,024 dims.
+_ML = {**_RIDGE, "encoder": "efficientnet_lite0_multilevel"}
+BEYOND += [
+    ("ridge+multilevel", "ridge", dict(_ML)),
+    ("ridge+multilevel+ctx-1235", "ridge", {**_ML, "context": {"fov": [1, 2, 3, 5], "neighbours": 6}}),
+]
 _STACK_CTX = [{"name": "ridge", "params": {**_RIDGE, "context": _CTX}}, {"name": "knn", "params": {**_KNN, "context": _CTX}},
               {"name": "bleep", "params": {**_BLEEP, "context": _CTX}}]
 BEYOND += [
     ("stack+ctx", "stack", {"methods": _STACK_CTX}),
     ("stack+ctx+smooth", "stack", {"methods": _STACK_CTX, "smooth": "cv"}),
 ]
-#: ``--set beyond-nested`` (split ``nested``): the context and the per-gene penalty of ridge chosen for each
+#: ``--set beyond-nested`` (split ``nested``): the context, per-gene penalty (and encoder) of ridge chosen for each
 #: held-out section by an inner leave-one-section-out CV over its four training sections (mean inner PCC(ACG));
 #: the held-out section is never consulted. Written to results/her2st_beyond-nested/.
 CONTEXT_GRID = [None, {"fov": [1, 3], "neighbours": 6}, {"fov": [1, 3, 5], "neighbours": 6},
@@ -216,9 +228,15 @@ BEYOND_NESTED: list[tuple[str, str, dict]] = [
     ("mean", "mean", {}),
     ("ridge", "ridge", dict(_RIDGE)),
     ("ridge+ctx-cv", "ridge", dict(_RIDGE)),
+    ("ridge+ctx+enc-cv", "ridge", dict(_RIDGE)),
 ]
 #: ``{set: {label: {param: [values]}}}``: grids searched on the inner folds (sets whose split is ``nested``).
-GRIDS = {"beyond-nested": {"ridge+ctx-cv": {"context": CONTEXT_GRID, "alpha_per_gene": [False, True]}}}
+GRIDS = {"beyond-nested": {
+    "ridge+ctx-cv": {"context": CONTEXT_GRID, "alpha_per_gene": [False, True]},
+    # ... and the encoder: the plain pooled head or the multi-level features of the same network.
+    "ridge+ctx+enc-cv": {"encoder": ["efficientnet_lite0", "efficientnet_lite0_multilevel"], "context": CONTEXT_GRID,
+                         "alpha_per_gene": [False, True]},
+}}
 #: Split per set (default ``loso``); ``nested`` has the same outer folds, with inner folds for the grids.
 SPLITS = {"beyond-nested": "nested"}
 SETS = {"main": METHODS, "fidelity": FIDELITY, "graph": GRAPH, "hypergraph": HYPERGRAPH, "eggn-full": EGGN_FULL,

