@@ -134,6 +134,11 @@ def test_named_split_with_validation_and_nested_grid(tmp_path, syn_root) -> None
     assert [c["params"]["k"] for c in sel["candidates"]] == [1, 30]
     best = max(sel["candidates"], key=lambda c: c["inner_pcc_acg"])
     assert rec["params"]["k"] == best["params"]["k"] == sel["best"]["k"]
+    # the run resumes: the stored k is the inner CV's choice, not a changed default
+    again = run_benchmark(
+        _config(tmp_path / "nested", syn_root, methods=["knn"], split="nested", grid={"knn": {"k": [1, 30]}})
+    )
+    assert again.folds_run == 0 and again.folds_skipped == 3
 
 
 _SLOW_METHOD = textwrap.dedent(

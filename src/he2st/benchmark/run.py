@@ -523,6 +523,8 @@ def _changed_defaults(recorded: Any, spec: MethodSpec) -> list[str]:
     A result stores every parameter its model had (defaults included), so a default
     changed since (a faithful-port fix, say) is caught instead of silently resumed.
     Keys only one side has are skipped: a parameter added later defaults to the old behaviour.
+    So are the keys of the spec's grid or search space: a result stores the value the
+    inner CV chose there, not a default.
     """
     if not isinstance(recorded, dict):
         return []
@@ -531,7 +533,8 @@ def _changed_defaults(recorded: Any, spec: MethodSpec) -> list[str]:
     cls = get_method_class(spec.name)
     now = jsonable({**cls.common_defaults, **cls.defaults, **spec.params})
     old = jsonable(recorded)
-    return sorted(k for k in set(now) & set(old) if not _same_value(now[k], old[k]))
+    searched = set(spec.grid) | set((spec.search or {}).get("space", {}))
+    return sorted(k for k in (set(now) & set(old)) - searched if not _same_value(now[k], old[k]))
 
 
 def _same_value(a: Any, b: Any) -> bool:
